@@ -1,0 +1,305 @@
+"""Configuration: nested dataclasses, YAML in and out, strict dotted overrides.
+
+Every field of every config is typed; loading checks keys and types and says exactly which
+key was wrong and which keys are valid. Variant-specific settings live in an ``options``
+mapping that the variant itself validates against its own small options dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown key, wrong type, inconsistent sizes."""
+
+
+# --------------------------------------------------------------------------- model configs
+
+
+@dataclass
+class AttentionConfig:
+    """Attention: which module kind, which exact kernel, heads and projections."""
+
+    kind: str = "mha"
+    kernel: str = "sdpa"
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    bias: bool = False
+    out_bias: bool | None = None
+    qk_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
+    scale: float | None = None
+    dropout: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PositionalConfig:
+    """Positional encoding: its registered kind and that kind's own options."""
+
+    kind: str = "rope"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NormConfig:
+    """Normalisation layers and where they sit around each sublayer."""
+
+    kind: str = "rmsnorm"
+    eps: float = 1e-5
+    bias: bool = True
+    placement: Literal["pre", "post", "sandwich"] = "pre"
+
+
+@dataclass
+class FeedForwardConfig:
+    """Position-wise feed-forward: kind, activation, hidden size."""
+
+    kind: str = "swiglu"
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu"] | None = None
+    hidden_mult: float = 4.0
+    hidden_dim: int | None = None
+    multiple_of: int = 1
+    bias: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class HeadConfig:
+    """Output head of an encoder model (BERT-like)."""
+
+    kind: Literal["none", "mlm", "sequence_classification", "token_classification", "embedding"] = (
+        "none"
+    )
+    num_labels: int = 2
+    pooling: Literal["cls", "mean"] = "cls"
+    normalize: bool = True
+    pooler: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """A whole Transformer: architecture, sizes and the variant of every part."""
+
+    arch: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
+    vocab_size: int = 256
+    dim: int = 256
+    num_layers: int = 4
+    num_decoder_layers: int | None = None
+    max_seq_len: int = 256
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    positional: PositionalConfig = field(default_factory=PositionalConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    ffn: FeedForwardConfig = field(default_factory=FeedForwardConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    tie_embeddings: bool = True
+    share_embeddings: bool = True
+    final_norm: bool = True
+    embed_norm: bool = False
+    embed_scale: float = 1.0
+    logit_scale: float = 1.0
+    num_token_types: int = 0
+    dropout: float = 0.0
+    pad_token_id: int | None = None
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width: `attention.head_dim`, or `dim // num_heads`."""
+        return self.attention.head_dim or self.dim // self.attention.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads: `attention.num_kv_heads`, or `num_heads` (plain multi-head)."""
+        return self.attention.num_kv_heads or self.attention.num_heads
+
+    def validate(self) -> "ModelConfig":
+        """Check that sizes fit together; raise ConfigError saying what to change."""
+        a = self.attention
+        if self.dim <= 0 or self.num_layers <= 0 or self.vocab_size <= 0 or self.max_seq_len <= 0:
+            raise ConfigError(
+                "model.dim, model.num_layers, model.vocab_size and model.max_seq_len must be "
+                f"positive (got dim={self.dim}, num_layers={self.num_layers}, "
+                f"vocab_size={self.vocab_size}, max_seq_len={self.max_seq_len})"
+            )
+        if a.num_heads <= 0:
+            raise ConfigError(f"model.attention.num_heads must be positive, got {a.num_heads}")
+        if a.head_dim is None and self.dim % a.num_heads != 0:
+            raise ConfigError(
+                f"model.dim={self.dim} is not divisible by model.attention.num_heads={a.num_heads}; "
+                "choose a head count that divides dim, or set model.attention.head_dim"
+            )
+        if a.num_kv_heads is not None and (a.num_kv_heads <= 0 or a.num_heads % a.num_kv_heads):
+            raise ConfigError(
+                f"model.attention.num_heads={a.num_heads} is not divisible by "
+                f"model.attention.num_kv_heads={a.num_kv_heads}; grouped-query attention needs "
+                "each key/value head to serve the same number of query heads"
+            )
+        if not 0.0 <= a.dropout < 1.0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout probabilities must be in [0, 1)")
+        return self
+
+
+# --------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against type `tp` (converting ints to floats and dicts to dataclasses)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{where}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}"
+            )
+        return value
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(names)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (nested) as plain dicts and lists, ready for YAML or JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `--a.b.c=value` (or `a.b.c=value`) into ("a.b.c", parsed YAML value)."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override {text!r} must look like --section.key=value")
+    key, raw = body.split("=", 1)
+    return key, yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(cfg: C, overrides: list[str] | dict[str, Any]) -> C:
+    """A copy of `cfg` with dotted overrides applied; every key must already exist."""
+    data = to_dict(cfg)
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    for dotted, value in items:
+        node: Any = data
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[:depth]) or "the top level"
+                valid = ", ".join(node) if isinstance(node, dict) else "none"
+                raise ConfigError(f"unknown config key '{dotted}': no '{part}' in {where} (valid: {valid})")
+            if node[part] is None:
+                node[part] = {}
+            node = node[part]
+        last = parts[-1]
+        # keys inside free-form `options` mappings are checked later by the variant itself
+        if not isinstance(node, dict) or (last not in node and parts[-2:-1] != ["options"]):
+            where = ".".join(parts[:-1]) or "the top level"
+            valid = ", ".join(node) if isinstance(node, dict) else "none"
+            raise ConfigError(f"unknown config key '{dotted}': no '{last}' in {where} (valid: {valid})")
+        node[last] = value
+    return from_dict(type(cfg), data)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write a config dataclass as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(cls: type[C], path: str | Path) -> C:
+    """Read a YAML file into config dataclass `cls`, strictly."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping at the top level, got {type(data).__name__}")
+    return from_dict(cls, data)
+
+
+def parse_options(cls: type[C], options: dict[str, Any], where: str) -> C:
+    """Validate a variant's free-form `options` mapping against its options dataclass."""
+    return from_dict(cls, options or {}, where)

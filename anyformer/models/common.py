@@ -1,0 +1,171 @@
+"""Pieces every model shares: token embeddings, the block stack, the LM head, input checks.
+
+Legend: `b` batch, `n` length, `m` key length, `d` width, `V` vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.attention import AttentionContext, as_4d, combine_masks, padding_mask
+from ..nn.attention.masks import split_user_mask
+from ..nn.kv_cache import ModelCache
+from ..nn.positional import PositionalEncoding
+
+
+def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> None:
+    """Raise a clear error for token ids that are not integers in [0, vocab_size)."""
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, length), got {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"{name} is empty: give at least one token per sequence")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"{name} contains id {bad}, outside the vocabulary [0, {vocab_size}); check the "
+            "tokenizer matches the model, or build the model with a larger vocab_size"
+        )
+
+
+class Embeddings(nn.Module):
+    """Token (plus optional token-type) embeddings, input-side positions, norm and dropout.
+
+    Args:
+        vocab_size, dim: table size.
+        scale: multiplies token embeddings (sqrt(d) in the original Transformer).
+        num_token_types: BERT segment embeddings when > 0.
+        norm: applied after the sum (BERT), or None.
+        dropout: on the output.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        scale: float = 1.0,
+        num_token_types: int = 0,
+        norm: nn.Module | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.tokens = nn.Embedding(vocab_size, dim)
+        self.token_types = nn.Embedding(num_token_types, dim) if num_token_types else None
+        self.scale = scale
+        self.norm = norm or nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, tokens: Tensor, positions: Tensor, positional: PositionalEncoding, token_types: Tensor | None = None
+    ) -> Tensor:  # (b, n) -> (b, n, d)
+        check_tokens(tokens, self.vocab_size)
+        x = self.tokens(tokens) * self.scale
+        x = positional.embed(x, positions)
+        if self.token_types is not None:
+            types = torch.zeros_like(tokens) if token_types is None else token_types
+            x = x + self.token_types(types)
+        return self.dropout(self.norm(x))
+
+
+class Stack(nn.Module):
+    """A sequence of blocks followed by an optional final norm."""
+
+    def __init__(self, blocks: list[nn.Module], final_norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = final_norm or nn.Identity()
+
+    def forward(self, x: Tensor, ctx: AttentionContext, caches: list | None = None, **cross: object) -> Tensor:
+        """x (b, n, d) -> (b, n, d); `cross` holds memory/cross_ctx/cross caches for decoders."""
+        cross_caches = cross.pop("cross_caches", None)
+        for i, block in enumerate(self.blocks):
+            cache = None if caches is None else caches[i]
+            if cross:
+                cc = None if cross_caches is None else cross_caches[i]
+                x = block(x, ctx, cache=cache, cross_cache=cc, **cross)
+            else:
+                x = block(x, ctx, cache=cache)
+        return self.final_norm(x)
+
+
+class LMHead(nn.Module):
+    """Unembedding to vocabulary logits, optionally tied to the token embedding.
+
+    Args:
+        dim, vocab_size: sizes.
+        tied: an embedding whose weight is reused (None: own weight).
+        scale: multiplies the hidden state first (d ** -0.5 for T5's tied head).
+    """
+
+    def __init__(self, dim: int, vocab_size: int, *, tied: nn.Embedding | None = None, scale: float = 1.0) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, vocab_size, bias=False)
+        if tied is not None:
+            self.proj.weight = tied.weight
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:  # (b, n, d) -> (b, n, V)
+        return self.proj(x * self.scale) if self.scale != 1.0 else self.proj(x)
+
+
+def make_positions(tokens: Tensor, start: int, positions: Tensor | None) -> Tensor:
+    """(b, n) positions: the given ones, or start, start+1, ... for every row."""
+    b, n = tokens.shape
+    if positions is not None:
+        if positions.shape != tokens.shape:
+            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected {tuple(tokens.shape)} like the tokens")
+        return positions.long()
+    return torch.arange(start, start + n, device=tokens.device).expand(b, n)
+
+
+def self_attention_context(
+    tokens: Tensor,
+    positional: PositionalEncoding,
+    *,
+    causal: bool,
+    num_heads: int,
+    positions: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    cache: ModelCache | None = None,
+    store: list | None = None,
+) -> AttentionContext:
+    """Build the context of a self-attention stack: positions, padding, user masks, cache.
+
+    attention_mask: (b, n) key padding of these tokens (True/1 = real token).
+    attn_mask: bool or additive float, broadcastable to (b, h, n, m) over all keys.
+    """
+    b, n = tokens.shape
+    start = cache.length if cache is not None else 0
+    q_pos = make_positions(tokens, start, positions)
+    if attention_mask is not None and attention_mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, length) = "
+            f"{tuple(tokens.shape)}, with 1 for real tokens and 0 for padding"
+        )
+    if cache is not None:
+        k_pos, keep = cache.append_positions(q_pos, attention_mask)
+        pad = None if bool(keep.all()) else padding_mask(keep)
+    else:
+        k_pos = q_pos
+        pad = None if attention_mask is None else padding_mask(attention_mask)
+    m = k_pos.shape[1]
+    user_bool, user_bias = split_user_mask(attn_mask)
+    if user_bool is not None:
+        user_bool = as_4d(user_bool, b, num_heads, n, m)
+    if user_bias is not None:
+        user_bias = as_4d(user_bias, b, num_heads, n, m)
+    return AttentionContext(
+        q_pos=q_pos,
+        k_pos=k_pos,
+        positional=positional,
+        mask=combine_masks(pad, user_bool),
+        bias=user_bias,
+        causal=causal,
+        store=store,
+    )

@@ -1,0 +1,88 @@
+"""Decoder-only language model (GPT, Llama).
+
+Legend: `b` batch, `n` length, `d` width, `V` vocabulary.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..nn.kv_cache import KVCache, ModelCache
+from ..nn.positional import PositionalEncoding
+from .common import Embeddings, LMHead, Stack, self_attention_context
+
+
+class DecoderLM(nn.Module):
+    """Causal language model: embeddings -> causal blocks -> final norm -> LM head.
+
+    Args:
+        config: the model's config (kept for summaries, caches and saving).
+        embed: token embeddings; positional: the shared positional encoding;
+        stack: the blocks; lm_head: unembedding (tied or not).
+    """
+
+    causal = True
+
+    def __init__(
+        self, config: ModelConfig, embed: Embeddings, positional: PositionalEncoding, stack: Stack, lm_head: LMHead
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.embed, self.positional, self.stack, self.lm_head = embed, positional, stack, lm_head
+
+    def forward(
+        self,
+        tokens: Tensor,
+        cache: ModelCache | None = None,
+        positions: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        attn_store: list | None = None,
+    ) -> Tensor:
+        """tokens (b, n) -> logits (b, n, V).
+
+        cache: a ModelCache from `make_cache`, extended in place; positions: (b, n) ids
+        (default: continuing after the cache); attention_mask: (b, n) 1 for real tokens;
+        attn_mask: bool or additive mask broadcastable to (b, h, n, m); attn_store: a list that
+        receives each layer's (b, h, n, m) attention weights.
+        """
+        return self.lm_head(
+            self.hidden(tokens, cache, positions, attention_mask=attention_mask, attn_mask=attn_mask, attn_store=attn_store)
+        )
+
+    def hidden(
+        self,
+        tokens: Tensor,
+        cache: ModelCache | None = None,
+        positions: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        attn_store: list | None = None,
+    ) -> Tensor:
+        """tokens (b, n) -> final hidden states (b, n, d)."""
+        ctx = self_attention_context(
+            tokens,
+            self.positional,
+            causal=True,
+            num_heads=self.config.attention.num_heads,
+            positions=positions,
+            attention_mask=attention_mask,
+            attn_mask=attn_mask,
+            cache=cache,
+            store=attn_store,
+        )
+        x = self.embed(tokens, ctx.q_pos, self.positional)
+        return self.stack(x, ctx, None if cache is None else list(cache.layers))
+
+    def make_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> ModelCache:  # type: ignore[no-untyped-def]
+        """A preallocated cache for `batch` sequences of up to `max_len` (default max_seq_len) tokens."""
+        cfg = self.config
+        p = next(self.parameters())
+        layers = [
+            KVCache(batch, cfg.num_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
+            for _ in range(len(self.stack.blocks))
+        ]
+        return ModelCache(layers)

@@ -1,0 +1,1 @@
+"""Building blocks: attention, positional encodings, norms, feed-forwards, blocks, caches."""

@@ -1,0 +1,78 @@
+"""Transformer blocks built from injected sublayers, and the residual/norm placements.
+
+Legend: `b` batch, `n` length, `d` width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..registry import Registry
+
+PLACEMENTS: Registry[type[nn.Module]] = Registry("norm placement")
+
+
+@PLACEMENTS.register("pre")
+class PreNorm(nn.Module):
+    """x + f(norm(x)) (GPT-2, Llama)."""
+
+    def __init__(self, sublayer: nn.Module, norm: nn.Module, *, out_norm: nn.Module | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.sublayer, self.norm, self.dropout = sublayer, norm, nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return x + self.dropout(self.sublayer(self.norm(x), *args, **kwargs))
+
+
+@PLACEMENTS.register("post")
+class PostNorm(nn.Module):
+    """norm(x + f(x)) (the original Transformer, BERT)."""
+
+    def __init__(self, sublayer: nn.Module, norm: nn.Module, *, out_norm: nn.Module | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.sublayer, self.norm, self.dropout = sublayer, norm, nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.norm(x + self.dropout(self.sublayer(x, *args, **kwargs)))
+
+
+@PLACEMENTS.register("sandwich")
+class SandwichNorm(nn.Module):
+    """x + norm_out(f(norm(x))) (CogView, Gemma 2)."""
+
+    def __init__(self, sublayer: nn.Module, norm: nn.Module, *, out_norm: nn.Module | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if out_norm is None:
+            raise ValueError("sandwich placement needs an out_norm")
+        self.sublayer, self.norm, self.out_norm, self.dropout = sublayer, norm, out_norm, nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return x + self.dropout(self.out_norm(self.sublayer(self.norm(x), *args, **kwargs)))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention then feed-forward, each already wrapped in its residual placement."""
+
+    def __init__(self, attn: nn.Module, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn, self.ffn = attn, ffn
+
+    def forward(self, x: Tensor, ctx: Any, *, cache: Any = None) -> Tensor:  # (b, n, d)
+        return self.ffn(self.attn(x, ctx, cache=cache))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Self-attention, cross-attention to an encoder's output, then feed-forward."""
+
+    def __init__(self, attn: nn.Module, cross_attn: nn.Module, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn, self.cross_attn, self.ffn = attn, cross_attn, ffn
+
+    def forward(
+        self, x: Tensor, ctx: Any, *, cache: Any = None, memory: Tensor, cross_ctx: Any, cross_cache: Any = None
+    ) -> Tensor:  # (b, n, d), memory (b, m, d)
+        x = self.attn(x, ctx, cache=cache)
+        x = self.cross_attn(x, cross_ctx, memory=memory, cache=cross_cache)
+        return self.ffn(x)

@@ -1,0 +1,93 @@
+"""Preallocated key/value caches for incremental decoding.
+
+Legend: `b` batch, `g` key/value heads, `L` cache capacity, `d` head dim, `n` new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class KVCache(nn.Module):
+    """One self-attention layer's keys and values, preallocated to `max_len` positions.
+
+    Buffers are non-persistent: a checkpoint never holds a cache.
+    """
+
+    def __init__(
+        self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, *, dtype: torch.dtype, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.start = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write (b, g, n, d) new keys/values at the current length; return all (b, g, start+n, d)."""
+        n = k.shape[2]
+        end = self.start + n
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache holds {self.max_len} positions; cannot add {n} tokens after {self.start}. "
+                "Allocate a larger cache or use a rolling (sink + window) cache"
+            )
+        self.k[:, :, self.start : end] = k.to(self.k.dtype)
+        self.v[:, :, self.start : end] = v.to(self.v.dtype)
+        self.start = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CrossKVCache(nn.Module):
+    """Cross-attention keys/values of the encoder output, computed once and reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def get_or_compute(self, compute) -> tuple[Tensor, Tensor]:  # type: ignore[no-untyped-def]
+        """The stored (k, v), computing and storing them with `compute()` on first use."""
+        if self.k is None:
+            self.k, self.v = compute()
+        return self.k, self.v  # type: ignore[return-value]
+
+
+class ModelCache(nn.Module):
+    """All layers' caches plus the positions and key padding of everything cached so far.
+
+    positions: (b, L) position of each cached slot; keep: (b, L) True for real (non-pad) tokens.
+    """
+
+    def __init__(self, layers: list[KVCache], cross: list[CrossKVCache] | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.cross = nn.ModuleList(cross or [])
+        b, L = layers[0].k.shape[0], layers[0].max_len
+        device = layers[0].k.device
+        self.register_buffer("positions", torch.zeros(b, L, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("keep", torch.ones(b, L, dtype=torch.bool, device=device), persistent=False)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.positions.shape[1]
+
+    def append_positions(self, positions: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Record (b, n) positions and key padding of new tokens; return those of all cached keys."""
+        n = positions.shape[1]
+        end = self.length + n
+        if end > self.max_len:
+            raise ValueError(
+                f"the cache holds {self.max_len} positions; {self.length} are used and {n} more "
+                "were given. Allocate a larger cache (max_len) or use a rolling cache"
+            )
+        self.positions[:, self.length : end] = positions
+        self.keep[:, self.length : end] = True if keep is None else keep.bool()
+        self.length = end
+        return self.positions[:, :end], self.keep[:, :end]

@@ -1,0 +1,62 @@
+"""Normalisation layers; statistics are computed in fp32 and cast back.
+
+Legend: `...` any leading dims, `d` the normalised (last) dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import Registry
+
+NORMS: Registry[type[nn.Module]] = Registry("norm")
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, in fp32."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        return (weight.float() * y).to(x.dtype)
+    return y.to(x.dtype)
+
+
+@NORMS.register("layernorm")
+class LayerNorm(nn.Module):
+    """LayerNorm (Ba et al. 2016), with or without a bias; statistics in fp32.
+
+    Args:
+        dim: normalised size `d`.
+        eps: added to the variance.
+        bias: learn an additive bias.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
+        b = self.bias.float() if self.bias is not None else None
+        y = nn.functional.layer_norm(x.float(), x.shape[-1:], self.weight.float(), b, self.eps)
+        return y.to(x.dtype)
+
+
+@NORMS.register("rmsnorm")
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019); `bias` is accepted and ignored (RMSNorm has none).
+
+    Args:
+        dim: normalised size `d`.
+        eps: added to the mean square.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, bias: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
+        return rms_norm(x, self.weight, self.eps)

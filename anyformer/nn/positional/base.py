@@ -1,0 +1,60 @@
+"""Positional encodings: each one acts on the input, on queries/keys, or as a logit bias.
+
+Legend: `b` batch, `h` heads, `n` query length, `m` key length, `d` width.
+Positions are integer tensors of shape (b, n) (absolute token positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ...registry import Registry
+
+POSITIONALS: Registry[type["PositionalEncoding"]] = Registry("positional encoding")
+
+
+@dataclass
+class PositionalContext:
+    """What every positional encoding may need from the model around it."""
+
+    dim: int
+    num_heads: int
+    head_dim: int
+    max_seq_len: int
+    causal: bool
+
+
+class PositionalEncoding(nn.Module):
+    """Base class: acts nowhere. Subclasses override the hooks they act through.
+
+    Each subclass declares `Options`, a dataclass of its own settings, and is built as
+    `cls(context, options)`.
+    """
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, ctx: PositionalContext, options: "PositionalEncoding.Options") -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.options = options
+
+    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Input side: (b, n, d) embeddings and (b, n) positions -> (b, n, d)."""
+        return x
+
+    def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Query/key side: (b, h, n, d) and (b, h_kv, m, d) with their positions."""
+        return q, k
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
+        """Logit side: an additive (b, h, n, m) bias for (b, n) and (b, m) positions, or None."""
+        return None
+
+
+@POSITIONALS.register("none")
+class NoPositional(PositionalEncoding):
+    """No positional information: the encoder is then permutation-equivariant."""

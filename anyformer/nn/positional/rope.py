@@ -1,0 +1,84 @@
+"""Rotary position embedding (Su et al. 2021, RoFormer) on all or part of each head.
+
+Legend: `b` batch, `h` heads, `n` length, `d` head dim, `r` rotary dims (even, <= d).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import POSITIONALS, PositionalContext, PositionalEncoding
+
+
+def rope_angles(positions: Tensor, rotary_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables for (b, n) positions -> each (b, 1, n, r), in fp32."""
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim)
+    )  # (r/2,)
+    freqs = positions.float()[..., None] * inv_freq  # (b, n, r/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (b, 1, n, r)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:
+    """Rotate the first r channels of x (b, h, n, d) by angles cos/sin (b, 1, n, r), in fp32.
+
+    `interleaved` pairs channels (0,1), (2,3), ... (GPT-J); otherwise (i, i + r/2) (GPT-NeoX, Llama).
+    """
+    r = cos.shape[-1]
+    rot, rest = x[..., :r].float(), x[..., r:]
+    if interleaved:
+        pairs = rot.unflatten(-1, (-1, 2))  # (b, h, n, r/2, 2)
+        c, s = cos[..., : r // 2, None], sin[..., : r // 2, None]  # (b, 1, n, r/2, 1)
+        x1, x2 = pairs[..., :1], pairs[..., 1:]
+        out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
+    else:
+        out = rot * cos + rotate_half(rot) * sin
+    return torch.cat([out.to(x.dtype), rest], dim=-1)
+
+
+@POSITIONALS.register("rope")
+class RoPE(PositionalEncoding):
+    """Rotary embedding of queries and keys by their absolute positions.
+
+    Options: `base` of the frequencies, `fraction` of each head that rotates (1.0 = all,
+    0.25 as in GPT-NeoX), `interleaved` channel pairing.
+    """
+
+    @dataclass
+    class Options:
+        base: float = 10000.0
+        fraction: float = 1.0
+        interleaved: bool = False
+
+    def __init__(self, ctx: PositionalContext, options: "RoPE.Options") -> None:
+        super().__init__(ctx, options)
+        r = int(ctx.head_dim * options.fraction)
+        r -= r % 2
+        if not 0 < r <= ctx.head_dim:
+            raise ValueError(
+                f"rope fraction {options.fraction} of head_dim {ctx.head_dim} leaves no rotary "
+                "channels; use a fraction in (0, 1]"
+            )
+        self.rotary_dim = r
+
+    def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
+        o = self.options
+        cos_q, sin_q = rope_angles(q_pos, self.rotary_dim, o.base)
+        if k_pos is q_pos:
+            cos_k, sin_k = cos_q, sin_q
+        else:
+            cos_k, sin_k = rope_angles(k_pos, self.rotary_dim, o.base)
+        return (
+            apply_rope(q, cos_q, sin_q, interleaved=o.interleaved),
+            apply_rope(k, cos_k, sin_k, interleaved=o.interleaved),
+        )
