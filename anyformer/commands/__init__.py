@@ -1,0 +1,1 @@
+"""Subcommands of the `anyformer` CLI; every module here defines `register(subparsers)`."""
