@@ -61,9 +61,10 @@ def flops_per_token(cfg: ModelConfig, non_embedding_params: int, seq_len: int) -
     scores and mixing over the context (half of it under a causal mask), plus the LM head."""
     attn_width = cfg.attention.num_heads * cfg.head_dim
     layers = cfg.num_layers + (cfg.num_decoder_layers or cfg.num_layers if cfg.arch == "encoder_decoder" else 0)
-    context = seq_len / 2 if cfg.arch != "encoder" else seq_len
+    causal = cfg.arch in ("decoder", "encoder_decoder")
+    context = seq_len / 2 if causal else seq_len
     attention = 2 * 2 * layers * context * attn_width
-    head = 2 * cfg.dim * cfg.vocab_size if cfg.arch != "encoder" or cfg.head.kind == "mlm" else 0
+    head = 2 * cfg.dim * cfg.vocab_size if causal or (cfg.arch == "encoder" and cfg.head.kind == "mlm") else 0
     return 2.0 * non_embedding_params + attention + head
 
 
