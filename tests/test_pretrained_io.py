@@ -154,3 +154,15 @@ def test_extra_tensor_in_checkpoint_is_named(tmp_path: Path) -> None:
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ConversionError, match="score.weight"):
         anyformer.from_pretrained(tmp_path)
+
+
+@torch.no_grad()
+def test_from_pretrained_reads_vit_classifier(tmp_path: Path) -> None:
+    cfg = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=8, patch_size=4, num_labels=3
+    )
+    hf = _randomize(transformers.ViTForImageClassification(cfg))
+    hf.save_pretrained(tmp_path)
+    ours = anyformer.from_pretrained(tmp_path)
+    images = torch.randn(2, 3, 8, 8)
+    assert _max_diff(ours(images), hf(pixel_values=images).logits) <= TOL

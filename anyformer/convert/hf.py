@@ -190,7 +190,8 @@ _RULES: dict[str, Callable[[ModelConfig], Rules]] = {"gpt2": _gpt2, "bert": _ber
 def rules(family: str, cfg: ModelConfig) -> Rules:
     """The conversion rules of `family` for the sizes in `cfg`."""
     if family not in _RULES:
-        raise ConversionError(f"unsupported family {family!r}; supported: {', '.join(FAMILIES)}")
+        hint = " (ViT state dicts are read by anyformer.convert.vit.vit_state_dict_from_hf)" if family == "vit" else ""
+        raise ConversionError(f"unsupported family {family!r}; supported: {', '.join(FAMILIES)}{hint}")
     return _RULES[family](cfg)
 
 
@@ -278,7 +279,12 @@ def model_from_hf(hf_config: dict, hf_sd: dict[str, Tensor]) -> torch.nn.Module:
     if hf_config.get("model_type") == "bert" and "pooler.dense.weight" not in hf_sd:
         cfg.head.kind, cfg.head.pooler = "none", False
     family = hf_config["model_type"]
-    sd = state_dict_from_hf(family, hf_sd, cfg)
+    if family == "vit":
+        from .vit import vit_state_dict_from_hf
+
+        sd = vit_state_dict_from_hf(dict(hf_sd), cfg)
+    else:
+        sd = state_dict_from_hf(family, hf_sd, cfg)
     model = build_model(cfg)
     model.load_state_dict(sd, strict=True)
     return model.eval()

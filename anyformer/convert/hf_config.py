@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from ..config import ConfigError, ModelConfig, from_dict
 
-FAMILIES = ("gpt2", "bert", "t5", "llama")
+FAMILIES = ("gpt2", "bert", "t5", "llama")  # read and written
+READ_ONLY = ("vit",)  # read only (anyformer.convert.vit)
 
 # Keys of every HF config that do not change the weights or the forward pass.
 _GENERIC = {
@@ -33,6 +34,8 @@ ARCHITECTURES = {
     "BertModel": "bert",
     "T5ForConditionalGeneration": "t5",
     "LlamaForCausalLM": "llama",
+    "ViTModel": "vit",
+    "ViTForImageClassification": "vit",
 }
 
 
@@ -78,12 +81,12 @@ class _Reader:
 
 
 def family_of_hf(hf: dict[str, Any]) -> str:
-    """The family ('gpt2', 'bert', 't5', 'llama') of a HF config dict, from its model_type."""
+    """The family ('gpt2', 'bert', 't5', 'llama', 'vit') of a HF config dict, from its model_type."""
     mt = hf.get("model_type")
-    if mt not in FAMILIES:
+    if mt not in FAMILIES + READ_ONLY:
         raise ConfigError(
             f"unsupported HF model_type {mt!r} (architectures {hf.get('architectures')}); supported "
-            f"model types: {', '.join(FAMILIES)} (architectures: {', '.join(ARCHITECTURES)})"
+            f"model types: {', '.join(FAMILIES + READ_ONLY)} (architectures: {', '.join(ARCHITECTURES)})"
         )
     return mt
 
@@ -184,6 +187,10 @@ _FROM: dict[str, Callable[[_Reader], dict[str, Any]]] = {"gpt2": _gpt2_from, "be
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     """A ModelConfig equal in function to a HF config dict (the contents of config.json)."""
     family = family_of_hf(hf_config)
+    if family == "vit":
+        from .vit import vit_config_from_hf
+
+        return vit_config_from_hf(hf_config)
     r = _Reader(hf_config, family)
     data = _FROM[family](r)
     r.done()
@@ -327,4 +334,4 @@ def config_to_hf(cfg: ModelConfig, family: str | None = None) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ARCHITECTURES", "FAMILIES", "config_from_hf", "config_to_hf", "family_of", "family_of_hf"]
+__all__ = ["ARCHITECTURES", "FAMILIES", "READ_ONLY", "config_from_hf", "config_to_hf", "family_of", "family_of_hf"]

@@ -65,7 +65,7 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
 
 
 def from_pretrained(path: str | Path) -> nn.Module:
-    """Our model (in eval mode) from a HF model directory of a GPT-2, BERT, T5 or Llama model.
+    """Our model (in eval mode) from a HF model directory of a GPT-2, BERT, T5, Llama or ViT model.
 
     Args:
         path: a directory with config.json and model.safetensors (or pytorch_model.bin).
