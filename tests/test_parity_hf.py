@@ -160,3 +160,17 @@ def test_misshapen_tensor_is_named() -> None:
     sd["transformer.wpe.weight"] = torch.zeros(10, 32)
     with pytest.raises(ConversionError, match="positional.table.weight"):
         state_dict_from_hf("gpt2", sd, cfg)
+
+
+@torch.no_grad()
+def test_t5_v1_1_untied_head_is_read() -> None:
+    """A T5 v1.1 checkpoint: own lm_head, no d ** -0.5 output scaling (tie_word_embeddings=false)."""
+    hf = t5("gated-gelu")
+    hf.config.scale_decoder_outputs = False
+    hf.lm_head.weight = torch.nn.Parameter(torch.randn(V, 32) * 0.1)  # untie from the shared embedding
+    cfg = hf.config.to_dict() | {"tie_word_embeddings": False}
+    cfg.pop("scale_decoder_outputs")  # as in configs saved before transformers 5
+    ours = model_from_hf(cfg, hf.state_dict())
+    assert not ours.config.tie_embeddings and ours.config.logit_scale == 1.0
+    src, tgt = _tokens(2, 7), _tokens(2, 4)
+    _close(ours(src, tgt), hf(input_ids=src, decoder_input_ids=tgt).logits)

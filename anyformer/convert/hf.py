@@ -159,8 +159,13 @@ def _t5(cfg: ModelConfig) -> Rules:
         _t5_ffn(e, cfg, f"{o}.ffn.sublayer", f"{h}.2.DenseReluDense")
         e.append(_one(f"{o}.ffn.norm.weight", f"{h}.2.layer_norm.weight"))
     e += [_one("encoder.final_norm.weight", "encoder.final_layer_norm.weight"), _one("decoder.final_norm.weight", "decoder.final_layer_norm.weight")]
-    hf_alias = {k: "shared.weight" for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")}
-    ours_alias = {"tgt_embed.tokens.weight": "src_embed.tokens.weight", "lm_head.proj.weight": "src_embed.tokens.weight"}
+    hf_alias = {k: "shared.weight" for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
+    ours_alias = {"tgt_embed.tokens.weight": "src_embed.tokens.weight"}
+    if cfg.tie_embeddings:
+        hf_alias["lm_head.weight"] = "shared.weight"
+        ours_alias["lm_head.proj.weight"] = "src_embed.tokens.weight"
+    else:
+        e.append(_one("lm_head.proj.weight", "lm_head.weight"))
     return Rules(e, hf_alias, ours_alias, (r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",))
 
 

@@ -137,8 +137,11 @@ def _t5_from(r: _Reader) -> dict[str, Any]:
     if len(parts) > 2 or (len(parts) == 2 and not gated):
         raise ConfigError(f"HF t5 config feed_forward_proj={proj!r} is not 'ACT' or 'gated-ACT'")
     act = "gelu_new" if proj == "gated-gelu" else parts[-1]
-    # HF scales the decoder output by d ** -0.5 unless the saved config says the head is untied
-    scale = r.get("scale_decoder_outputs", r.get("tie_word_embeddings", True) is not False)
+    # T5 v1.0 ties the head and scales the decoder output by d ** -0.5; v1.1 checkpoints say
+    # tie_word_embeddings=false and have their own head, unscaled (transformers 5 writes the
+    # scaling as scale_decoder_outputs)
+    tied = r.get("tie_word_embeddings", True) is not False
+    scale = r.get("scale_decoder_outputs", tied)
     layers = r.need("num_layers")
     return dict(
         arch="encoder_decoder", vocab_size=r.need("vocab_size"), dim=d, num_layers=layers,
@@ -148,7 +151,7 @@ def _t5_from(r: _Reader) -> dict[str, Any]:
                                                 max_distance=r.get("relative_attention_max_distance", 128))),
         norm=dict(kind="rmsnorm", eps=float(r.get("layer_norm_epsilon", 1e-6)), placement="pre"),
         ffn=dict(kind="geglu" if gated else "mlp", activation=_act(act, "feed_forward_proj"), bias=False, hidden_dim=r.need("d_ff")),
-        tie_embeddings=True, share_embeddings=True, logit_scale=d**-0.5 if scale else 1.0,
+        tie_embeddings=tied, share_embeddings=True, logit_scale=d**-0.5 if scale else 1.0,
         dropout=float(r.get("dropout_rate", 0.0)), pad_token_id=r.get("pad_token_id"),
     )
 

@@ -67,6 +67,10 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
 def from_pretrained(path: str | Path) -> nn.Module:
     """Our model (in eval mode) from a HF model directory of a GPT-2, BERT, T5, Llama or ViT model.
 
+    Weights are loaded into fp32 parameters. A BERT checkpoint with a pooler gives a model
+    whose forward returns BertModel's `pooler_output` (its `hidden()` is `last_hidden_state`);
+    without one, forward returns the hidden states.
+
     Args:
         path: a directory with config.json and model.safetensors (or pytorch_model.bin).
     """
