@@ -26,8 +26,9 @@ from .kernels import KERNELS, attention_weights
 from .masks import as_4d, combine_masks
 from .patterns import FULL, NONE, PARTIAL, Causal, Intersection, Pattern
 
-DEFAULT_Q_BLOCK = 512
-DEFAULT_K_BLOCK = 1024
+DEFAULT_Q_BLOCK = 256
+DEFAULT_K_BLOCK = 512
+LOG2E = 1.4426950408889634  # logits are kept in base 2: exp2 is much cheaper than exp on CPUs
 
 
 class BlockBias(Protocol):
@@ -86,7 +87,8 @@ class _Plan:
     schedule: list[tuple[int, int, list[tuple[int, int, int]]]] = field(default_factory=list)
 
     def logits(self, qs: Tensor, k: Tensor, bias: Tensor | None, blk: tuple[int, int, int, int, int], extra: Tensor | None) -> Tensor:
-        """Masked logits (b, h, bn, bm) of one block; qs is the scaled query block (b, h, bn, d)."""
+        """Masked base-2 logits (b, h, bn, bm) of one block; qs is the query block (b, h, bn, d)
+        already multiplied by scale * log2(e)."""
         q0, q1, k0, k1, state = blk
         b, h, bn, d = qs.shape
         g = k.shape[1]
@@ -94,9 +96,9 @@ class _Plan:
         s = torch.matmul(qs.reshape(b, g, (h // g) * bn, d), kb.transpose(-1, -2))  # (b, g, r*bn, bm)
         s = s.view(b, h, bn, k1 - k0)
         if bias is not None:
-            s = s + _slice(bias, q0, q1, k0, k1).to(s.dtype)
+            s = s.add_(_slice(bias, q0, q1, k0, k1).to(s.dtype), alpha=LOG2E)
         if extra is not None:
-            s = s + extra.to(s.dtype)
+            s = s.add_(extra.to(s.dtype), alpha=LOG2E)
         allowed = _slice(self.mask, q0, q1, k0, k1)
         if state == PARTIAL:
             off = self.m - self.n
@@ -135,7 +137,7 @@ class _ChunkedAttention(torch.autograd.Function):
         acc_dtype = torch.promote_types(q.dtype, torch.float32)
         b, h, n, d = q.shape
         g = k.shape[1]
-        qs = q.to(acc_dtype) * plan.scale
+        qs = q.to(acc_dtype) * (plan.scale * LOG2E)
         kf, vf = k.to(acc_dtype), v.to(acc_dtype)
         out = torch.zeros(b, h, n, d, dtype=acc_dtype, device=q.device)
         lse = torch.full((b, h, n, 1), float("inf"), dtype=acc_dtype, device=q.device)
@@ -149,8 +151,8 @@ class _ChunkedAttention(torch.autograd.Function):
                 s = plan.logits(qb, kf, bias, (q0, q1, k0, k1, state), plan.bias_block(q0, q1, k0, k1))
                 new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
                 safe_max = new_max.masked_fill(new_max == float("-inf"), 0.0)
-                p = s.sub_(safe_max).exp_()  # (b, h, bn, bm), in place over the logits
-                alpha = (row_max - safe_max).exp_()
+                p = s.sub_(safe_max).exp2_()  # (b, h, bn, bm), in place over the logits
+                alpha = (row_max - safe_max).exp2_()
                 row_sum = row_sum * alpha + p.sum(-1, keepdim=True)
                 pv = torch.matmul(p.view(b, g, -1, k1 - k0), vf[:, :, k0:k1])  # (b, g, r*bn, d)
                 acc = acc.mul_(alpha.view(b, g, -1, 1)).add_(pv)
@@ -158,7 +160,7 @@ class _ChunkedAttention(torch.autograd.Function):
             empty = row_sum == 0
             out[:, :, q0:q1] = (acc.view(b, h, bn, d) / row_sum.masked_fill(empty, 1.0)).masked_fill(empty, 0.0)
             safe_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
-            lse[:, :, q0:q1] = (safe_max + row_sum.log()).masked_fill(empty, float("inf"))
+            lse[:, :, q0:q1] = (safe_max + row_sum.log2()).masked_fill(empty, float("inf"))
         ctx.plan = plan
         ctx.has_bias = bias is not None
         ctx.save_for_backward(q, k, v, out, lse, *([bias] if bias is not None else []), *params)
@@ -173,7 +175,7 @@ class _ChunkedAttention(torch.autograd.Function):
         acc_dtype = out.dtype
         b, h, n, d = q.shape
         g = k.shape[1]
-        qs = q.to(acc_dtype) * plan.scale
+        qs = q.to(acc_dtype) * (plan.scale * LOG2E)
         kf, vf = k.to(acc_dtype), v.to(acc_dtype)
         do = dout.to(acc_dtype)
         delta = (do * out).sum(-1, keepdim=True)  # (b, h, n, 1)
@@ -194,7 +196,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 with torch.enable_grad():
                     extra = plan.bias_block(q0, q1, k0, k1)
                 s = plan.logits(qb, kf, bias, (q0, q1, k0, k1, state), None if extra is None else extra.detach())
-                p = s.sub_(lse[:, :, q0:q1]).exp_()  # (b, h, bn, bm)
+                p = s.sub_(lse[:, :, q0:q1]).exp2_()  # (b, h, bn, bm)
                 pg = p.view(b, g, -1, bm)
                 dv[:, :, k0:k1] += torch.matmul(pg.transpose(-1, -2), dog)
                 dp = torch.matmul(dog, vf[:, :, k0:k1].transpose(-1, -2)).view(b, h, bn, bm)
@@ -212,6 +214,7 @@ class _ChunkedAttention(torch.autograd.Function):
                             acc += grad
             dq[:, :, q0:q1] = dqg.view(b, h, bn, d)
         dq = (dq * plan.scale).to(q.dtype)
+        dk = dk * (1.0 / LOG2E)  # the queries it was multiplied with carried log2(e)
         return (None, dq, dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype), *dparams)  # type: ignore[union-attr]
 
 
