@@ -88,9 +88,10 @@ class MultiHeadAttention(nn.Module):
         q = self.q_norm(self._heads(x, self.q_proj, self.num_heads))  # (b, h, n, d)
         if memory is None:
             k, v = self._kv(x)
-            q, k = ctx.positional.rotate(q, k, ctx.q_pos, ctx.q_pos)
-            if cache is not None:
-                k, v = cache.update(k, v)  # (b, g, m, d) with the cached keys in front
+            if cache is None:
+                q, k = ctx.positional.rotate(q, k, ctx.q_pos, ctx.q_pos)
+            else:
+                q, k, v = cache.store(q, k, v, ctx)  # k, v: (b, g, m, d) with the cached keys in front
         elif cache is not None:
             k, v = cache.get_or_compute(lambda: self._kv(memory))
         else:
