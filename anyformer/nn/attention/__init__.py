@@ -51,6 +51,8 @@ def build_mha(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = Fal
     )
 
 
+from . import linear  # noqa: E402,F401  (registers "linear")
+
 __all__ = [
     "ATTENTIONS",
     "KERNELS",
