@@ -51,7 +51,7 @@ def build_mha(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = Fal
     )
 
 
-from . import linear, performer  # noqa: E402,F401  (register "linear", "performer")
+from . import hyper, linear, performer  # noqa: E402,F401  (register "hyper", "linear", "performer")
 
 __all__ = [
     "ATTENTIONS",
