@@ -8,6 +8,7 @@ import torch
 from anyformer.generation import GenerationConfig, generate, stream, stream_text
 from anyformer.models.builders import build_model
 from anyformer.models.presets import preset
+from anyformer.nn.attention import ATTENTIONS
 from anyformer.nn.positional import POSITIONALS
 
 
@@ -83,6 +84,21 @@ def test_greedy_equals_argmax_of_full_recompute() -> None:
         for _ in range(6):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert out.tolist() == seq
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS.names())
+def test_every_attention_kind_decodes_like_full_recompute(attention: str) -> None:
+    cfg = preset("llama-tiny", attention={"kind": attention, "num_heads": 4, "num_kv_heads": 2})
+    model = build_model(cfg).eval()
+    prompt = [7, 8, 9, 10, 11]
+    greedy = generate(model, prompt, max_new_tokens=6)[0].tolist()
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert greedy == seq
+    beams = generate(model, prompt, max_new_tokens=4, num_beams=3)
+    assert beams.shape == (1, len(prompt) + 4) and beams[0, : len(prompt)].tolist() == prompt
 
 
 def test_sampling_is_reproducible_with_a_seed_and_follows_the_filter() -> None:

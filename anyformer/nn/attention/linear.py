@@ -181,6 +181,12 @@ class LinearAttentionCache(nn.Module):
             self.ksum.mul_(factor[..., 0])
         self.shift.copy_(new_shift)
 
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (b',) of the state, in that order (beam search)."""
+        self.kv = self.kv.index_select(0, index)
+        self.ksum = self.ksum.index_select(0, index)
+        self.shift = self.shift.index_select(0, index)
+
     def store(self, state: tuple[Tensor, Tensor], n: int) -> None:
         """Keep the state after `n` more tokens."""
         self.kv.copy_(state[0])
