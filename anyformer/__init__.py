@@ -8,6 +8,7 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import ConfigError, ModelConfig
+from .convert import from_pretrained, save_pretrained
 from .models import DecoderLM, EncoderDecoder, EncoderModel, build_model, count_parameters, preset
 
 __version__ = "0.1.0"
@@ -21,4 +22,6 @@ __all__ = [
     "build_model",
     "count_parameters",
     "preset",
+    "from_pretrained",
+    "save_pretrained",
 ]

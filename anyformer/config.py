@@ -88,10 +88,23 @@ class HeadConfig:
 
 
 @dataclass
+class VisionConfig:
+    """Image input of a vision Transformer: square images cut into square patches."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
 class ModelConfig:
     """A whole Transformer: architecture, sizes and the variant of every part."""
 
-    arch: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
+    arch: Literal["decoder", "encoder", "encoder_decoder", "vit"] = "decoder"
     vocab_size: int = 256
     dim: int = 256
     num_layers: int = 4
@@ -102,6 +115,7 @@ class ModelConfig:
     norm: NormConfig = field(default_factory=NormConfig)
     ffn: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     tie_embeddings: bool = True
     share_embeddings: bool = True
     final_norm: bool = True
@@ -145,6 +159,18 @@ class ModelConfig:
                 f"model.attention.num_kv_heads={a.num_kv_heads}; grouped-query attention needs "
                 "each key/value head to serve the same number of query heads"
             )
+        if self.arch == "vit":
+            v = self.vision
+            if v.image_size % v.patch_size:
+                raise ConfigError(
+                    f"model.vision.image_size={v.image_size} is not a multiple of "
+                    f"model.vision.patch_size={v.patch_size}"
+                )
+            if self.max_seq_len < v.num_patches + 1:
+                raise ConfigError(
+                    f"model.max_seq_len={self.max_seq_len} is shorter than the {v.num_patches} patches "
+                    "plus the class token; set it to at least num_patches + 1"
+                )
         if not 0.0 <= a.dropout < 1.0 or not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout probabilities must be in [0, 1)")
         return self
@@ -210,6 +236,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -113,7 +113,7 @@ def init_weights(model: nn.Module, std: float) -> None:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """Build the model a config describes (DecoderLM, EncoderModel or EncoderDecoder)."""
+    """Build the model a config describes (DecoderLM, EncoderModel, EncoderDecoder or VisionTransformer)."""
     cfg.validate()
     try:
         if cfg.arch == "decoder":
@@ -126,6 +126,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             embed = build_embeddings(cfg)
             model = EncoderModel(
                 cfg, embed, build_positional(cfg, causal=False), build_stack(cfg, cfg.num_layers, causal=False), build_head(cfg, embed)
+            )
+        elif cfg.arch == "vit":
+            from .vit import ImageClassificationHead, PatchEmbedding, VisionTransformer
+
+            v = cfg.vision
+            model = VisionTransformer(
+                cfg,
+                PatchEmbedding(v.channels, v.patch_size, cfg.dim, v.image_size, dropout=cfg.dropout),
+                build_positional(cfg, causal=False),
+                build_stack(cfg, cfg.num_layers, causal=False),
+                ImageClassificationHead(cfg.dim, cfg.head.num_labels if cfg.head.kind == "sequence_classification" else 0),
             )
         else:
             src = build_embeddings(cfg)

@@ -65,6 +65,18 @@ def _transformer(layers: int, dim: int, heads: int, vocab: int, ctx: int) -> dic
     )
 
 
+def _vit(layers: int, dim: int, heads: int, image: int, patch: int, channels: int = 3, labels: int = 1000) -> dict[str, Any]:
+    return dict(
+        arch="vit", vocab_size=1, dim=dim, num_layers=layers, max_seq_len=(image // patch) ** 2 + 1,
+        attention=dict(num_heads=heads, bias=True),
+        positional=dict(kind="learned"),
+        norm=dict(kind="layernorm", eps=1e-12, placement="pre"),
+        ffn=dict(kind="mlp", activation="gelu", bias=True, hidden_mult=4.0),
+        vision=dict(image_size=image, patch_size=patch, channels=channels),
+        head=dict(kind="sequence_classification", num_labels=labels),
+    )
+
+
 _SIZES: dict[str, Callable[[], dict[str, Any]]] = {
     "gpt2-small": lambda: _gpt2(12, 768, 12),
     "gpt2-medium": lambda: _gpt2(24, 1024, 16),
@@ -78,6 +90,8 @@ _SIZES: dict[str, Callable[[], dict[str, Any]]] = {
     "t5-small": lambda: _t5(6, 512, 8, 2048),
     "t5-tiny": lambda: _t5(2, 64, 4, 128, vocab=512, ctx=128),
     "transformer-base": lambda: _transformer(6, 512, 8, vocab=37000, ctx=512),
+    "vit-base": lambda: _vit(12, 768, 12, 224, 16),
+    "vit-tiny": lambda: _vit(2, 64, 4, 28, 7, channels=1, labels=10),
     "transformer-tiny": lambda: _transformer(2, 64, 4, vocab=512, ctx=128),
 }
 for _name, _fn in _SIZES.items():

@@ -65,9 +65,10 @@ def attention_weights(
     k = repeat_kv(k, h // k.shape[1])
     m = k.shape[2]
     scale = d**-0.5 if scale is None else scale
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (b, h, n, m)
+    acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32 for the softmax
+    logits = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (b, h, n, m)
     if bias is not None:
-        logits = logits + bias.float()
+        logits = logits + bias.to(acc)
     allowed = full_mask(mask, causal, n, m, q.device)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))

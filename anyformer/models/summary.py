@@ -1,0 +1,105 @@
+"""Model summary: parameter counts, FLOPs per token, activation-memory estimate."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from ..config import ModelConfig
+from .builders import build_model, count_parameters
+
+
+@dataclass
+class ModelSummary:
+    """Figures of one model at a given batch size and sequence length."""
+
+    arch: str
+    parameters: int
+    embedding_parameters: int
+    non_embedding_parameters: int
+    flops_per_token_forward: float
+    flops_per_token_training: float
+    activation_bytes: float
+    batch: int
+    seq_len: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        def human(x: float, unit: str = "") -> str:
+            for suffix in ("", "K", "M", "G", "T", "P"):
+                if abs(x) < 1000:
+                    return f"{x:.3g}{suffix}{unit}"
+                x /= 1000
+            return f"{x:.3g}E{unit}"
+
+        return "\n".join(
+            [
+                f"architecture            {self.arch}",
+                f"parameters              {human(self.parameters)} ({self.parameters:,})",
+                f"  embedding             {human(self.embedding_parameters)}",
+                f"  non-embedding         {human(self.non_embedding_parameters)}",
+                f"FLOPs/token forward     {human(self.flops_per_token_forward)} (context {self.seq_len})",
+                f"FLOPs/token training    {human(self.flops_per_token_training)}",
+                f"activation memory       {human(self.activation_bytes, 'B')} (batch {self.batch} x {self.seq_len}, 16-bit, training)",
+            ]
+        )
+
+
+def _embedding_params(model: nn.Module) -> int:
+    seen: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding):
+            seen[id(mod.weight)] = mod.weight
+    return sum(p.numel() for p in seen.values())
+
+
+def flops_per_token(cfg: ModelConfig, non_embedding_params: int, seq_len: int) -> float:
+    """Forward FLOPs per token (Kaplan et al. 2020): 2 per weight multiply-add, plus attention
+    scores and mixing over the context (half of it under a causal mask), plus the LM head."""
+    attn_width = cfg.attention.num_heads * cfg.head_dim
+    layers = cfg.num_layers + (cfg.num_decoder_layers or cfg.num_layers if cfg.arch == "encoder_decoder" else 0)
+    causal = cfg.arch in ("decoder", "encoder_decoder")
+    context = seq_len / 2 if causal else seq_len
+    attention = 2 * 2 * layers * context * attn_width
+    head = 2 * cfg.dim * cfg.vocab_size if causal or (cfg.arch == "encoder" and cfg.head.kind == "mlm") else 0
+    return 2.0 * non_embedding_params + attention + head
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, bytes_per_value: int = 2) -> float:
+    """Activations kept for the backward pass (Korthikanti et al. 2022, no recomputation):
+    per layer s*b*d*(34 + 5*h*s/d) bytes at 16 bits, plus the logits and their gradient."""
+    layers = cfg.num_layers + (cfg.num_decoder_layers or cfg.num_layers if cfg.arch == "encoder_decoder" else 0)
+    s, b, d, h = seq_len, batch, cfg.dim, cfg.attention.num_heads
+    per_layer = s * b * d * (34 + 5 * h * s / d) * bytes_per_value / 2
+    logits = 2 * b * s * cfg.vocab_size * 4
+    return layers * per_layer + logits
+
+
+def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: int | None = None) -> ModelSummary:
+    """Summary of a built model or a config (built on the meta device, no memory used)."""
+    if isinstance(model_or_cfg, ModelConfig):
+        import torch
+
+        with torch.device("meta"):
+            model = build_model(model_or_cfg)
+        cfg = model_or_cfg
+    else:
+        model, cfg = model_or_cfg, model_or_cfg.config  # type: ignore[assignment]
+    seq_len = seq_len or cfg.max_seq_len
+    total = count_parameters(model)
+    emb = _embedding_params(model)
+    fwd = flops_per_token(cfg, total - emb, seq_len)
+    return ModelSummary(
+        arch=cfg.arch,
+        parameters=total,
+        embedding_parameters=emb,
+        non_embedding_parameters=total - emb,
+        flops_per_token_forward=fwd,
+        flops_per_token_training=3 * fwd,
+        activation_bytes=activation_bytes(cfg, batch, seq_len),
+        batch=batch,
+        seq_len=seq_len,
+    )

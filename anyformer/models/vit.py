@@ -1,0 +1,72 @@
+"""Vision Transformer (Dosovitskiy et al. 2021): image patches as tokens, a class token, an
+encoder stack and a classification head.
+
+Legend: `b` batch, `c` channels, `H`/`W` image size, `p` patch size, `P` patches, `d` width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..nn.attention import AttentionContext
+from ..nn.positional import PositionalEncoding
+from .common import Stack
+
+
+class PatchEmbedding(nn.Module):
+    """Cut images into p x p patches, project each to width d, prepend a learned class token."""
+
+    def __init__(self, channels: int, patch_size: int, dim: int, image_size: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.image_size, self.channels = image_size, channels
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, images: Tensor, positional: PositionalEncoding) -> tuple[Tensor, Tensor]:
+        """images (b, c, H, W) -> tokens (b, 1 + P, d) and their positions (b, 1 + P)."""
+        if images.dim() != 4 or images.shape[1] != self.channels or images.shape[-2:] != (self.image_size,) * 2:
+            raise ValueError(
+                f"images have shape {tuple(images.shape)}; expected (batch, {self.channels}, "
+                f"{self.image_size}, {self.image_size})"
+            )
+        x = self.proj(images).flatten(2).transpose(1, 2)  # (b, P, d)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)  # (b, 1 + P, d)
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        return self.dropout(positional.embed(x, positions)), positions
+
+
+class ImageClassificationHead(nn.Module):
+    """Logits (b, classes) from the class token; with no classes, the class token itself."""
+
+    def __init__(self, dim: int, num_labels: int) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(dim, num_labels) if num_labels > 0 else nn.Identity()
+
+    def forward(self, hidden: Tensor) -> Tensor:  # (b, 1 + P, d) -> (b, classes)
+        return self.classifier(hidden[:, 0])
+
+
+class VisionTransformer(nn.Module):
+    """ViT: patch embedding -> bidirectional encoder blocks -> final norm -> head."""
+
+    causal = False
+
+    def __init__(
+        self, config: ModelConfig, patches: PatchEmbedding, positional: PositionalEncoding, stack: Stack, head: nn.Module
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.patches, self.positional, self.stack, self.head = patches, positional, stack, head
+
+    def hidden(self, images: Tensor, *, attn_store: list | None = None) -> Tensor:
+        """images (b, c, H, W) -> final hidden states (b, 1 + P, d)."""
+        x, positions = self.patches(images, self.positional)
+        ctx = AttentionContext(q_pos=positions, k_pos=positions, positional=self.positional, store=attn_store)
+        return self.stack(x, ctx)
+
+    def forward(self, images: Tensor, *, attn_store: list | None = None) -> Tensor:
+        """images (b, c, H, W) -> class logits (b, num_labels)."""
+        return self.head(self.hidden(images, attn_store=attn_store))

@@ -1,0 +1,38 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from anyformer.config import ModelConfig, from_dict
+from anyformer.models import build_model
+
+
+def tiny_config(arch: str = "decoder", **overrides: Any) -> ModelConfig:
+    """A tiny model config of the given architecture (dim 32, 2 layers, 4 heads)."""
+    data: dict[str, Any] = dict(
+        arch=arch, vocab_size=97, dim=32, num_layers=2, max_seq_len=64,
+        attention=dict(num_heads=4), positional=dict(kind="rope"),
+    )
+    for key, value in overrides.items():
+        node = data
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return from_dict(ModelConfig, data).validate()
+
+
+def run_model(model: torch.nn.Module, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Forward any architecture on `tokens` (the encoder-decoder uses them as source and target)."""
+    if model.config.arch == "encoder_decoder":
+        return model(tokens, tokens, **kwargs)
+    return model(tokens, **kwargs)
+
+
+def build(arch: str = "decoder", seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny model with deterministic random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return build_model(tiny_config(arch, **overrides)).eval()
