@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
@@ -27,13 +26,6 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024
         n += 1
     sync()
     return 2 * size**3 * n / (time.perf_counter() - t0)
-
-
-def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token (Kaplan et al. 2020 / PaLM appendix B): 6 N for the weights
-    (embedding lookups excluded, the tied LM head counted) + 12 L d n for attention scores."""
-    n_matmul = num_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
-    return 6 * n_matmul + 12 * cfg.num_layers * cfg.attention.num_heads * cfg.head_dim * seq_len
 
 
 def format_time(seconds: float) -> str:

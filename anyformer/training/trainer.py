@@ -24,7 +24,8 @@ from ..tokenizers import save_tokenizer
 from . import checkpoint as ckpt
 from .config import RunConfig, TrainConfig
 from .distributed import DistEnv, broadcast_float, mean_across, setup
-from .metrics import MetricsLog, Progress, flops_per_token, format_time, matmul_peak_flops, plot_losses, read_metrics
+from ..models.summary import summarize
+from .metrics import MetricsLog, Progress, format_time, matmul_peak_flops, plot_losses, read_metrics
 from .optim import build_optimizer, lr_at
 from .sampling import sample_stream
 
@@ -244,7 +245,7 @@ class Trainer:
             save_yaml(self.cfg, self.run_dir / "config.yaml")
             save_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
         n_params = count_parameters(self.model)
-        fpt = flops_per_token(self.cfg.model, n_params, t.seq_len)
+        fpt = summarize(self.model, t.batch_size, t.seq_len).flops_per_token_training
         peak = matmul_peak_flops(env.device, DTYPES[t.dtype]) * env.world
         tokens_per_step = t.batch_size * t.seq_len
         self._say(
