@@ -24,6 +24,7 @@ from ..tokenizers import Tokenizer, load_tokenizer, save_tokenizer, train_tokeni
 from .text import Document, load_corpus, split_documents
 
 DOC_SEPARATOR = "\n\n"
+CACHE_VERSION = "2"  # bump when the tokenization of a corpus changes
 
 
 def default_cache_dir() -> Path:
@@ -70,7 +71,7 @@ def prepare_tokens(
     train_docs, val_docs = split_documents(docs, val_fraction)
     train_text, val_text = _join(train_docs), _join(val_docs)
     h = hashlib.sha256()
-    for part in (tokenizer, str(vocab_size), train_text, "\0val\0", val_text):
+    for part in (CACHE_VERSION, tokenizer, str(vocab_size), train_text, "\0val\0", val_text):
         h.update(part.encode("utf-8"))
     folder = Path(cache_dir or default_cache_dir()).expanduser() / f"{corpus}-{tokenizer}-{h.hexdigest()[:16]}"
     meta_path = folder / "meta.json"
@@ -80,13 +81,12 @@ def prepare_tokens(
         meta = json.loads(meta_path.read_text())
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        tok = train_tokenizer(tokenizer, train_text, vocab_size)
-        try:
-            val_ids = tok.encode(val_text)
-        except ValueError as e:
-            raise ValueError(f"validation text cannot be encoded with a vocabulary fitted to the training text: {e}") from None
+        # a character vocabulary is the character set of all the text (else a letter seen only in
+        # validation could not be encoded); learned merges (BPE) come from the training text only
+        fit_text = train_text + val_text if tokenizer == "char" else train_text
+        tok = train_tokenizer(tokenizer, fit_text, vocab_size)
         _write_tokens(folder / "train.bin", tok.encode(train_text), tok.vocab_size)
-        _write_tokens(folder / "val.bin", val_ids, tok.vocab_size)
+        _write_tokens(folder / "val.bin", tok.encode(val_text), tok.vocab_size)
         save_tokenizer(tok, folder / "tokenizer.json")
         meta = {"dtype": "uint16" if tok.vocab_size <= 1 << 16 else "uint32", "vocab_size": tok.vocab_size,
                 "val_documents": [n for n, _ in val_docs], "train_chars": len(train_text), "val_chars": len(val_text)}

@@ -14,8 +14,9 @@ import torch
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
     """Measured matmul throughput (FLOP/s) of a `size` x `size` torch.mm on `device` in `dtype`:
     the yardstick for model FLOPs utilisation."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG untouched
+    a = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    b = torch.randn(size, size, device=device, generator=gen).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         torch.mm(a, b)
