@@ -28,6 +28,7 @@ SHAPES = {
     "gpt2-small": dict(layers=12, dim=768, heads=12, vocab=50257, ctx=1024),
     "nanogpt-shakespeare": dict(layers=6, dim=384, heads=6, vocab=65, ctx=256),
 }
+BATCH = {"gpt2-small": 1, "nanogpt-shakespeare": 8}  # sequences per step (CPU-sized; --batch overrides)
 
 
 def anyformer_gpt2(layers: int, dim: int, heads: int, vocab: int, ctx: int) -> torch.nn.Module:
@@ -95,9 +96,9 @@ def main() -> None:
     """Run every shape x precision and print a table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_train.json")
-    ap.add_argument("--steps", type=int, default=2, help="steps per timing round")
+    ap.add_argument("--steps", type=int, default=1, help="steps per timing round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: per shape)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -105,7 +106,7 @@ def main() -> None:
     results = []
     for shape in args.shapes.split(","):
         for dtype in ("fp32", "bf16"):
-            r = bench(shape, dtype, args.batch, args.seq_len, args.steps, args.rounds, args.device)
+            r = bench(shape, dtype, args.batch or BATCH[shape], args.seq_len, args.steps, args.rounds, args.device)
             results.append(r)
             t = r["tokens_per_s"]
             print(f"{shape:22s} {dtype:5s} anyformer {t['anyformer']:9.0f} tok/s | HF GPT2LMHeadModel {t['hf']:9.0f} tok/s "

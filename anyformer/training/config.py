@@ -130,7 +130,7 @@ def default_run_config() -> RunConfig:
     configs/shakespeare-char.yaml holds the same settings."""
     model = from_dict(ModelConfig, dict(
         arch="decoder", dim=256, num_layers=6, max_seq_len=128,
-        attention=dict(num_heads=4, kernel="sdpa"),
+        attention=dict(num_heads=4, kernel="eager"),
         positional=dict(kind="rope"),
         norm=dict(kind="rmsnorm", eps=1e-5, placement="pre"),
         ffn=dict(kind="swiglu", hidden_dim=704),

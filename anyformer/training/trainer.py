@@ -275,7 +275,9 @@ class Trainer:
                 e0 = time.perf_counter()
                 val_loss = evaluate(self.model, self.data.val, t, env)
                 eval_time = time.perf_counter() - e0
-                reserve = 1.5 * eval_time + (t.sample_tokens * (step_time or 0.1) * 0.4 if t.samples else 0.0) + 3.0
+                # sampling a token for `samples` sequences costs about samples / (4 batch_size) of a step
+                sampling = t.sample_tokens * (step_time or 0.1) * t.samples / (4 * t.batch_size)
+                reserve = 1.5 * eval_time + sampling + 3.0
                 self.save(val_loss)
                 if env.is_main:
                     self.metrics.write(kind="eval", step=self.step, val_loss=val_loss, time=round(self._elapsed(), 3))
