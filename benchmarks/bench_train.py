@@ -62,7 +62,7 @@ def make_step(model: torch.nn.Module, hf: bool, dtype: torch.dtype):  # type: ig
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

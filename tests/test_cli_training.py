@@ -101,3 +101,15 @@ def test_shipped_configs_load_and_default_matches_builtin() -> None:
         load_run_config(CONFIGS / name).validate()
     assert to_dict(load_run_config(CONFIGS / "shakespeare-char.yaml")) == to_dict(default_run_config())
     assert isinstance(load_run_config(), RunConfig)
+
+
+def test_resume_from_the_command_line(run_dir: Path, tmp_path) -> None:
+    import json
+    import shutil
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(run_dir, copy)
+    assert main(["train", "--resume", str(copy), "--train.max_steps=8", "--train.samples=0", "--quiet"]) == 0
+    latest = json.loads((copy / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 8
+    assert main(["train", "config.yaml", "--resume", str(copy)]) == 2  # a config and a run folder: ambiguous

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,13 @@ def test_keeps_last_k_and_best(tmp_path) -> None:
     tied = load_run(tmp_path / "run", "latest").model
     assert tied.lm_head.proj.weight is tied.embed.tokens.weight
     assert torch.equal(tied.embed.tokens.weight, trainer.model.embed.tokens.weight)
+
+
+def test_wall_clock_budget_stops_the_run(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, "--train.max_steps=1000000", "--train.max_minutes=0.1", "--train.eval_every=25")
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", verbose=False)
+    trainer.start_time = time.perf_counter()  # count the budget from here (data preparation excluded)
+    result = trainer.fit()
+    assert 0 < result.step < 1000000  # stopped by the clock, not by max_steps
+    assert result.seconds < 0.1 * 60 + 20  # near the budget, evaluation included (slack for a busy machine)
+    assert (tmp_path / "run" / "checkpoints" / f"step_{result.step:07d}").is_dir()

@@ -173,7 +173,9 @@ class Trainer:
         ckpt.load_weights(self.model, folder)
         rng = ckpt.load_training_state(folder, self.optimizer)
         _set_rng_state(rng, self.sampler, self.env.device)
-        self.step, self.horizon = int(state["step"]), int(state["horizon"])
+        self.step = int(state["step"])
+        # a step-based run follows max_steps (which the resume may raise); a timed run keeps its estimate
+        self.horizon = int(state["horizon"]) if self.cfg.train.max_minutes else self.cfg.train.max_steps
         self.best_val = float(state.get("best_val_loss", math.inf))
         self.elapsed_before = float(state.get("elapsed", 0.0))
         metrics = self.run_dir / "metrics.jsonl"
@@ -223,6 +225,7 @@ class Trainer:
         left = t.max_minutes * 60 - self._elapsed() - reserve
         per_step = step_time + eval_time / t.eval_every
         horizon = self.step + max(0, int(left / per_step))
+        # rank 0 decides, so that every process stops at the same step
         self.horizon = int(broadcast_float(float(min(horizon, t.max_steps)), self.env))
 
     def save(self, val_loss: float | None = None) -> None:
@@ -257,7 +260,6 @@ class Trainer:
         losses: list[float] = []
         step_time, eval_time = None, 0.0
         val_loss = math.nan
-        budget = t.max_minutes * 60 if t.max_minutes else math.inf
         reserve = 0.0
         window_t0, window_steps = time.perf_counter(), 0
         while self.step < self.horizon:
@@ -284,9 +286,7 @@ class Trainer:
                 self._say(f"step {self.step}: val loss {val_loss:.4f} (best {self.best_val:.4f}) | eval {eval_time:.1f}s")
                 window_t0, window_steps = time.perf_counter(), 0
             if step_time is not None and (self.step % t.log_every == 0 or self.step == 5):
-                self._update_horizon(step_time, eval_time, reserve or 3 * step_time * t.eval_batches / 3 + 5)
-                if self._elapsed() + reserve >= budget:
-                    self.horizon = self.step
+                self._update_horizon(step_time, eval_time, reserve or step_time * t.eval_batches + 5)
             if self.verbose and (self.step % t.log_every == 0 or done) and window_steps:
                 rate = window_steps * tokens_per_step / (time.perf_counter() - window_t0)
                 eta = (self.horizon - self.step) * (step_time or 0.0)
