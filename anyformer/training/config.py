@@ -139,6 +139,6 @@ def default_run_config() -> RunConfig:
     train = TrainConfig(
         batch_size=32, seq_len=128, lr=2e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1,
         max_steps=100000, max_minutes=9.5, eval_every=100, eval_batches=8, log_every=10,
-        out_dir="runs/shakespeare-char",
+        out_dir="runs/shakespeare-char", sample_tokens=200,
     )
     return RunConfig(model=model, data=DataConfig(), train=train)

@@ -277,8 +277,9 @@ class Trainer:
                 e0 = time.perf_counter()
                 val_loss = evaluate(self.model, self.data.val, t, env)
                 eval_time = time.perf_counter() - e0
-                # sampling a token for `samples` sequences costs about samples / (4 batch_size) of a step
-                sampling = t.sample_tokens * (step_time or 0.1) * t.samples / (4 * t.batch_size)
+                # sampling a token for `samples` sequences costs about samples / (2 batch_size) of a
+                # step (the whole context is recomputed; small batches use the CPU less well)
+                sampling = t.sample_tokens * (step_time or 0.1) * t.samples / (2 * t.batch_size)
                 reserve = 1.5 * eval_time + sampling + 3.0
                 self.save(val_loss)
                 if env.is_main:
