@@ -217,12 +217,21 @@ class Trainer:
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start_time
 
-    def _update_horizon(self, step_time: float, eval_time: float, reserve: float) -> None:
+    def _final_reserve(self, step_time: float, eval_time: float) -> float:
+        """Seconds to keep for the final evaluation, checkpoint and samples."""
+        t = self.cfg.train
+        evaluation = eval_time or step_time * t.eval_batches / 2  # forward-only batches
+        # sampling a token for `samples` sequences costs about samples / (2 batch_size) of a
+        # step (the whole context is recomputed; small batches use the CPU less well)
+        sampling = t.sample_tokens * step_time * t.samples / (2 * t.batch_size)
+        return 1.5 * evaluation + sampling + 5.0
+
+    def _update_horizon(self, step_time: float, eval_time: float) -> None:
         """With a wall-clock budget: the step count expected to fit in the time left."""
         t = self.cfg.train
         if t.max_minutes is None:
             return
-        left = t.max_minutes * 60 - self._elapsed() - reserve
+        left = t.max_minutes * 60 - self._elapsed() - self._final_reserve(step_time, eval_time)
         per_step = step_time + eval_time / t.eval_every
         horizon = self.step + max(0, int(left / per_step))
         # rank 0 decides, so that every process stops at the same step
@@ -259,8 +268,7 @@ class Trainer:
         self.model.train()
         losses: list[float] = []
         step_time, eval_time = None, 0.0
-        val_loss = math.nan
-        reserve = 0.0
+        val_loss, last_eval = math.nan, -1
         window_t0, window_steps = time.perf_counter(), 0
         while self.step < self.horizon:
             t0 = time.perf_counter()
@@ -276,18 +284,15 @@ class Trainer:
             if self.step % t.eval_every == 0 or done:
                 e0 = time.perf_counter()
                 val_loss = evaluate(self.model, self.data.val, t, env)
+                last_eval = self.step
                 eval_time = time.perf_counter() - e0
-                # sampling a token for `samples` sequences costs about samples / (2 batch_size) of a
-                # step (the whole context is recomputed; small batches use the CPU less well)
-                sampling = t.sample_tokens * (step_time or 0.1) * t.samples / (2 * t.batch_size)
-                reserve = 1.5 * eval_time + sampling + 3.0
                 self.save(val_loss)
                 if env.is_main:
                     self.metrics.write(kind="eval", step=self.step, val_loss=val_loss, time=round(self._elapsed(), 3))
                 self._say(f"step {self.step}: val loss {val_loss:.4f} (best {self.best_val:.4f}) | eval {eval_time:.1f}s")
                 window_t0, window_steps = time.perf_counter(), 0
             if step_time is not None and (self.step % t.log_every == 0 or self.step == 5):
-                self._update_horizon(step_time, eval_time, reserve or step_time * t.eval_batches + 5)
+                self._update_horizon(step_time, eval_time)
             if self.verbose and (self.step % t.log_every == 0 or done) and window_steps:
                 rate = window_steps * tokens_per_step / (time.perf_counter() - window_t0)
                 eta = (self.horizon - self.step) * (step_time or 0.0)
@@ -296,9 +301,11 @@ class Trainer:
                     f"step {self.step}/{self.horizon} | loss {loss:.4f} | lr {lr_at(self.step - 1, t, self.horizon):.2e} | "
                     f"{rate:,.0f} tok/s | MFU {100 * mfu:.1f}% | elapsed {format_time(self._elapsed())} | ETA {format_time(eta)}"
                 )
-        if math.isnan(val_loss):
+        if last_eval != self.step:  # the clock moved the horizon below this step: evaluate the end state
             val_loss = evaluate(self.model, self.data.val, t, env)
             self.save(val_loss)
+            if env.is_main:
+                self.metrics.write(kind="eval", step=self.step, val_loss=val_loss, time=round(self._elapsed(), 3))
         samples = self.samples() if t.samples and env.is_main else []
         if env.is_main and (self.run_dir / "metrics.jsonl").is_file():
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
