@@ -102,10 +102,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--dtypes", default="fp32,bf16")
     args = ap.parse_args()
     results = []
     for shape in args.shapes.split(","):
-        for dtype in ("fp32", "bf16"):
+        for dtype in args.dtypes.split(","):
             r = bench(shape, dtype, args.batch or BATCH[shape], args.seq_len, args.steps, args.rounds, args.device)
             results.append(r)
             t = r["tokens_per_s"]
