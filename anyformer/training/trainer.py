@@ -1,0 +1,339 @@
+"""The training loop of a causal language model: data, optimiser, schedule, evaluation,
+checkpoints, data-parallel processes, progress and metrics.
+
+Legend: `b` batch, `n` length, `V` vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import save_yaml
+from ..data import TokenData, WindowSampler, prepare_tokens
+from ..models.builders import build_model, count_parameters
+from ..tokenizers import save_tokenizer
+from . import checkpoint as ckpt
+from .config import RunConfig, TrainConfig
+from .distributed import DistEnv, broadcast_float, mean_across, setup
+from ..models.summary import summarize
+from .metrics import MetricsLog, Progress, format_time, matmul_peak_flops, plot_losses, read_metrics
+from .optim import build_optimizer, lr_at
+from .sampling import sample_stream
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EVAL_SEED = 20240601
+
+
+def lm_loss(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Mean next-token cross-entropy (nats/token) of inputs x (b, n) against targets y (b, n);
+    the forward runs under autocast when `dtype` is lower precision, the loss in fp32."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(x)  # (b, n, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens, cfg: TrainConfig, env: DistEnv, batches: int | None = None) -> float:  # type: ignore[no-untyped-def]
+    """Mean validation loss over `batches` x batch_size fixed random windows (the same windows
+    at every call), split across processes."""
+    sampler = WindowSampler(tokens, cfg.seq_len, seed=EVAL_SEED)
+    was_training = model.training
+    model.eval()
+    dtype = DTYPES[cfg.dtype]
+    total = torch.zeros((), device=env.device)
+    n = batches or cfg.eval_batches
+    per = cfg.batch_size // env.world
+    for _ in range(n):
+        starts = sampler.starts(cfg.batch_size)[env.rank * per : (env.rank + 1) * per]
+        x, y = (t.to(env.device) for t in sampler.windows(starts))
+        total += lm_loss(model, x, y, dtype)
+    model.train(was_training)
+    return float(mean_across(total / n, env))
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    run_dir: Path
+    step: int
+    val_loss: float
+    best_val_loss: float
+    losses: list[float]
+    seconds: float
+    samples: list[str]
+
+
+def _unique_dir(path: Path) -> Path:
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    i = 2
+    while Path(f"{path}-{i}").exists():
+        i += 1
+    return Path(f"{path}-{i}")
+
+
+def _rng_state(sampler: WindowSampler, device: torch.device) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "data": sampler.state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor], sampler: WindowSampler, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    sampler.set_state(state["data"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Runs one training job described by a RunConfig (fresh, or resumed from a run folder).
+
+    Args:
+        cfg: the run's config (model.vocab_size is set from the tokenizer).
+        run_dir: output folder; resume: continue the run in this folder from its latest checkpoint.
+        start_time: perf_counter() when the command started (the wall-clock budget counts from it).
+        verbose: print progress (rank 0 only in any case).
+    """
+
+    def __init__(
+        self, cfg: RunConfig, *, run_dir: str | Path | None = None, resume: bool = False,
+        start_time: float | None = None, verbose: bool = True,
+    ) -> None:
+        self.start_time = start_time if start_time is not None else time.perf_counter()
+        cfg.validate()
+        t = cfg.train
+        self.env = setup(t.device)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.verbose = verbose and self.env.is_main
+        self.progress = Progress()
+        self.data = self._prepare_data(cfg)
+        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size))
+        if t.batch_size % (self.env.world * t.grad_accum):
+            raise ValueError(
+                f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum = "
+                f"{self.env.world} x {t.grad_accum}"
+            )
+        torch.manual_seed(t.seed)
+        self.model = build_model(self.cfg.model).to(self.env.device)
+        self.optimizer = build_optimizer(self.model, t)
+        self.sampler = WindowSampler(self.data.train, t.seq_len, seed=t.seed)
+        self.step, self.horizon = 0, t.max_steps
+        self.best_val, self.elapsed_before = math.inf, 0.0
+        self.run_dir = Path(run_dir or t.out_dir)
+        if resume:
+            self._resume()
+        elif self.env.is_main:
+            self.run_dir = _unique_dir(self.run_dir)
+        self.run_dir = Path(broadcast_path(str(self.run_dir), self.env))
+        self.forward = self._wrap_model()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+
+    # ----------------------------------------------------------------- setup
+
+    def _prepare_data(self, cfg: RunConfig) -> TokenData:
+        d = cfg.data
+        kwargs = dict(path=d.path, tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction, cache_dir=d.cache_dir)
+        if self.env.distributed:  # rank 0 builds the cache first; the others then read it
+            import torch.distributed as dist
+
+            if self.env.is_main:
+                data = prepare_tokens(d.corpus, **kwargs)
+            dist.barrier()
+            if not self.env.is_main:
+                data = prepare_tokens(d.corpus, **kwargs)
+            return data
+        return prepare_tokens(d.corpus, **kwargs)
+
+    def _wrap_model(self) -> nn.Module:
+        fwd: nn.Module = self.model
+        if self.env.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            fwd = DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg.train.compile:
+            fwd = torch.compile(fwd)  # type: ignore[assignment]
+        return fwd
+
+    def _resume(self) -> None:
+        folder = ckpt.find_checkpoint(self.run_dir, "latest")
+        state = ckpt.read_state(folder)
+        ckpt.load_weights(self.model, folder)
+        rng = ckpt.load_training_state(folder, self.optimizer)
+        _set_rng_state(rng, self.sampler, self.env.device)
+        self.step = int(state["step"])
+        # a step-based run follows max_steps (which the resume may raise); a timed run keeps its estimate
+        self.horizon = int(state["horizon"]) if self.cfg.train.max_minutes else self.cfg.train.max_steps
+        self.best_val = float(state.get("best_val_loss", math.inf))
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.env.is_main and metrics.is_file():  # drop records logged after this checkpoint
+            keep = [r for r in read_metrics(metrics) if r.get("step", 0) <= self.step]
+            metrics.write_text("".join(__import__("json").dumps(r) + "\n" for r in keep))
+        self._say(f"resumed {self.run_dir} from {folder.name} (step {self.step})")
+
+    def _say(self, text: str) -> None:
+        if self.verbose:
+            self.progress.message(text)
+
+    # ----------------------------------------------------------------- loop
+
+    def train_step(self) -> float:
+        """One optimizer step on one global batch; returns the batch's mean loss."""
+        t, env = self.cfg.train, self.env
+        per = t.batch_size // env.world
+        starts = self.sampler.starts(t.batch_size)[env.rank * per : (env.rank + 1) * per]
+        total = torch.zeros((), device=env.device)
+        dtype = DTYPES[t.dtype]
+        for i, part in enumerate(starts.chunk(t.grad_accum)):
+            x, y = (a.to(env.device, non_blocking=True) for a in self.sampler.windows(part))
+            sync = i == t.grad_accum - 1 or not env.distributed
+            with contextlib.nullcontext() if sync else self.forward.no_sync():  # type: ignore[operator]
+                loss = lm_loss(self.forward, x, y, dtype) / t.grad_accum
+                loss.backward()
+            total += loss.detach()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        lr = lr_at(self.step, t, self.horizon)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(mean_across(total, env))
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def _final_reserve(self, step_time: float, eval_time: float) -> float:
+        """Seconds to keep for the final evaluation, checkpoint and samples."""
+        t = self.cfg.train
+        evaluation = eval_time or step_time * t.eval_batches / 2  # forward-only batches
+        # sampling a token for `samples` sequences costs about samples / (2 batch_size) of a
+        # step (the whole context is recomputed; small batches use the CPU less well)
+        sampling = t.sample_tokens * step_time * t.samples / (2 * t.batch_size)
+        return 1.5 * evaluation + sampling + 5.0
+
+    def _update_horizon(self, step_time: float, eval_time: float) -> None:
+        """With a wall-clock budget: the step count expected to fit in the time left."""
+        t = self.cfg.train
+        if t.max_minutes is None:
+            return
+        left = t.max_minutes * 60 - self._elapsed() - self._final_reserve(step_time, eval_time)
+        per_step = step_time + eval_time / t.eval_every
+        horizon = self.step + max(0, int(left / per_step))
+        # rank 0 decides, so that every process stops at the same step
+        self.horizon = int(broadcast_float(float(min(horizon, t.max_steps)), self.env))
+
+    def save(self, val_loss: float | None = None) -> None:
+        """Write a checkpoint (rank 0); `val_loss` decides whether it is the best so far."""
+        is_best = val_loss is not None and val_loss < self.best_val
+        if is_best:
+            self.best_val = val_loss  # type: ignore[assignment]
+        if not self.env.is_main:
+            return
+        state = {"horizon": self.horizon, "best_val_loss": self.best_val, "elapsed": self._elapsed(),
+                 "val_loss": val_loss, "tokens": self.step * self.cfg.train.batch_size * self.cfg.train.seq_len}
+        ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, _rng_state(self.sampler, self.env.device),
+                             state, keep_last=self.cfg.train.keep_last, is_best=is_best)
+
+    def fit(self) -> TrainResult:
+        """Train until the horizon (or the time budget), evaluating and checkpointing on the way."""
+        t, env = self.cfg.train, self.env
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.cfg, self.run_dir / "config.yaml")
+            save_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
+        n_params = count_parameters(self.model)
+        fpt = summarize(self.model, t.batch_size, t.seq_len).flops_per_token_training
+        peak = matmul_peak_flops(env.device, DTYPES[t.dtype]) * env.world
+        tokens_per_step = t.batch_size * t.seq_len
+        self._say(
+            f"model {n_params / 1e6:.2f}M parameters | data {len(self.data.train):,} train / {len(self.data.val):,} val tokens "
+            f"({'cached' if self.data.cached else 'tokenized'} in {self.data.folder}) | {env.world} process(es) on {env.device} | "
+            f"matmul peak {peak / 1e9:.0f} GFLOP/s ({t.dtype})"
+        )
+        self.model.train()
+        losses: list[float] = []
+        step_time, eval_time = None, 0.0
+        val_loss, last_eval = math.nan, -1
+        window_t0, window_steps = time.perf_counter(), 0
+        while self.step < self.horizon:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            losses.append(loss)
+            window_steps += 1
+            dt = time.perf_counter() - t0
+            if self.step > 3:
+                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+            if env.is_main:
+                self.metrics.write(kind="train", step=self.step, loss=loss, lr=lr_at(self.step - 1, t, self.horizon), time=round(self._elapsed(), 3))
+            done = self.step >= self.horizon
+            if self.step % t.eval_every == 0 or done:
+                e0 = time.perf_counter()
+                val_loss = evaluate(self.model, self.data.val, t, env)
+                last_eval = self.step
+                eval_time = time.perf_counter() - e0
+                self.save(val_loss)
+                if env.is_main:
+                    self.metrics.write(kind="eval", step=self.step, val_loss=val_loss, time=round(self._elapsed(), 3))
+                self._say(f"step {self.step}: val loss {val_loss:.4f} (best {self.best_val:.4f}) | eval {eval_time:.1f}s")
+                window_t0, window_steps = time.perf_counter(), 0
+            if step_time is not None and (self.step % t.log_every == 0 or self.step == 5):
+                self._update_horizon(step_time, eval_time)
+            if self.verbose and (self.step % t.log_every == 0 or done) and window_steps:
+                rate = window_steps * tokens_per_step / (time.perf_counter() - window_t0)
+                eta = (self.horizon - self.step) * (step_time or 0.0)
+                mfu = rate * fpt / peak
+                self.progress.update(
+                    f"step {self.step}/{self.horizon} | loss {loss:.4f} | lr {lr_at(self.step - 1, t, self.horizon):.2e} | "
+                    f"{rate:,.0f} tok/s | MFU {100 * mfu:.1f}% | elapsed {format_time(self._elapsed())} | ETA {format_time(eta)}"
+                )
+        if last_eval != self.step:  # the clock moved the horizon below this step: evaluate the end state
+            val_loss = evaluate(self.model, self.data.val, t, env)
+            self.save(val_loss)
+            if env.is_main:
+                self.metrics.write(kind="eval", step=self.step, val_loss=val_loss, time=round(self._elapsed(), 3))
+        samples = self.samples() if t.samples and env.is_main else []
+        if env.is_main and (self.run_dir / "metrics.jsonl").is_file():
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        return TrainResult(self.run_dir, self.step, val_loss, self.best_val, losses, self._elapsed(), samples)
+
+    def samples(self) -> list[str]:
+        """`train.samples` continuations of `train.sample_prompt` from the current model."""
+        t = self.cfg.train
+        tok = self.data.tokenizer
+        ids = tok.encode(t.sample_prompt)
+        prompt = torch.tensor([ids] * t.samples, device=self.env.device)
+        gen = torch.Generator(device=self.env.device).manual_seed(t.seed)
+        self.model.eval()
+        dtype = DTYPES[t.dtype]
+        with torch.autocast(self.env.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            steps = sample_stream(self.model, prompt, t.sample_tokens, context=self.cfg.model.max_seq_len,
+                                  temperature=t.temperature, top_k=t.top_k, generator=gen)
+            out = torch.stack(list(steps), dim=1)  # (samples, sample_tokens)
+        self.model.train()
+        return [t.sample_prompt + tok.decode(row.tolist()) for row in out]
+
+
+def broadcast_path(path: str, env: DistEnv) -> str:
+    """Rank 0's run folder on every process."""
+    if not env.distributed:
+        return path
+    import torch.distributed as dist
+
+    box = [path]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

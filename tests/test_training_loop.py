@@ -1,0 +1,160 @@
+"""Training loop: exact resume, data-parallel equivalence, crash-safe checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from anyformer.config import save_yaml
+from anyformer.training import Trainer
+from anyformer.training import checkpoint as ckpt
+from anyformer.training.run import load_run
+from tests.training_helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, "--model.dropout=0.1")  # dropout: the torch RNG must resume too
+    full = Trainer(cfg, run_dir=tmp_path / "full", verbose=False).fit()
+    assert len(full.losses) == 8 and full.losses[-1] < full.losses[0]
+    # the same run, interrupted after its step-4 checkpoint
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "checkpoints" / "step_0000008")
+    (part / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": "step_0000004", "step": 4}))
+    resumed = Trainer(cfg, run_dir=part, resume=True, verbose=False).fit()
+    assert resumed.step == 8
+    assert resumed.losses == pytest.approx(full.losses[4:], abs=1e-6)
+    steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 9))  # records after the checkpoint were replaced, not duplicated
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from anyformer.config import load_yaml
+    from anyformer.training.config import RunConfig
+    from anyformer.training.distributed import teardown
+
+    cfg = load_yaml(RunConfig, cfg_path)
+    result = Trainer(cfg, run_dir=Path(out) / "run", verbose=False).fit()
+    Path(out, f"losses{rank}.json").write_text(json.dumps(result.losses))
+    teardown()
+
+
+def test_two_process_ddp_matches_one_process(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, "--train.max_steps=5", "--train.eval_every=5")
+    single = Trainer(cfg, run_dir=tmp_path / "single", verbose=False).fit()
+    cfg_path = tmp_path / "cfg.yaml"
+    save_yaml(cfg, cfg_path)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(cfg_path), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        losses = json.loads((tmp_path / f"losses{rank}.json").read_text())
+        assert losses == pytest.approx(single.losses, abs=1e-5)
+    assert (tmp_path / "run" / "checkpoints" / "step_0000005").is_dir()
+    assert not Path(str(tmp_path / "run") + "-2").exists()  # only rank 0 wrote files
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from anyformer.config import load_yaml
+    from anyformer.training import Trainer
+    from anyformer.training import checkpoint as ckpt
+    from anyformer.training.config import RunConfig
+
+    cfg = load_yaml(RunConfig, sys.argv[1])
+    trainer = Trainer(cfg, run_dir=sys.argv[2], verbose=False)
+    trainer.fit()  # ends with a checkpoint at step 4
+    real = ckpt._write_files
+
+    def write_then_die(folder, *args):
+        real(folder, *args)
+        os.kill(os.getpid(), signal.SIGKILL)  # killed with the new checkpoint half made
+
+    ckpt._write_files = write_then_die
+    trainer.train_step()
+    trainer.save(0.0)
+    """
+)
+
+
+def test_kill_while_writing_keeps_previous_checkpoint(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, "--train.max_steps=4", "--train.eval_every=4")
+    save_yaml(cfg, tmp_path / "cfg.yaml")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "cfg.yaml"), str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert any(p.name.endswith(".tmp") for p in ckpts.iterdir())  # the half-written one
+    assert ckpt.find_checkpoint(tmp_path / "run").name == "step_0000004"
+    run = load_run(tmp_path / "run", "latest")
+    assert run.state["step"] == 4
+    resumed = Trainer(cfg, run_dir=tmp_path / "run", resume=True, verbose=False)
+    assert resumed.step == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_checkpoint_is_reported(tmp_path, damage: str) -> None:
+    cfg = tiny_config(tmp_path, "--train.max_steps=4", "--train.eval_every=4")
+    Trainer(cfg, run_dir=tmp_path / "run", verbose=False).fit()
+    weights = tmp_path / "run" / "checkpoints" / "step_0000004" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        weights.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[-10] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="corrupted or truncated"):
+        load_run(tmp_path / "run")
+    # the weights reader alone also refuses a truncated file
+    if damage == "truncate":
+        with pytest.raises(ckpt.CheckpointError, match="corrupted or truncated"):
+            ckpt.load_weights(torch.nn.Linear(2, 2), weights.parent)
+
+
+def test_keeps_last_k_and_best(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, "--train.max_steps=12", "--train.eval_every=2", "--train.keep_last=2")
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", verbose=False)
+    trainer.fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    names = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
+    best = json.loads((ckpts / "best.json").read_text())
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    best_step = min(evals, key=lambda r: r["val_loss"])["step"]
+    assert best["step"] == best_step
+    assert set(names) == {"step_0000010", "step_0000012", f"step_{best_step:07d}"}
+    tied = load_run(tmp_path / "run", "latest").model
+    assert tied.lm_head.proj.weight is tied.embed.tokens.weight
+    assert torch.equal(tied.embed.tokens.weight, trainer.model.embed.tokens.weight)
+
+
+def test_wall_clock_budget_stops_the_run(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, "--train.max_steps=1000000", "--train.max_minutes=0.1", "--train.eval_every=25")
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", verbose=False)
+    trainer.start_time = time.perf_counter()  # count the budget from here (data preparation excluded)
+    result = trainer.fit()
+    assert 0 < result.step < 1000000  # stopped by the clock, not by max_steps
+    assert result.seconds < 0.1 * 60 + 20  # near the budget, evaluation included (slack for a busy machine)
+    assert (tmp_path / "run" / "checkpoints" / f"step_{result.step:07d}").is_dir()

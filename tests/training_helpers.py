@@ -1,0 +1,39 @@
+"""Shared pieces of the training tests: a small real corpus and a tiny run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from anyformer.config import apply_overrides
+from anyformer.data.text import markdown_play_to_text, shakespeare_dir
+from anyformer.training.config import RunConfig, default_run_config
+
+PLAYS = ["tragedies/macbeth.md", "comedies/twelfth-night.md", "roman/julius-caesar.md"]
+
+
+def write_corpus(folder: Path, chars: int = 40_000) -> Path:
+    """Three plays' plain text (first `chars` characters each) as .txt files in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in PLAYS:
+        text = markdown_play_to_text((shakespeare_dir() / name).read_text(encoding="utf-8"))[:chars]
+        (folder / (Path(name).stem + ".txt")).write_text(text, encoding="utf-8")
+    return folder
+
+
+def tiny_config(tmp: Path, *extra: str) -> RunConfig:
+    """A run config with a 2-layer, 32-wide model on `write_corpus` text, fp32, few steps."""
+    corpus = write_corpus(tmp / "corpus")
+    overrides = [
+        "--data.corpus=text", f"--data.path={corpus}", f"--data.cache_dir={tmp / 'cache'}", "--data.val_fraction=0.3",
+        "--model.dim=32", "--model.num_layers=2", "--model.attention.num_heads=2", "--model.ffn.hidden_dim=64",
+        "--model.max_seq_len=32", "--train.seq_len=32", "--train.batch_size=8", "--train.max_steps=8",
+        "--train.max_minutes=null", "--train.warmup_steps=2", "--train.eval_every=4", "--train.eval_batches=2",
+        "--train.log_every=2", "--train.dtype=float32", "--train.samples=0", "--train.lr=3e-3",
+        f"--train.out_dir={tmp / 'run'}", "--train.threads=1", *extra,
+    ]
+    return apply_overrides(default_run_config(), overrides)
+
+
+def base_config() -> RunConfig:
+    """The default run config (for tests that only read it)."""
+    return RunConfig()
