@@ -211,12 +211,14 @@ class PretrainedTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}; use encode_batch for a list")
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id, *ids]
-        if truncate and self.max_len is not None:
-            ids = ids[: self.max_len]
-        return ids
+        enc = self.backend.encode(text, add_special_tokens=False)
+        bos = add_special_tokens and self.add_bos and self.bos_id is not None and enc.ids[:1] != [self.bos_id]
+        if truncate and self.max_len is not None:  # cut the text, keep the special tokens
+            post = self.backend.post_processor
+            extra = int(bos) + (post.num_special_tokens_to_add(False) if add_special_tokens and post is not None else 0)
+            enc.truncate(max(self.max_len - extra, 0))
+        ids = self.backend.post_process(enc, None, add_special_tokens).ids
+        return [self.bos_id, *ids] if bos else ids
 
     def encode_batch(
         self, texts: Sequence[str], *, add_special_tokens: bool = True, truncate: bool = True, device: Any = None
