@@ -203,30 +203,39 @@ class PretrainedTokenizer:
 
     # ----------------------------------------------------------------- encode / decode
 
-    def encode(self, text: str, *, add_special_tokens: bool = True, truncate: bool = False) -> list[int]:
+    def encode(
+        self, text: str, *, add_special_tokens: bool = True, truncate: bool = False, max_len: int | None = None
+    ) -> list[int]:
         """Token ids of `text`; special tokens written in the text are kept whole.
 
         add_special_tokens: add the checkpoint's own ([CLS] ... [SEP] for BERT, bos when add_bos).
-        truncate: cut to `max_len` tokens.
+        truncate: cut the text so the result has at most `max_len` (default: the tokenizer's) tokens.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}; use encode_batch for a list")
         enc = self.backend.encode(text, add_special_tokens=False)
         bos = add_special_tokens and self.add_bos and self.bos_id is not None and enc.ids[:1] != [self.bos_id]
-        if truncate and self.max_len is not None:  # cut the text, keep the special tokens
+        limit = max_len or self.max_len
+        if truncate and limit is not None:  # cut the text, keep the special tokens
             post = self.backend.post_processor
             extra = int(bos) + (post.num_special_tokens_to_add(False) if add_special_tokens and post is not None else 0)
-            enc.truncate(max(self.max_len - extra, 0))
+            enc.truncate(max(limit - extra, 0))
         ids = self.backend.post_process(enc, None, add_special_tokens).ids
         return [self.bos_id, *ids] if bos else ids
 
     def encode_batch(
-        self, texts: Sequence[str], *, add_special_tokens: bool = True, truncate: bool = True, device: Any = None
+        self,
+        texts: Sequence[str],
+        *,
+        add_special_tokens: bool = True,
+        truncate: bool = True,
+        max_len: int | None = None,
+        device: Any = None,
     ) -> tuple[Tensor, Tensor]:
         """Right-padded token ids (b, n) and attention mask (b, n) (1 = real token) for `texts`."""
         if isinstance(texts, str) or not texts:
             raise ValueError("encode_batch expects a non-empty list of strings")
-        rows = [self.encode(t, add_special_tokens=add_special_tokens, truncate=truncate) for t in texts]
+        rows = [self.encode(t, add_special_tokens=add_special_tokens, truncate=truncate, max_len=max_len) for t in texts]
         n = max(max(len(r) for r in rows), 1)
         ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), n), dtype=torch.long)
