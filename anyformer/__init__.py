@@ -1,6 +1,7 @@
 """anyformer: build, train, run and compare Transformers of every kind."""
 
 from .config import ConfigError, ModelConfig
+from .convert import from_pretrained, save_pretrained
 from .models import DecoderLM, EncoderDecoder, EncoderModel, build_model, count_parameters, preset
 
 __version__ = "0.1.0"
@@ -14,4 +15,6 @@ __all__ = [
     "build_model",
     "count_parameters",
     "preset",
+    "from_pretrained",
+    "save_pretrained",
 ]
