@@ -129,10 +129,10 @@ def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         from_pretrained(tmp_path / "missing.gguf")
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(ValueError, match=r"\.txt file that is not GGUF"):
+    with pytest.raises(ValueError, match=r"is a file \(\.txt\) but not a GGUF file"):
         from_pretrained(tmp_path / "notes.txt")
     (tmp_path / "random.gguf").write_bytes(np.random.default_rng(0).bytes(256))
-    with pytest.raises(ValueError, match="not GGUF"):
+    with pytest.raises(ValueError, match="not a GGUF file"):
         from_pretrained(tmp_path / "random.gguf")
     (tmp_path / "truncated.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x05")
     with pytest.raises(ValueError, match="truncated or corrupt"):

@@ -32,10 +32,10 @@ def check_checkpoint_path(path: str | Path) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; give a Hugging Face model directory or a .gguf file")
     if p.is_file() and not is_gguf_file(p):
-        kind = f"a {p.suffix} file" if p.suffix else "a file"
+        kind = f" ({p.suffix})" if p.suffix else ""
         raise ValueError(
-            f"{str(p)!r} is {kind} that is not GGUF (it lacks the GGUF magic bytes); give a .gguf checkpoint "
-            "or a Hugging Face model directory (config.json + model.safetensors)"
+            f"{str(p)!r} is a file{kind} but not a GGUF file (it lacks the GGUF magic bytes); give a .gguf "
+            "checkpoint or a Hugging Face model directory (config.json + model.safetensors)"
         )
     return p
 
