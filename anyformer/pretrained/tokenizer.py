@@ -172,6 +172,23 @@ class PretrainedTokenizer:
             max_len=metadata.get(f"{arch}.context_length"),
         )
 
+    def save(self, path: str | Path) -> Path:
+        """Write tokenizer.json and tokenizer_config.json into directory `path` (transformers'
+        AutoTokenizer loads them); returns the directory."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(root / "tokenizer.json"))
+        conf: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if getattr(self, name) is not None:
+                conf[name] = getattr(self, name)
+        if self.max_len is not None:
+            conf["model_max_length"] = self.max_len
+        if self.chat_template is not None:
+            conf["chat_template"] = self.chat_template
+        (root / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+        return root
+
     # ----------------------------------------------------------------- properties
 
     @property
