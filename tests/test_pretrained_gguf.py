@@ -20,6 +20,7 @@ from anyformer.pretrained import from_pretrained, gguf_metadata, load_gguf  # no
 from anyformer.pretrained.gguf import unpermute_rope_rows  # noqa: E402
 
 HEADS, KV_HEADS, DIM, LAYERS, FFN, VOCAB = 4, 2, 64, 2, 96, 96
+TOKENS = [chr(c) for c in range(33, 127)] + ["Ġ", "<eos>"]  # printable ASCII, space (byte-level), an end token
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -48,9 +49,10 @@ def write_llama_gguf(path: Path, model: torch.nn.Module, *, quantize: bool, arch
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    w.add_token_types([1] * cfg.vocab_size)
+    w.add_token_list(TOKENS)  # one byte-level BPE token per character, no merges
+    w.add_token_types([1] * (VOCAB - 1) + [3])
     w.add_token_merges([])
+    w.add_eos_token_id(VOCAB - 1)
     for name, t in model.state_dict().items():
         a = t.numpy().astype(np.float32)
         if name.startswith("model.layers."):
