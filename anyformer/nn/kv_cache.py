@@ -42,6 +42,18 @@ class KVCache(nn.Module):
         self.start = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def store(self, q: Tensor, k: Tensor, v: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[no-untyped-def]
+        """Position the new q (b, h, n, d) and k (b, g, n, d) with `ctx.positional`, cache k/v;
+        return q and all cached keys/values (b, g, m, d)."""
+        q, k = ctx.positional.rotate(q, k, ctx.q_pos, ctx.q_pos)
+        k, v = self.update(k, v)
+        return q, k, v
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` (b',) of the batch, in that order (beam search)."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
 
 class CrossKVCache(nn.Module):
     """Cross-attention keys/values of the encoder output, computed once and reused."""
@@ -56,6 +68,12 @@ class CrossKVCache(nn.Module):
         if self.k is None:
             self.k, self.v = compute()
         return self.k, self.v  # type: ignore[return-value]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` (b',) of the batch, in that order (beam search)."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)  # type: ignore[union-attr]
 
 
 class ModelCache(nn.Module):
@@ -91,3 +109,16 @@ class ModelCache(nn.Module):
         self.keep[:, self.length : end] = True if keep is None else keep.bool()
         self.length = end
         return self.positions[:, :end], self.keep[:, :end]
+
+    def next_positions(self, keep: Tensor) -> Tensor:
+        """Positions (b, n) of n new tokens with key padding `keep` (b, n): each row counts only
+        its real tokens, so a left-padded row starts at 0 at its first real token."""
+        cached = self.keep[:, : self.length].sum(-1, keepdim=True)  # (b, 1)
+        return (cached + keep.long().cumsum(-1) - 1).clamp(min=0)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` (b',) of the batch in every layer, in that order (beam search)."""
+        for layer in list(self.layers) + list(self.cross):
+            layer.reorder(index)
+        self.positions = self.positions.index_select(0, index)
+        self.keep = self.keep.index_select(0, index)

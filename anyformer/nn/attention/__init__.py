@@ -14,7 +14,7 @@ from ...config import AttentionConfig
 from ...registry import Registry
 from ..norm import NORMS
 from .context import AttentionContext
-from .kernels import KERNELS, attention_weights, eager_attention, sdpa_attention
+from .kernels import KERNELS, Kernel, attention_weights, eager_attention, sdpa_attention
 from .masks import as_4d, causal_mask, combine_masks, padding_mask
 from .mha import MultiHeadAttention
 
@@ -23,9 +23,12 @@ ATTENTIONS: Registry[AttentionFactory] = Registry("attention kind")
 
 
 @ATTENTIONS.register("mha")
-def build_mha(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = False, kv_dim: int | None = None) -> nn.Module:
-    """Standard multi-head (GQA/MQA) attention with one of the exact kernels."""
-    if cfg.options:
+def build_mha(
+    cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = False, kv_dim: int | None = None, kernel: Kernel | None = None
+) -> nn.Module:
+    """Standard multi-head (GQA/MQA) attention with one of the exact kernels (`kernel`
+    overrides `cfg.kernel`, e.g. a kernel bound to a sparsity pattern)."""
+    if cfg.options and kernel is None:
         raise ValueError(
             f"attention kind 'mha' takes no options, got {sorted(cfg.options)}; "
             "set them on model.attention directly"
@@ -40,7 +43,7 @@ def build_mha(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = Fal
         cfg.num_heads,
         num_kv_heads=cfg.num_kv_heads,
         head_dim=head_dim,
-        kernel=KERNELS.get(cfg.kernel),
+        kernel=kernel or KERNELS.get(cfg.kernel),
         kv_dim=kv_dim,
         bias=cfg.bias,
         out_bias=cfg.out_bias,
@@ -50,6 +53,8 @@ def build_mha(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = Fal
         dropout=cfg.dropout,
     )
 
+
+from . import chunked, sparse  # noqa: E402,F401  (register the chunked kernel and sparse kinds)
 
 __all__ = [
     "ATTENTIONS",

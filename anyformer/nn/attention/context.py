@@ -45,6 +45,15 @@ class AttentionContext:
             self._logit_bias_ready = True
         return self._logit_bias
 
+    def block_bias(self):  # type: ignore[no-untyped-def]
+        """The positional bias as a `PositionalBlockBias`, computed per block by kernels that
+        declare `lazy_bias` (None when the positional encoding adds no bias)."""
+        from .chunked import PositionalBlockBias
+
+        if self.positional.bias(self.q_pos[:, :1], self.k_pos[:, :1]) is None:
+            return None
+        return PositionalBlockBias(self.positional, self.q_pos, self.k_pos)
+
 
 class _NoPositionalSingleton(NoPositional):
     def __init__(self) -> None:

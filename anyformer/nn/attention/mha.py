@@ -59,6 +59,9 @@ class MultiHeadAttention(nn.Module):
         self.q_norm = q_norm or nn.Identity()
         self.k_norm = k_norm or nn.Identity()
         self.kernel = kernel
+        # kernels with `lazy_bias` take positional biases per block instead of a dense tensor
+        self.lazy_bias = bool(getattr(kernel, "lazy_bias", False))
+        self.probs_fn = getattr(kernel, "weights", attention_weights)
         self.scale = scale
         self.dropout = dropout
 
@@ -85,20 +88,26 @@ class MultiHeadAttention(nn.Module):
         q = self.q_norm(self._heads(x, self.q_proj, self.num_heads))  # (b, h, n, d)
         if memory is None:
             k, v = self._kv(x)
-            q, k = ctx.positional.rotate(q, k, ctx.q_pos, ctx.q_pos)
-            if cache is not None:
-                k, v = cache.update(k, v)  # (b, g, m, d) with the cached keys in front
+            if cache is None:
+                q, k = ctx.positional.rotate(q, k, ctx.q_pos, ctx.q_pos)
+            else:
+                q, k, v = cache.store(q, k, v, ctx)  # k, v: (b, g, m, d) with the cached keys in front
         elif cache is not None:
             k, v = cache.get_or_compute(lambda: self._kv(memory))
         else:
             k, v = self._kv(memory)
-        mask, bias = ctx.mask, ctx.logit_bias()
+        mask = ctx.mask
         dropout = self.dropout if self.training else 0.0
         if ctx.store is not None:
-            probs = attention_weights(q, k, mask=mask, bias=bias, causal=ctx.causal, scale=self.scale)
+            probs = self.probs_fn(q, k, mask=mask, bias=ctx.logit_bias(), causal=ctx.causal, scale=self.scale)
             ctx.store.append(probs)
             out = nn.functional.dropout(probs, dropout).to(v.dtype) @ repeat_kv(v, self.num_heads // self.num_kv_heads)
+        elif self.lazy_bias:
+            out = self.kernel(
+                q, k, v, mask=mask, bias=ctx.bias, causal=ctx.causal, scale=self.scale, dropout=dropout,
+                block_bias=ctx.block_bias(),
+            )
         else:
-            out = self.kernel(q, k, v, mask=mask, bias=bias, causal=ctx.causal, scale=self.scale, dropout=dropout)
+            out = self.kernel(q, k, v, mask=mask, bias=ctx.logit_bias(), causal=ctx.causal, scale=self.scale, dropout=dropout)
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)  # (b, n, h*d)
         return self.o_proj(out)

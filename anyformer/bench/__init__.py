@@ -1,0 +1,1 @@
+"""Benchmarks that print figures and write JSON/plots; never part of the test pass/fail."""

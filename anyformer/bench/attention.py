@@ -1,0 +1,160 @@
+"""Attention benchmark: time and peak memory against sequence length for every registered
+attention kind and exact kernel, beside naive attention and torch's sdpa, in one run.
+
+Each configuration runs in a fresh process (anyformer.bench.attention_run) so its peak memory
+is its own. A configuration predicted (from the same method's smaller lengths) to exceed the
+time or memory budget is skipped, and the reason printed. Results go to JSON and a log-log plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..nn.attention import ATTENTIONS, KERNELS
+
+DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
+
+
+def all_methods() -> list[str]:
+    """Every exact kernel (inside multi-head attention), every attention kind other than plain
+    'mha', sdpa given a dense sliding-window mask, and the projections alone."""
+    kernels = [f"mha[{k}]" for k in KERNELS.names()]
+    kinds = [k for k in ATTENTIONS.names() if k != "mha"]
+    return kernels + kinds + ["sdpa+dense-window", "projections"]
+
+
+@dataclass
+class BenchConfig:
+    """What to measure and the budgets that decide what to skip."""
+
+    methods: list[str] = field(default_factory=all_methods)
+    lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS))
+    causal: list[bool] = field(default_factory=lambda: [True, False])
+    passes: list[str] = field(default_factory=lambda: ["forward", "backward"])
+    positional: str = "none"
+    num_heads: int = 8
+    head_dim: int = 64
+    window: int = 256
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_seconds: float = 30.0
+    max_memory_gb: float = 12.0
+    min_time: float = 1.0
+    repeats: int = 3
+
+
+def _predict(points: list[tuple[int, float]], n: int) -> float:
+    """Extrapolate a figure to length n from the measured (length, value) points, assuming a
+    power law whose exponent is fitted on the last two points (clamped to [1, 2]), else 2."""
+    if not points:
+        return 0.0
+    (n1, v1) = points[-1]
+    exponent = 2.0
+    if len(points) >= 2:
+        import math
+
+        (n0, v0) = points[-2]
+        if v0 > 0 and v1 > 0 and n1 != n0:
+            exponent = min(2.0, max(1.0, math.log(v1 / v0) / math.log(n1 / n0)))
+    return v1 * (n / n1) ** exponent
+
+
+def run_one(spec: dict, timeout: float) -> dict:
+    """Measure one configuration in a fresh Python process."""
+    cmd = [sys.executable, "-m", "anyformer.bench.attention_run", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        lines = (done.stderr or "").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {done.returncode} (killed: out of memory?)"
+        return {"error": why}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(cfg: BenchConfig, out_dir: Path, log=print) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Run every configuration; write attention.json and attention.png to `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    series = [(m, c, p) for p in cfg.passes for c in cfg.causal for m in cfg.methods]
+    total = len(series) * len(cfg.lengths)
+    started = time.perf_counter()
+    done = 0
+    for method, causal, pass_ in series:
+        times: list[tuple[int, float]] = []
+        mems: list[tuple[int, float]] = []
+        stop = ""
+        for n in sorted(cfg.lengths):
+            done += 1
+            spec = dict(
+                method=method, n=n, causal=causal, backward=pass_ == "backward", positional=cfg.positional,
+                num_heads=cfg.num_heads, head_dim=cfg.head_dim, window=cfg.window, dtype=cfg.dtype,
+                device=cfg.device, threads=cfg.threads, min_time=cfg.min_time, repeats=cfg.repeats,
+            )
+            row = {k: spec[k] for k in ("method", "n", "causal", "positional", "dtype", "device")} | {"pass": pass_}
+            t_pred, m_pred = _predict(times, n), _predict(mems, n)
+            if stop:
+                row["skipped"] = stop
+            elif t_pred > cfg.max_seconds:
+                row["skipped"] = f"predicted {t_pred:.1f} s > budget {cfg.max_seconds:.0f} s"
+            elif m_pred > cfg.max_memory_gb * 2**30:
+                row["skipped"] = f"predicted {m_pred / 2**30:.1f} GiB > budget {cfg.max_memory_gb:.0f} GiB"
+            if "skipped" in row:
+                log(f"[{done}/{total}] {method:22s} {pass_:8s} causal={causal!s:5s} n={n:6d}  skipped: {row['skipped']}")
+                results.append(row)
+                continue
+            res = run_one(spec, timeout=max(60.0, 4 * cfg.max_seconds * (1 + cfg.repeats)))
+            row |= res
+            results.append(row)
+            elapsed = time.perf_counter() - started
+            if "error" in res:
+                stop = f"failed at n={n}: {res['error']}"
+                log(f"[{done}/{total}] {method:22s} {pass_:8s} causal={causal!s:5s} n={n:6d}  error: {res['error']}")
+                continue
+            times.append((n, res["time_s"]))
+            mems.append((n, max(res["peak_bytes"], 1.0)))
+            log(
+                f"[{done}/{total}] {method:22s} {pass_:8s} causal={causal!s:5s} n={n:6d}  "
+                f"{res['time_s'] * 1e3:10.1f} ms  {res['peak_bytes'] / 2**20:9.1f} MiB   (elapsed {elapsed:.0f} s)"
+            )
+    (out_dir / "attention.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=1))
+    plot(results, out_dir / "attention.png")
+    return results
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Log-log time and peak memory against length, one line per method/causality/pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    keys = sorted({(r["method"], r["causal"], r["pass"]) for r in results})
+    for method, causal, pass_ in keys:
+        pts = sorted((r["n"], r["time_s"], r["peak_bytes"]) for r in results
+                     if (r["method"], r["causal"], r["pass"]) == (method, causal, pass_) and "time_s" in r)
+        if not pts:
+            continue
+        label = f"{method} {'causal' if causal else 'full'} {pass_}"
+        style = "-" if pass_ == "forward" else "--"
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+        axes[1].plot([p[0] for p in pts], [max(p[2], 1) / 2**20 for p in pts], style, marker="o", label=label)
+    for ax, title in zip(axes, ("time per call (s)", "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=6, loc="upper left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

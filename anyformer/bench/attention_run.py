@@ -1,0 +1,118 @@
+"""One attention benchmark configuration, measured in its own process.
+
+Run as `python -m anyformer.bench.attention_run '<json>'`; prints one JSON line with the time
+and the peak memory of one forward (or forward + backward) of an attention module.
+
+Legend: `b` batch, `n` sequence length, `dim` model width.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AttentionConfig
+from ..nn.attention import ATTENTIONS, KERNELS, AttentionContext, MultiHeadAttention
+from ..nn.attention.patterns import Window
+from ..nn.positional import POSITIONALS, PositionalContext
+
+
+def projections_only(q: Tensor, k: Tensor, v: Tensor, **_: object) -> Tensor:
+    """A kernel that returns the queries: times the projections around attention alone."""
+    return q
+
+
+def build_method(method: str, *, num_heads: int, head_dim: int, causal: bool, window: int) -> tuple[nn.Module, Tensor | None]:
+    """The attention module a method name stands for, and a dense mask it is given (or None).
+
+    Names: `mha[KERNEL]` (multi-head attention with an exact kernel), `sdpa+dense-window` (sdpa
+    given the materialised sliding-window mask), `projections` (no attention), or any
+    registered attention kind with its default options (`window` for windowed kinds).
+    """
+    dim = num_heads * head_dim
+    if method.startswith("mha[") and method.endswith("]"):
+        cfg = AttentionConfig(kind="mha", kernel=method[4:-1], num_heads=num_heads, head_dim=head_dim)
+        return ATTENTIONS.get("mha")(cfg, dim=dim, causal=causal), None
+    if method == "sdpa+dense-window":
+        return MultiHeadAttention(dim, num_heads, head_dim=head_dim, kernel=KERNELS.get("sdpa")), window
+    if method == "projections":
+        return MultiHeadAttention(dim, num_heads, head_dim=head_dim, kernel=projections_only), None
+    options = {"window": window} if method in ("sliding_window", "lambda_shaped") else {}
+    cfg = AttentionConfig(kind=method, num_heads=num_heads, head_dim=head_dim, options=options)
+    return ATTENTIONS.get(method)(cfg, dim=dim, causal=causal), None
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    """The process's resident memory now (from /proc; the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()
+
+
+def window_mask(window: int, n: int, device: torch.device) -> Tensor:
+    """The dense (n, n) sliding-window mask, built a few rows at a time to keep setup's peak low."""
+    pattern, rows = Window(window), 1024
+    mask = torch.empty(n, n, dtype=torch.bool, device=device)
+    keys = torch.arange(n, device=device)
+    for r0 in range(0, n, rows):
+        mask[r0 : r0 + rows] = pattern.mask(torch.arange(r0, min(r0 + rows, n), device=device), keys)
+    return mask
+
+
+def measure(spec: dict) -> dict:
+    """Time and peak memory of `spec` (method, n, causal, positional, backward, dtype, ...)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    n, heads, head_dim = spec["n"], spec["num_heads"], spec["head_dim"]
+    module, window = build_method(spec["method"], num_heads=heads, head_dim=head_dim, causal=spec["causal"], window=spec["window"])
+    module = module.to(device=device, dtype=dtype)
+    pos_cls = POSITIONALS.get(spec["positional"])
+    positional = pos_cls(PositionalContext(heads * head_dim, heads, head_dim, n, spec["causal"]), pos_cls.Options()).to(device)
+    x = torch.randn(1, n, heads * head_dim, device=device, dtype=dtype, requires_grad=spec["backward"])  # (b, n, dim)
+    positions = torch.arange(n, device=device)[None]  # (b, n)
+    mask = window_mask(window, n, device) if window is not None else None
+
+    def step() -> None:
+        ctx = AttentionContext(q_pos=positions, k_pos=positions, positional=positional, mask=mask, causal=spec["causal"])
+        if spec["backward"]:
+            module(x, ctx).sum().backward()
+        else:
+            with torch.no_grad():
+                module(x, ctx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = current_rss_bytes()
+    t0 = time.perf_counter()
+    step()
+    times = [time.perf_counter() - t0]
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - base
+    while sum(times) < spec["min_time"] and len(times) < spec["repeats"] + 1:
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    best = min(times[1:]) if len(times) > 1 else times[0]
+    return {"time_s": best, "peak_bytes": max(peak, 0), "runs": len(times)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

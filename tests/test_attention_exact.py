@@ -1,0 +1,171 @@
+"""The chunked (memory-efficient) kernel equals the eager reference with the equivalent dense
+mask and bias, for outputs and for gradients of q, k, v and bias parameters."""
+
+import pytest
+import torch
+
+from anyformer.nn.attention import KERNELS, causal_mask
+from anyformer.nn.attention.chunked import PositionalBlockBias, _schedule, chunked_attention
+from anyformer.nn.attention.kernels import eager_attention
+from anyformer.nn.attention.patterns import NONE, BlockLayout, Causal, Window
+from anyformer.nn.positional import POSITIONALS, PositionalContext
+from tests.helpers import build
+
+B, H, D = 2, 4, 16
+TOL = 1e-5
+
+
+def positional(kind: str, causal: bool):
+    cls = POSITIONALS.get(kind)
+    pos = cls(PositionalContext(dim=H * D, num_heads=H, head_dim=D, max_seq_len=512, causal=causal), cls.Options())
+    if kind == "t5":
+        torch.nn.init.normal_(pos.table.weight, std=1.0)
+    return pos
+
+
+def compare(n, m, g=H, *, causal=False, mask=None, bias=None, pos=None, pattern=None, dense_mask=None, blocks=(16, 32)):
+    """Run chunked and eager on the same inputs; return the max abs differences."""
+    q = torch.randn(B, H, n, D, requires_grad=True)
+    k = torch.randn(B, g, m, D, requires_grad=True)
+    v = torch.randn(B, g, m, D, requires_grad=True)
+    q_pos = torch.arange(m - n, m).expand(B, n)
+    k_pos = torch.arange(m).expand(B, m)
+    leaves = [q, k, v] + ([bias] if bias is not None and bias.requires_grad else [])
+    leaves += [p for p in (pos.parameters() if pos is not None else [])]
+    block_bias = PositionalBlockBias(pos, q_pos, k_pos) if pos is not None else None
+    got = chunked_attention(
+        q, k, v, mask=mask, bias=bias, causal=causal, block_bias=block_bias, pattern=pattern,
+        q_block=blocks[0], k_block=blocks[1],
+    )
+    dense_bias = bias
+    if pos is not None:
+        pb = pos.bias(q_pos, k_pos)
+        dense_bias = pb if dense_bias is None else pb + dense_bias
+    ref_mask = mask
+    if dense_mask is not None:
+        ref_mask = dense_mask if ref_mask is None else ref_mask & dense_mask
+    want = eager_attention(q, k, v, mask=ref_mask, bias=dense_bias, causal=causal)
+    upstream = torch.randn_like(want)
+    g_got = torch.autograd.grad((got * upstream).sum(), leaves)
+    g_want = torch.autograd.grad((want * upstream).sum(), leaves)
+    diffs = [(got - want).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(g_got, g_want)]
+    return diffs
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nm", [(70, 70), (21, 90), (1, 45)])
+def test_plain_and_causal_with_cache_offset(causal, nm):
+    assert max(compare(*nm, causal=causal)) <= TOL
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_grouped_query_attention(kv_heads):
+    assert max(compare(50, 75, kv_heads, causal=True)) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["alibi", "t5"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_positional_bias_generated_per_block(kind, causal):
+    # gradients include the T5 bucket table (the last diff)
+    diffs = compare(60, 80, 2, causal=causal, pos=positional(kind, causal))
+    assert max(diffs) <= TOL
+    if kind == "t5":
+        assert len(diffs) == 5
+
+
+def test_dense_bias_gets_gradient():
+    bias = torch.randn(1, H, 40, 50, requires_grad=True)
+    assert max(compare(40, 50, causal=True, bias=bias)) <= TOL
+
+
+def test_key_padding_and_fully_masked_rows():
+    n, m = 33, 47
+    pad = torch.ones(B, m, dtype=torch.bool)
+    pad[1, -20:] = False
+    pad[0, :] = False  # every query of batch 0 has nothing to attend: output and gradients 0
+    assert max(compare(n, m, mask=pad[:, None, None, :])) <= TOL
+    q, k, v = torch.randn(B, H, n, D), torch.randn(B, H, m, D), torch.randn(B, H, m, D)
+    out = chunked_attention(q, k, v, mask=pad[:, None, None, :], q_block=8, k_block=8)
+    assert (out[0] == 0).all() and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window_with_alibi(causal):
+    n = m = 96
+    pattern = Window(10)
+    diffs = compare(n, m, causal=causal, pos=positional("alibi", causal), pattern=pattern, dense_mask=pattern.dense(n, m))
+    assert max(diffs) <= TOL
+
+
+def test_block_layout_mask_and_general_dense_mask():
+    n = m = 64
+    layout = torch.rand(4, 4, generator=torch.Generator().manual_seed(3)) > 0.5
+    layout[:, 0] = True
+    pattern = BlockLayout(layout, 16)
+    assert max(compare(n, m, pattern=pattern, dense_mask=pattern.dense(n, m))) <= TOL
+    adjacency = torch.rand(B, 1, n, m) > 0.3
+    assert max(compare(n, m, g=2, causal=True, mask=adjacency)) <= TOL
+
+
+def test_empty_blocks_are_skipped():
+    n = m = 4096
+    causal = _schedule(Causal(), n, m, 512, 512)
+    assert sum(len(b) for _, _, b in causal) == 8 * 9 // 2  # the lower triangle of 8 x 8 blocks
+    band = _schedule(Window(256), n, m, 256, 256)
+    assert max(len(b) for _, _, b in band) == 3 and all(s != NONE for _, _, b in band for _, _, s in b)
+
+
+def test_memory_saved_for_backward_is_linear():
+    n = m = 512
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    q = torch.randn(1, H, n, D, requires_grad=True)
+    k, v = torch.randn(1, H, m, D), torch.randn(1, H, m, D)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_attention(q, k, v, causal=True, q_block=64, k_block=64)
+    assert max(saved) <= H * n * D and sum(saved) < H * n * m / 4  # never an n x m matrix
+
+
+def test_dropout_is_refused_with_a_clear_error():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="dropout"):
+        KERNELS.get("chunked")(q, q, q, dropout=0.1)
+
+
+@pytest.mark.parametrize("positional_kind", ["alibi", "t5", "rope"])
+def test_model_with_chunked_kernel_matches_eager_with_gradients(positional_kind):
+    tokens = torch.randint(0, 97, (2, 24))
+    keep = torch.ones(2, 24, dtype=torch.bool)
+    keep[1, 18:] = False
+    outs, grads = [], []
+    for kernel in ("eager", "chunked"):
+        model = build("decoder", seed=5, attention__kernel=kernel, attention__num_kv_heads=2, positional__kind=positional_kind)
+        logits = model(tokens, attention_mask=keep)
+        logits.square().mean().backward()
+        outs.append(logits)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[0], outs[1], atol=TOL, rtol=0)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=TOL, rtol=0, msg=name)
+
+
+def test_model_decodes_with_cache_like_without():
+    model = build("decoder", seed=2, attention__kernel="chunked", positional__kind="alibi")
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(2, 12)
+        steps = [model(tokens[:, :7], cache)] + [model(tokens[:, i : i + 1], cache) for i in range(7, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=TOL, rtol=0)
+
+
+def test_causal_reference_mask_convention():
+    # the kernel's causal convention is the library's: query i sees keys j <= i + (m - n)
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    a = chunked_attention(q, k, v, causal=True, q_block=2, k_block=2)
+    b = eager_attention(q, k, v, mask=causal_mask(3, 5))
+    torch.testing.assert_close(a, b, atol=TOL, rtol=0)
