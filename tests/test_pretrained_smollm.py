@@ -15,6 +15,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 
 from anyformer.convert.hf import model_from_hf  # noqa: E402
+from anyformer.generation import generate  # noqa: E402
 from anyformer.pretrained import PretrainedTokenizer, find_packaged_gguf, load_gguf  # noqa: E402
 
 try:
@@ -68,23 +69,11 @@ def test_logits_match_transformers(smol: SimpleNamespace) -> None:
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-def greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding through the model's own KV cache."""
-    cache = model.make_cache(1, len(prompt) + new_tokens)
-    tokens, out = torch.tensor([prompt]), []
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            nxt = int(model(tokens, cache)[0, -1].argmax())
-            out.append(nxt)
-            tokens = torch.tensor([[nxt]])
-    return out
-
-
 def test_greedy_continuation_matches_transformers_generate(smol: SimpleNamespace) -> None:
     prompt = smol.tok.encode("The capital of France is")
     assert prompt == smol.hf_tok.encode("The capital of France is")
     ref = smol.hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=smol.tok.pad_id)
-    ours = greedy(smol.ours, prompt, 20)
+    ours = generate(smol.ours, prompt, max_new_tokens=20)[0, len(prompt):].tolist()
     assert ours == ref[0, len(prompt):].tolist()
     assert smol.tok.decode(ours).startswith(" Paris.")
 
@@ -119,3 +108,13 @@ def test_chat_template_matches_hf(smol: SimpleNamespace, generation_prompt: bool
         ref = smol.hf_tok.apply_chat_template(chat, add_generation_prompt=generation_prompt, tokenize=True)
         ref = ref["input_ids"] if hasattr(ref, "keys") else ref
         assert smol.tok.apply_chat_template(chat, add_generation_prompt=generation_prompt, tokenize=True) == ref
+
+
+def test_saved_tokenizer_loads_in_transformers(smol: SimpleNamespace, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    smol.tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        assert hf.encode(text) == smol.tok.encode(text), text
+    chat = [{"role": "user", "content": "hi"}]
+    assert hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == smol.tok.apply_chat_template(chat, add_generation_prompt=True)
+    assert (hf.bos_token_id, hf.eos_token_id) == (smol.tok.bos_id, smol.tok.eos_id)
