@@ -1,6 +1,5 @@
 """Greedy and beam-search tokens equal Hugging Face `generate` on the same random weights
-(GPT-2 and Llama shapes). The HF -> anyformer weight mapping here is a small local helper for
-these tests only; the library's converters live in anyformer.convert."""
+(GPT-2 and Llama shapes), with weights copied by the library's converters (anyformer.convert)."""
 
 from __future__ import annotations
 
@@ -10,10 +9,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from anyformer.generation import generate  # noqa: E402
-from anyformer.models.builders import build_model  # noqa: E402
-from anyformer.models.presets import preset  # noqa: E402
+from anyformer.convert.hf import model_from_hf  # noqa: E402
 
 PAD = 1
+
+
+def _pair(hf: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The HF model and an anyformer model built from it by the library's converter."""
+    ours = model_from_hf(hf.config.to_dict(), hf.state_dict())
+    return hf.eval(), ours.eval()
 
 
 def _gpt2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -21,28 +25,7 @@ def _gpt2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
         vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4, activation_function="gelu_new",
         initializer_range=0.3, bos_token_id=0, eos_token_id=0, pad_token_id=PAD,
     )
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    ours = build_model(preset("gpt2-tiny")).eval()
-    sd = hf.state_dict()
-    new = {"embed.tokens.weight": sd["transformer.wte.weight"], "positional.table.weight": sd["transformer.wpe.weight"]}
-    for i in range(2):
-        p, q = f"transformer.h.{i}.", f"stack.blocks.{i}."
-        w, bias = sd[p + "attn.c_attn.weight"].t(), sd[p + "attn.c_attn.bias"]  # Conv1D stores (in, out)
-        for j, name in enumerate("qkv"):
-            new[q + f"attn.sublayer.{name}_proj.weight"] = w[64 * j : 64 * (j + 1)]
-            new[q + f"attn.sublayer.{name}_proj.bias"] = bias[64 * j : 64 * (j + 1)]
-        new[q + "attn.sublayer.o_proj.weight"] = sd[p + "attn.c_proj.weight"].t()
-        new[q + "attn.sublayer.o_proj.bias"] = sd[p + "attn.c_proj.bias"]
-        new[q + "ffn.sublayer.up.weight"] = sd[p + "mlp.c_fc.weight"].t()
-        new[q + "ffn.sublayer.up.bias"] = sd[p + "mlp.c_fc.bias"]
-        new[q + "ffn.sublayer.down.weight"] = sd[p + "mlp.c_proj.weight"].t()
-        new[q + "ffn.sublayer.down.bias"] = sd[p + "mlp.c_proj.bias"]
-        for a, b in (("ln_1", "attn.norm"), ("ln_2", "ffn.norm")):
-            new[q + b + ".weight"], new[q + b + ".bias"] = sd[p + a + ".weight"], sd[p + a + ".bias"]
-    new["stack.final_norm.weight"], new["stack.final_norm.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
-    new["lm_head.proj.weight"] = sd["transformer.wte.weight"]
-    ours.load_state_dict(new, strict=True)
-    return hf, ours
+    return _pair(transformers.GPT2LMHeadModel(hf_cfg))
 
 
 def _llama_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -51,21 +34,7 @@ def _llama_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
         initializer_range=0.3, bos_token_id=0, eos_token_id=0, pad_token_id=PAD,
     )
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    ours = build_model(preset("llama-tiny")).eval()
-    sd = hf.state_dict()
-    new = {"embed.tokens.weight": sd["model.embed_tokens.weight"], "lm_head.proj.weight": sd["lm_head.weight"],
-           "stack.final_norm.weight": sd["model.norm.weight"]}
-    for i in range(2):
-        p, q = f"model.layers.{i}.", f"stack.blocks.{i}."
-        for name in "qkvo":
-            new[q + f"attn.sublayer.{name}_proj.weight"] = sd[p + f"self_attn.{name}_proj.weight"]
-        for name in ("gate", "up", "down"):
-            new[q + f"ffn.sublayer.{name}.weight"] = sd[p + f"mlp.{name}_proj.weight"]
-        new[q + "attn.norm.weight"] = sd[p + "input_layernorm.weight"]
-        new[q + "ffn.norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-    ours.load_state_dict(new, strict=True)
-    return hf, ours
+    return _pair(transformers.LlamaForCausalLM(hf_cfg))
 
 
 PAIRS = {"gpt2": _gpt2_pair, "llama": _llama_pair}
