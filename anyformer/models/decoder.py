@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..nn.kv_cache import KVCache, ModelCache
+from ..nn.kv_cache import ModelCache, make_layer_cache
 from ..nn.positional import PositionalEncoding
 from .common import Embeddings, LMHead, Stack, self_attention_context
 
@@ -82,7 +82,10 @@ class DecoderLM(nn.Module):
         cfg = self.config
         p = next(self.parameters())
         layers = [
-            KVCache(batch, cfg.num_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
-            for _ in range(len(self.stack.blocks))
+            make_layer_cache(
+                block.attn.sublayer, batch, max_len or cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim,
+                dtype=dtype or p.dtype, device=device or p.device,
+            )
+            for block in self.stack.blocks
         ]
         return ModelCache(layers)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..nn.attention import AttentionContext, padding_mask
-from ..nn.kv_cache import CrossKVCache, KVCache, ModelCache
+from ..nn.kv_cache import CrossKVCache, ModelCache, make_layer_cache
 from ..nn.positional import PositionalEncoding
 from .common import Embeddings, LMHead, Stack, self_attention_context
 
@@ -116,7 +116,10 @@ class EncoderDecoder(nn.Module):
         p = next(self.parameters())
         n = len(self.decoder.blocks)
         layers = [
-            KVCache(batch, cfg.num_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
-            for _ in range(n)
+            make_layer_cache(
+                block.attn.sublayer, batch, max_len or cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim,
+                dtype=dtype or p.dtype, device=device or p.device,
+            )
+            for block in self.decoder.blocks
         ]
         return ModelCache(layers, [CrossKVCache() for _ in range(n)])

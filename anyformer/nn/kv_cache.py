@@ -28,6 +28,14 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write (b, g, n, d) new keys/values at the current length; return all (b, g, start+n, d)."""
         n = k.shape[2]
@@ -79,15 +87,15 @@ class CrossKVCache(nn.Module):
 class ModelCache(nn.Module):
     """All layers' caches plus the positions and key padding of everything cached so far.
 
-    positions: (b, L) position of each cached slot; keep: (b, L) True for real (non-pad) tokens.
+    A layer cache is any module with `batch`, `max_len` and `device` (KVCache, or the state an
+    attention kind's `make_cache` returns). positions: (b, L) position of each cached slot; keep: (b, L) True for real (non-pad) tokens.
     """
 
-    def __init__(self, layers: list[KVCache], cross: list[CrossKVCache] | None = None) -> None:
+    def __init__(self, layers: list[nn.Module], cross: list[CrossKVCache] | None = None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.cross = nn.ModuleList(cross or [])
-        b, L = layers[0].k.shape[0], layers[0].max_len
-        device = layers[0].k.device
+        b, L, device = layers[0].batch, layers[0].max_len, layers[0].device
         self.register_buffer("positions", torch.zeros(b, L, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("keep", torch.ones(b, L, dtype=torch.bool, device=device), persistent=False)
         self.length = 0
@@ -122,3 +130,14 @@ class ModelCache(nn.Module):
             layer.reorder(index)
         self.positions = self.positions.index_select(0, index)
         self.keep = self.keep.index_select(0, index)
+
+
+def make_layer_cache(
+    attn: nn.Module, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """One self-attention layer's cache: the attention module's own `make_cache` when it has one
+    (e.g. a constant-size recurrent state), else a preallocated KVCache."""
+    make = getattr(attn, "make_cache", None)
+    if make is not None:
+        return make(batch, max_len, dtype=dtype, device=device)
+    return KVCache(batch, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)

@@ -54,7 +54,7 @@ def build_mha(
     )
 
 
-from . import chunked, sparse  # noqa: E402,F401  (register the chunked kernel and sparse kinds)
+from . import chunked, hyper, linear, performer, sparse  # noqa: E402,F401  (register kernels and kinds)
 
 __all__ = [
     "ATTENTIONS",
