@@ -8,7 +8,8 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import ConfigError, ModelConfig
-from .convert import from_pretrained, save_pretrained
+from .convert import save_pretrained
+from .pretrained import from_pretrained
 from .models import DecoderLM, EncoderDecoder, EncoderModel, build_model, count_parameters, preset
 
 __version__ = "0.1.0"

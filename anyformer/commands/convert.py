@@ -1,0 +1,76 @@
+"""`anyformer convert SRC DST`: a checkpoint (GGUF file or HF directory) -> a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# Files of a HF / sentence-transformers directory that describe the tokenizer and pooling, copied as they are.
+_SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+    "chat_template.jinja", "generation_config.json", "modules.json", "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+_SIDE_DIRS = ("1_Pooling", "2_Normalize")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `convert` subcommand."""
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint (.gguf file or HF directory) into a Hugging Face model directory",
+        description="Load SRC into anyformer (a .gguf file is dequantized) and write DST as a Hugging Face "
+        "directory (config.json + model.safetensors + tokenizer files) that anyformer and transformers both load.",
+    )
+    p.add_argument("src", help="a .gguf file, a Hugging Face model directory, or an installed package shipping one")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--dtype", default="float32", help="weight dtype to write: float32 (default), bfloat16, float16")
+    p.add_argument("--force", action="store_true", help="overwrite a model already in DST")
+    p.set_defaults(func=run)
+
+
+def _add_token_ids(config: Path, **ids: int | None) -> None:
+    """Record bos/eos token ids in config.json (generation in transformers reads them there)."""
+    data = json.loads(config.read_text())
+    for name, value in ids.items():
+        if value is not None:
+            data.setdefault(f"{name}_token_id", value)
+    config.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert and print where the files went."""
+    from ..convert import save_pretrained
+    from ..pretrained import load_pretrained
+    from ..pretrained.loading import check_checkpoint_path, parse_dtype
+
+    start = time.perf_counter()
+    src, dst = check_checkpoint_path(args.src), Path(args.dst)
+    dtype = parse_dtype(args.dtype)
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"DST {str(dst)!r} is a file; give a directory to write the model into")
+    if src.is_dir() and dst.resolve() == src.resolve():
+        raise ValueError("SRC and DST are the same directory; give a new DST")
+    if (dst / "config.json").exists() and not args.force:
+        raise ValueError(f"{str(dst)!r} already holds a model (config.json); pass --force to overwrite it")
+    print(f"loading {src}", file=sys.stderr)
+    model, tokenizer = load_pretrained(src, dtype=dtype, progress=True)
+    save_pretrained(model, dst)
+    if src.is_dir():
+        for name in _SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
+        for name in _SIDE_DIRS:
+            if (src / name).is_dir():
+                shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+    else:
+        tokenizer.save(dst)
+    _add_token_ids(dst / "config.json", bos=tokenizer.bos_id, eos=tokenizer.eos_id)
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 2**20
+    n = sum(p.numel() for p in model.parameters())
+    print(f"done: {n / 1e6:.1f}M parameters ({args.dtype}) in {time.perf_counter() - start:.1f} s -> {dst} ({size:.0f} MiB)")
+    return 0

