@@ -209,7 +209,7 @@ class _ChunkedAttention(torch.autograd.Function):
         acc_dtype = torch.promote_types(q.dtype, torch.float32)
         b, h, n, d = q.shape
         g, m = k.shape[1], k.shape[2]
-        qs = q.to(acc_dtype) * (plan.scale * LOG2E)
+        c = plan.scale * LOG2E  # folded into each query block (no scaled copy of all of q)
         k3 = k.to(acc_dtype).reshape(b * g, m, d)  # (b*g, m, d)
         v3 = v.to(acc_dtype).reshape(b * g, m, d)
         k3t = k3.transpose(1, 2)  # (b*g, d, m)
@@ -218,7 +218,7 @@ class _ChunkedAttention(torch.autograd.Function):
         ninf = float("-inf")
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
-            qg = _query_groups(qs, q0, q1, g)  # (b*g, r*bn, d)
+            qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
             rows = qg.shape[1]
             row_max = torch.full((b * g, rows, 1), ninf, dtype=acc_dtype, device=q.device)
             row_sum = torch.zeros(b * g, rows, 1, dtype=acc_dtype, device=q.device)
@@ -250,13 +250,13 @@ class _ChunkedAttention(torch.autograd.Function):
         acc_dtype = out.dtype
         b, h, n, d = q.shape
         g, m = k.shape[1], k.shape[2]
-        qs = q.to(acc_dtype) * (plan.scale * LOG2E)
+        c = plan.scale * LOG2E
         k3 = k.to(acc_dtype).reshape(b * g, m, d)  # (b*g, m, d)
         v3 = v.to(acc_dtype).reshape(b * g, m, d)
         k3t, v3t = k3.transpose(1, 2), v3.transpose(1, 2)  # (b*g, d, m)
         do = dout.to(acc_dtype)
         delta = (do * out).sum(-1, keepdim=True)  # (b, h, n, 1)
-        dq = torch.empty_like(qs)
+        dq = torch.empty(b, h, n, d, dtype=acc_dtype, device=q.device)
         dk = torch.zeros(b * g, m, d, dtype=acc_dtype, device=q.device)
         dv = torch.zeros_like(dk)
         need_bias = bias is not None and ctx.needs_input_grad[4]
@@ -264,7 +264,7 @@ class _ChunkedAttention(torch.autograd.Function):
         dparams = [torch.zeros_like(p) for p in params]
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
-            qg = _query_groups(qs, q0, q1, g)  # (b*g, r*bn, d)
+            qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
             dog = _query_groups(do, q0, q1, g)
             lse_g = _query_groups(lse, q0, q1, g)  # (b*g, r*bn, 1)
             delta_g = _query_groups(delta, q0, q1, g)
@@ -290,7 +290,7 @@ class _ChunkedAttention(torch.autograd.Function):
                             if grad is not None:
                                 acc += grad
             dq[:, :, q0:q1] = dqg.view(b, h, bn, d)
-        dq = (dq * plan.scale).to(q.dtype)
+        dq = dq.mul_(plan.scale).to(q.dtype)
         dk = dk.mul_(1.0 / LOG2E).view(b, g, m, d)  # the queries it was multiplied with carried log2(e)
         dv = dv.view(b, g, m, d)
         return (None, dq, dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype), *dparams)  # type: ignore[union-attr]
