@@ -2,8 +2,11 @@
 attention kind and exact kernel, beside naive attention and torch's sdpa, in one run.
 
 Each configuration runs in a fresh process (anyformer.bench.attention_run) so its peak memory
-is its own. A configuration predicted (from the same method's smaller lengths) to exceed the
-time or memory budget is skipped, and the reason printed. Results go to JSON and a log-log plot.
+is its own. The primary figure (mode `kernel`) is the attention operation on ready q, k, v;
+mode `module` measures whole attention modules, projections included (attention_run.py). A
+configuration predicted (from the same method's smaller lengths) to exceed the
+time or memory budget is skipped, and the reason printed. Results go to JSON and a log-log plot,
+and a table of time and memory ratios against sdpa is printed.
 """
 
 from __future__ import annotations
@@ -21,23 +24,24 @@ from ..nn.attention import ATTENTIONS, KERNELS
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 
 
-def all_methods() -> list[str]:
+def all_methods(mode: str = "module") -> list[str]:
     """Every exact kernel (inside multi-head attention), every attention kind other than plain
-    'mha', sdpa given a dense sliding-window mask, and the projections alone."""
+    'mha', sdpa given a dense sliding-window mask, and (module mode) the projections alone."""
     kernels = [f"mha[{k}]" for k in KERNELS.names()]
     kinds = [k for k in ATTENTIONS.names() if k != "mha"]
-    return kernels + kinds + ["sdpa+dense-window", "projections"]
+    return kernels + kinds + ["sdpa+dense-window"] + (["projections"] if mode == "module" else [])
 
 
 @dataclass
 class BenchConfig:
     """What to measure and the budgets that decide what to skip."""
 
-    methods: list[str] = field(default_factory=all_methods)
+    methods: list[str] = field(default_factory=lambda: all_methods("kernel"))
     lengths: list[int] = field(default_factory=lambda: list(DEFAULT_LENGTHS))
     causal: list[bool] = field(default_factory=lambda: [True, False])
     passes: list[str] = field(default_factory=lambda: ["forward", "backward"])
     positional: str = "none"
+    mode: str = "kernel"
     num_heads: int = 8
     head_dim: int = 64
     window: int = 256
@@ -96,10 +100,10 @@ def run(cfg: BenchConfig, out_dir: Path, log=print) -> list[dict]:  # type: igno
             done += 1
             spec = dict(
                 method=method, n=n, causal=causal, backward=pass_ == "backward", positional=cfg.positional,
-                num_heads=cfg.num_heads, head_dim=cfg.head_dim, window=cfg.window, dtype=cfg.dtype,
+                mode=cfg.mode, num_heads=cfg.num_heads, head_dim=cfg.head_dim, window=cfg.window, dtype=cfg.dtype,
                 device=cfg.device, threads=cfg.threads, min_time=cfg.min_time, repeats=cfg.repeats,
             )
-            row = {k: spec[k] for k in ("method", "n", "causal", "positional", "dtype", "device")} | {"pass": pass_}
+            row = {k: spec[k] for k in ("method", "mode", "n", "causal", "positional", "dtype", "device", "threads")} | {"pass": pass_}
             t_pred, m_pred = _predict(times, n), _predict(mems, n)
             if stop:
                 row["skipped"] = stop
@@ -127,7 +131,33 @@ def run(cfg: BenchConfig, out_dir: Path, log=print) -> list[dict]:  # type: igno
             )
     (out_dir / "attention.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=1))
     plot(results, out_dir / "attention.png")
+    for line in ratio_table(results):
+        log(line)
     return results
+
+
+REFERENCES = ("mha[sdpa]", "sdpa+dense-window")
+
+
+def ratio_table(results: list[dict]) -> list[str]:
+    """Lines of a table: each measured row's time and peak memory, and for each reference
+    (sdpa; sdpa given the dense window mask) measured at the same length, causality and pass,
+    the speed-up (reference time / time) and memory saving (reference peak / peak)."""
+    ref = {(r["method"], r["n"], r["causal"], r["pass"]): r for r in results if "time_s" in r and r["method"] in REFERENCES}
+    head = f"{'method':22s} {'pass':8s} {'causal':6s} {'n':>6s} {'time ms':>10s} {'peak MiB':>9s}"
+    head += "".join(f"  {'x faster than ' + name:>28s} {'x less memory':>13s}" for name in REFERENCES)
+    lines = [head]
+    for r in sorted((r for r in results if "time_s" in r), key=lambda r: (r["pass"], r["causal"], r["n"], r["method"])):
+        line = f"{r['method']:22s} {r['pass']:8s} {r['causal']!s:6s} {r['n']:6d} {r['time_s'] * 1e3:10.1f} {r['peak_bytes'] / 2**20:9.1f}"
+        for name in REFERENCES:
+            other = ref.get((name, r["n"], r["causal"], r["pass"]))
+            if other is None:
+                line += f"  {'-':>28s} {'-':>13s}"
+            else:
+                mem = other["peak_bytes"] / r["peak_bytes"] if r["peak_bytes"] > 0 else float("inf")
+                line += f"  {other['time_s'] / r['time_s']:28.2f} {mem:13.1f}"
+        lines.append(line)
+    return lines
 
 
 def plot(results: list[dict], path: Path) -> None:

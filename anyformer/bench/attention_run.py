@@ -1,9 +1,17 @@
 """One attention benchmark configuration, measured in its own process.
 
 Run as `python -m anyformer.bench.attention_run '<json>'`; prints one JSON line with the time
-and the peak memory of one forward (or forward + backward) of an attention module.
+and the peak memory of one forward (or forward + backward).
 
-Legend: `b` batch, `n` sequence length, `dim` model width.
+Two modes (spec key `mode`):
+- `kernel` (the primary figure): the attention operation alone. q, k, v (b, h, n, d) exist
+  before the measurement starts; a method that needs a materialised (n, n) mask or
+  (b, h, n, n) bias (naive/eager and sdpa with a positional bias, sdpa+dense-window) builds it
+  after the memory baseline is taken, so its peak memory includes that tensor; the time is
+  that of the attention call with the mask already built.
+- `module`: the whole attention module from x (b, n, dim), projections included.
+
+Legend: `b` batch, `h` heads, `n` sequence length, `d` head dim, `dim` model width.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from torch import Tensor, nn
 
 from ..config import AttentionConfig
 from ..nn.attention import ATTENTIONS, KERNELS, AttentionContext, MultiHeadAttention
+from ..nn.attention.chunked import PositionalBlockBias
 from ..nn.attention.patterns import Window
 from ..nn.positional import POSITIONALS, PositionalContext
 
@@ -71,30 +80,79 @@ def window_mask(window: int, n: int, device: torch.device) -> Tensor:
     return mask
 
 
+def _kernel_step(spec: dict, module: nn.Module, window: int | None, positional: nn.Module, device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """Kernel mode: q, k, v are made here (before the memory baseline); returns `setup`, which
+    materialises what the method needs (its memory counts) and returns the step to time."""
+    if spec["method"] == "projections":
+        raise ValueError("method 'projections' times the projections around attention: use mode 'module'")
+    n, heads, head_dim, causal = spec["n"], spec["num_heads"], spec["head_dim"], spec["causal"]
+    q, k, v = (torch.randn(1, heads, n, head_dim, device=device, dtype=dtype, requires_grad=spec["backward"]) for _ in range(3))
+    positions = torch.arange(n, device=device)[None]  # (b, n)
+    kernel = module.kernel  # type: ignore[attr-defined]
+    lazy = bool(getattr(module, "lazy_bias", False))
+
+    def setup():  # type: ignore[no-untyped-def]
+        mask = window_mask(window, n, device) if window is not None else None
+        extra: dict = {}
+        if lazy:
+            if positional.bias(positions[:, :1], positions[:, :1]) is not None:
+                extra["block_bias"] = PositionalBlockBias(positional, positions, positions)
+        else:
+            extra["bias"] = positional.bias(positions, positions)  # (b, h, n, n) or None
+
+        def step() -> None:
+            if spec["backward"]:
+                kernel(q, k, v, mask=mask, causal=causal, **extra).sum().backward()
+            else:
+                with torch.no_grad():
+                    kernel(q, k, v, mask=mask, causal=causal, **extra)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return step
+
+    return setup
+
+
+def _module_step(spec: dict, module: nn.Module, window: int | None, positional: nn.Module, device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """Module mode: x (b, n, dim) is made here; `setup` builds the mask (if any) and the step."""
+    n, heads, head_dim = spec["n"], spec["num_heads"], spec["head_dim"]
+    x = torch.randn(1, n, heads * head_dim, device=device, dtype=dtype, requires_grad=spec["backward"])  # (b, n, dim)
+    positions = torch.arange(n, device=device)[None]  # (b, n)
+
+    def setup():  # type: ignore[no-untyped-def]
+        mask = window_mask(window, n, device) if window is not None else None
+
+        def step() -> None:
+            ctx = AttentionContext(q_pos=positions, k_pos=positions, positional=positional, mask=mask, causal=spec["causal"])
+            if spec["backward"]:
+                module(x, ctx).sum().backward()
+            else:
+                with torch.no_grad():
+                    module(x, ctx)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return step
+
+    return setup
+
+
 def measure(spec: dict) -> dict:
-    """Time and peak memory of `spec` (method, n, causal, positional, backward, dtype, ...)."""
+    """Time and peak memory of `spec` (method, mode, n, causal, positional, backward, dtype, ...).
+    The peak is the growth of resident memory (CUDA: allocated memory) over the baseline taken
+    once the inputs exist; it includes a materialised mask or bias, not the inputs."""
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
-    n, heads, head_dim = spec["n"], spec["num_heads"], spec["head_dim"]
+    heads, head_dim = spec["num_heads"], spec["head_dim"]
     module, window = build_method(spec["method"], num_heads=heads, head_dim=head_dim, causal=spec["causal"], window=spec["window"])
     module = module.to(device=device, dtype=dtype)
     pos_cls = POSITIONALS.get(spec["positional"])
-    positional = pos_cls(PositionalContext(heads * head_dim, heads, head_dim, n, spec["causal"]), pos_cls.Options()).to(device)
-    x = torch.randn(1, n, heads * head_dim, device=device, dtype=dtype, requires_grad=spec["backward"])  # (b, n, dim)
-    positions = torch.arange(n, device=device)[None]  # (b, n)
-    mask = window_mask(window, n, device) if window is not None else None
-
-    def step() -> None:
-        ctx = AttentionContext(q_pos=positions, k_pos=positions, positional=positional, mask=mask, causal=spec["causal"])
-        if spec["backward"]:
-            module(x, ctx).sum().backward()
-        else:
-            with torch.no_grad():
-                module(x, ctx)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    positional = pos_cls(PositionalContext(heads * head_dim, heads, head_dim, spec["n"], spec["causal"]), pos_cls.Options()).to(device)
+    make = _module_step if spec.get("mode", "kernel") == "module" else _kernel_step
+    setup = make(spec, module, window, positional, device, dtype)
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -102,6 +160,7 @@ def measure(spec: dict) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = current_rss_bytes()
+    step = setup()
     t0 = time.perf_counter()
     step()
     times = [time.perf_counter() - t0]

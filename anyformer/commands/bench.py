@@ -30,6 +30,9 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--passes", choices=["both", "forward", "backward"], default="both",
                    help="forward only, forward+backward, or both")
+    p.add_argument("--mode", choices=["kernel", "module"], default="kernel",
+                   help="kernel: the attention operation on ready q, k, v (a materialised mask/bias counts); "
+                        "module: whole attention modules from x, projections included")
     p.add_argument("--positional", default="none", help="positional encoding for every method (e.g. alibi)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -48,7 +51,7 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
 def _run_attention(args: argparse.Namespace) -> int:
     from ..bench.attention import BenchConfig, all_methods, run
 
-    available = all_methods()
+    available = all_methods(args.mode)
     if args.list:
         print("\n".join(available))
         return 0
@@ -60,7 +63,7 @@ def _run_attention(args: argparse.Namespace) -> int:
         methods=methods,
         causal={"both": [True, False], "yes": [True], "no": [False]}[args.causal],
         passes={"both": ["forward", "backward"], "forward": ["forward"], "backward": ["backward"]}[args.passes],
-        positional=args.positional, num_heads=args.heads, head_dim=args.head_dim, window=args.window,
+        positional=args.positional, mode=args.mode, num_heads=args.heads, head_dim=args.head_dim, window=args.window,
         dtype=args.dtype, device=args.device, max_seconds=args.max_seconds, max_memory_gb=args.max_memory_gb,
         min_time=args.min_time, repeats=args.repeats,
     )

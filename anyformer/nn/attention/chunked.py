@@ -43,16 +43,58 @@ class BlockBias(Protocol):
         ...
 
 
+BIAS_CACHE_BYTES = 32 * 2**20  # reused positional-bias blocks kept per call, at most
+MASK_CACHE_ENTRIES = 64  # reused pattern-mask blocks kept per call, at most
+
+
+def _consecutive(pos: Tensor) -> bool:
+    """True when every row of (b, n) positions is start, start + 1, ... (no gaps)."""
+    if pos.shape[1] < 2:
+        return True
+    return bool((pos[:, 1:] - pos[:, :-1] == 1).all())
+
+
 @dataclass
 class PositionalBlockBias:
-    """The bias of a positional encoding (ALiBi, T5) for slices of (b, n) and (b, m) positions."""
+    """The bias of a positional encoding (ALiBi, T5) for slices of (b, n) and (b, m) positions.
+
+    When the encoding declares `relative_bias` (its bias depends on k_pos - q_pos only), no
+    parameter needs a gradient, and the positions are consecutive with the same query-key
+    offset in every row, blocks of the same shape at the same diagonal offset are equal: they
+    are computed once and reused (up to `BIAS_CACHE_BYTES`)."""
 
     positional: torch.nn.Module
     q_pos: Tensor
     k_pos: Tensor
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
+    _cached_bytes: int = field(default=0, init=False, repr=False)
+    _reusable: bool | None = field(default=None, init=False, repr=False)
+
+    def reusable(self) -> bool:
+        """Whether blocks may be reused across the same diagonal offset (see the class doc)."""
+        if self._reusable is None:
+            q_pos, k_pos = self.q_pos, self.k_pos
+            self._reusable = (
+                bool(getattr(self.positional, "relative_bias", False))
+                and not self.parameters()
+                and _consecutive(q_pos)
+                and _consecutive(k_pos)
+                and bool((q_pos[:, :1] - k_pos[:, :1] == q_pos[:1, :1] - k_pos[:1, :1]).all())
+            )
+        return self._reusable
 
     def __call__(self, q0: int, q1: int, k0: int, k1: int) -> Tensor | None:
-        return self.positional.bias(self.q_pos[:, q0:q1], self.k_pos[:, k0:k1])
+        if not self.reusable():
+            return self.positional.bias(self.q_pos[:, q0:q1], self.k_pos[:, k0:k1])
+        key = (q0 - k0, q1 - q0, k1 - k0)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        out = self.positional.bias(self.q_pos[:, q0:q1], self.k_pos[:, k0:k1])
+        if out is not None and self._cached_bytes + out.numel() * out.element_size() <= BIAS_CACHE_BYTES:
+            self._cache[key] = out
+            self._cached_bytes += out.numel() * out.element_size()
+        return out
 
     def parameters(self) -> list[Tensor]:
         return [p for p in self.positional.parameters() if p.requires_grad]
@@ -76,7 +118,11 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
 
 @dataclass
 class _Plan:
-    """Everything the forward and backward share, besides the differentiable tensors."""
+    """Everything the forward and backward share, besides the differentiable tensors.
+
+    Blocks are computed as batched matrix products over `b * g` key/value groups, the `r`
+    query heads of a group stacked along the rows: logits (b*g, r*bn, bm), viewed as
+    (b, h, bn, bm) to add biases and masks."""
 
     pattern: Pattern | None
     mask: Tensor | None  # 4-D bool, broadcastable to (b, h, n, m)
@@ -85,28 +131,39 @@ class _Plan:
     n: int
     m: int
     schedule: list[tuple[int, int, list[tuple[int, int, int]]]] = field(default_factory=list)
+    _blocked: dict = field(default_factory=dict)  # (diagonal offset, bn, bm) -> (bn, bm) bool
 
-    def logits(self, qs: Tensor, k: Tensor, bias: Tensor | None, blk: tuple[int, int, int, int, int], extra: Tensor | None) -> Tensor:
-        """Masked base-2 logits (b, h, bn, bm) of one block; qs is the query block (b, h, bn, d)
-        already multiplied by scale * log2(e)."""
+    def blocked(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> Tensor:
+        """The (bn, bm) bool of keys the pattern hides in a PARTIAL block (True = hidden),
+        reused across blocks at the same diagonal offset for translation-invariant patterns."""
+        off = self.m - self.n
+        key = (q0 + off - k0, q1 - q0, k1 - k0)
+        hit = self._blocked.get(key)
+        if hit is not None:
+            return hit
+        qi = torch.arange(q0 + off, q1 + off, device=device)
+        kj = torch.arange(k0, k1, device=device)
+        out = ~self.pattern.mask(qi, kj)  # type: ignore[union-attr]
+        if self.pattern.translation_invariant and len(self._blocked) < MASK_CACHE_ENTRIES:  # type: ignore[union-attr]
+            self._blocked[key] = out
+        return out
+
+    def logits(self, qg: Tensor, kt: Tensor, bias: Tensor | None, blk: tuple[int, int, int, int, int], extra: Tensor | None, h: int) -> Tensor:
+        """Masked base-2 logits (b*g, r*bn, bm) of one block. qg: the query block (b*g, r*bn, d)
+        already multiplied by scale * log2(e); kt: the key block transposed (b*g, d, bm)."""
         q0, q1, k0, k1, state = blk
-        b, h, bn, d = qs.shape
-        g = k.shape[1]
-        kb = k[:, :, k0:k1]  # (b, g, bm, d)
-        s = torch.matmul(qs.reshape(b, g, (h // g) * bn, d), kb.transpose(-1, -2))  # (b, g, r*bn, bm)
-        s = s.view(b, h, bn, k1 - k0)
+        s = torch.bmm(qg, kt)  # (b*g, r*bn, bm)
+        if bias is None and extra is None and self.mask is None and state != PARTIAL:
+            return s
+        s4 = s.view(-1, h, q1 - q0, k1 - k0)  # (b, h, bn, bm)
         if bias is not None:
-            s = s.add_(_slice(bias, q0, q1, k0, k1).to(s.dtype), alpha=LOG2E)
+            s4.add_(_slice(bias, q0, q1, k0, k1).to(s.dtype), alpha=LOG2E)
         if extra is not None:
-            s = s.add_(extra.to(s.dtype), alpha=LOG2E)
-        allowed = _slice(self.mask, q0, q1, k0, k1)
+            s4.add_(extra.to(s.dtype), alpha=LOG2E)
+        if self.mask is not None:
+            s4.masked_fill_(~_slice(self.mask, q0, q1, k0, k1), float("-inf"))
         if state == PARTIAL:
-            off = self.m - self.n
-            qi = torch.arange(q0 + off, q1 + off, device=qs.device)
-            kj = torch.arange(k0, k1, device=qs.device)
-            allowed = combine_masks(allowed, self.pattern.mask(qi, kj))  # type: ignore[union-attr]
-        if allowed is not None:
-            s = s.masked_fill(~allowed, float("-inf"))
+            s4.masked_fill_(self.blocked(q0, q1, k0, k1, s.device), float("-inf"))
         return s
 
     def bias_block(self, q0: int, q1: int, k0: int, k1: int) -> Tensor | None:
@@ -114,7 +171,10 @@ class _Plan:
 
 
 def _schedule(pattern: Pattern | None, n: int, m: int, q_block: int, k_block: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
-    """For each query block, the key blocks that are not empty, with their state."""
+    """For each query block, the key blocks that are not empty, with their state. A PARTIAL key
+    block wider than the query block is split into pieces as wide as the query block, so the
+    fully visible pieces need no mask and the empty ones are skipped (e.g. the causal
+    diagonal becomes one square block)."""
     off = m - n
     out = []
     for q0 in range(0, n, q_block):
@@ -123,10 +183,22 @@ def _schedule(pattern: Pattern | None, n: int, m: int, q_block: int, k_block: in
         for k0 in range(0, m, k_block):
             k1 = min(k0 + k_block, m)
             state = FULL if pattern is None else pattern.block_state(q0 + off, q1 + off, k0, k1)
-            if state != NONE:
+            if state == PARTIAL and k1 - k0 > q1 - q0:
+                for p0 in range(k0, k1, q1 - q0):
+                    p1 = min(p0 + q1 - q0, k1)
+                    piece = pattern.block_state(q0 + off, q1 + off, p0, p1)  # type: ignore[union-attr]
+                    if piece != NONE:
+                        blocks.append((p0, p1, piece))
+            elif state != NONE:
                 blocks.append((k0, k1, state))
         out.append((q0, q1, blocks))
     return out
+
+
+def _query_groups(x: Tensor, q0: int, q1: int, g: int) -> Tensor:
+    """Rows [q0, q1) of (b, h, n, d) as (b*g, r*bn, d): each group's r heads stacked."""
+    b, h, _, d = x.shape
+    return x[:, :, q0:q1].reshape(b * g, (h // g) * (q1 - q0), d)
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -136,31 +208,34 @@ class _ChunkedAttention(torch.autograd.Function):
     def forward(ctx, plan: _Plan, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *params: Tensor) -> Tensor:  # type: ignore[override]
         acc_dtype = torch.promote_types(q.dtype, torch.float32)
         b, h, n, d = q.shape
-        g = k.shape[1]
-        qs = q.to(acc_dtype) * (plan.scale * LOG2E)
-        kf, vf = k.to(acc_dtype), v.to(acc_dtype)
-        out = torch.zeros(b, h, n, d, dtype=acc_dtype, device=q.device)
-        lse = torch.full((b, h, n, 1), float("inf"), dtype=acc_dtype, device=q.device)
+        g, m = k.shape[1], k.shape[2]
+        c = plan.scale * LOG2E  # folded into each query block (no scaled copy of all of q)
+        k3 = k.to(acc_dtype).reshape(b * g, m, d)  # (b*g, m, d)
+        v3 = v.to(acc_dtype).reshape(b * g, m, d)
+        k3t = k3.transpose(1, 2)  # (b*g, d, m)
+        out = torch.empty(b, h, n, d, dtype=acc_dtype, device=q.device)
+        lse = torch.empty(b, h, n, 1, dtype=acc_dtype, device=q.device)
+        ninf = float("-inf")
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
-            qb = qs[:, :, q0:q1].contiguous()
-            row_max = torch.full((b, h, bn, 1), float("-inf"), dtype=acc_dtype, device=q.device)
-            row_sum = torch.zeros(b, h, bn, 1, dtype=acc_dtype, device=q.device)
-            acc = torch.zeros(b, g, (h // g) * bn, d, dtype=acc_dtype, device=q.device)
+            qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
+            rows = qg.shape[1]
+            row_max = torch.full((b * g, rows, 1), ninf, dtype=acc_dtype, device=q.device)
+            row_sum = torch.zeros(b * g, rows, 1, dtype=acc_dtype, device=q.device)
+            acc = torch.zeros(b * g, rows, d, dtype=acc_dtype, device=q.device)
             for k0, k1, state in blocks:
-                s = plan.logits(qb, kf, bias, (q0, q1, k0, k1, state), plan.bias_block(q0, q1, k0, k1))
+                s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), plan.bias_block(q0, q1, k0, k1), h)
                 new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
-                safe_max = new_max.masked_fill(new_max == float("-inf"), 0.0)
-                p = s.sub_(safe_max).exp2_()  # (b, h, bn, bm), in place over the logits
-                alpha = (row_max - safe_max).exp2_()
-                row_sum = row_sum * alpha + p.sum(-1, keepdim=True)
-                pv = torch.matmul(p.view(b, g, -1, k1 - k0), vf[:, :, k0:k1])  # (b, g, r*bn, d)
-                acc = acc.mul_(alpha.view(b, g, -1, 1)).add_(pv)
+                safe_max = new_max.masked_fill(new_max == ninf, 0.0)
+                p = s.sub_(safe_max).exp2_()  # (b*g, r*bn, bm), in place over the logits
+                alpha = row_max.sub_(safe_max).exp2_()
+                row_sum.mul_(alpha).add_(p.sum(-1, keepdim=True))
+                acc.mul_(alpha).baddbmm_(p, v3[:, k0:k1])
                 row_max = new_max
             empty = row_sum == 0
-            out[:, :, q0:q1] = (acc.view(b, h, bn, d) / row_sum.masked_fill(empty, 1.0)).masked_fill(empty, 0.0)
-            safe_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
-            lse[:, :, q0:q1] = (safe_max + row_sum.log2()).masked_fill(empty, float("inf"))
+            acc.div_(row_sum.masked_fill(empty, 1.0))
+            out[:, :, q0:q1] = acc.view(b, h, bn, d)  # rows with no key stay 0 (acc is 0)
+            lse[:, :, q0:q1] = row_max.masked_fill_(empty, 0.0).add_(row_sum.log2()).masked_fill_(empty, float("inf")).view(b, h, bn, 1)
         ctx.plan = plan
         ctx.has_bias = bias is not None
         ctx.save_for_backward(q, k, v, out, lse, *([bias] if bias is not None else []), *params)
@@ -174,47 +249,50 @@ class _ChunkedAttention(torch.autograd.Function):
         params = rest[1:] if ctx.has_bias else rest
         acc_dtype = out.dtype
         b, h, n, d = q.shape
-        g = k.shape[1]
-        qs = q.to(acc_dtype) * (plan.scale * LOG2E)
-        kf, vf = k.to(acc_dtype), v.to(acc_dtype)
+        g, m = k.shape[1], k.shape[2]
+        c = plan.scale * LOG2E
+        k3 = k.to(acc_dtype).reshape(b * g, m, d)  # (b*g, m, d)
+        v3 = v.to(acc_dtype).reshape(b * g, m, d)
+        k3t, v3t = k3.transpose(1, 2), v3.transpose(1, 2)  # (b*g, d, m)
         do = dout.to(acc_dtype)
         delta = (do * out).sum(-1, keepdim=True)  # (b, h, n, 1)
-        dq = torch.zeros_like(qs)
-        dk = torch.zeros(b, g, k.shape[2], d, dtype=acc_dtype, device=q.device)
+        dq = torch.empty(b, h, n, d, dtype=acc_dtype, device=q.device)
+        dk = torch.zeros(b * g, m, d, dtype=acc_dtype, device=q.device)
         dv = torch.zeros_like(dk)
         need_bias = bias is not None and ctx.needs_input_grad[4]
         dbias = torch.zeros(bias.shape, dtype=acc_dtype, device=q.device) if need_bias else None  # type: ignore[union-attr]
         dparams = [torch.zeros_like(p) for p in params]
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
-            qb = qs[:, :, q0:q1].contiguous()
-            qg = qb.view(b, g, -1, d)  # (b, g, r*bn, d)
-            dog = do[:, :, q0:q1].reshape(b, g, -1, d)  # (b, g, r*bn, d)
+            qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
+            dog = _query_groups(do, q0, q1, g)
+            lse_g = _query_groups(lse, q0, q1, g)  # (b*g, r*bn, 1)
+            delta_g = _query_groups(delta, q0, q1, g)
             dqg = torch.zeros_like(qg)
             for k0, k1, state in blocks:
-                bm = k1 - k0
                 with torch.enable_grad():
                     extra = plan.bias_block(q0, q1, k0, k1)
-                s = plan.logits(qb, kf, bias, (q0, q1, k0, k1, state), None if extra is None else extra.detach())
-                p = s.sub_(lse[:, :, q0:q1]).exp2_()  # (b, h, bn, bm)
-                pg = p.view(b, g, -1, bm)
-                dv[:, :, k0:k1] += torch.matmul(pg.transpose(-1, -2), dog)
-                dp = torch.matmul(dog, vf[:, :, k0:k1].transpose(-1, -2)).view(b, h, bn, bm)
-                ds = p.mul_(dp.sub_(delta[:, :, q0:q1]))  # (b, h, bn, bm), in place over p
-                dsg = ds.view(b, g, -1, bm)
-                dqg += torch.matmul(dsg, kf[:, :, k0:k1])
-                dk[:, :, k0:k1] += torch.matmul(dsg.transpose(-1, -2), qg)
-                if dbias is not None:
-                    blk = _slice(dbias, q0, q1, k0, k1)
-                    blk += _sum_to(ds, blk.shape)  # type: ignore[union-attr]
-                if params and extra is not None and extra.requires_grad:
-                    grads = torch.autograd.grad(extra, params, _sum_to(ds, extra.shape).to(extra.dtype), allow_unused=True)
-                    for acc, grad in zip(dparams, grads):
-                        if grad is not None:
-                            acc += grad
+                s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), None if extra is None else extra.detach(), h)
+                p = s.sub_(lse_g).exp2_()  # (b*g, r*bn, bm)
+                dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dog)
+                dp = torch.bmm(dog, v3t[:, :, k0:k1]).sub_(delta_g)  # (b*g, r*bn, bm)
+                ds = p.mul_(dp)  # in place over p
+                dqg.baddbmm_(ds, k3[:, k0:k1])
+                dk[:, k0:k1].baddbmm_(ds.transpose(1, 2), qg)
+                if dbias is not None or (params and extra is not None and extra.requires_grad):
+                    ds4 = ds.view(b, h, bn, k1 - k0)
+                    if dbias is not None:
+                        blk = _slice(dbias, q0, q1, k0, k1)
+                        blk += _sum_to(ds4, blk.shape)  # type: ignore[union-attr]
+                    if params and extra is not None and extra.requires_grad:
+                        grads = torch.autograd.grad(extra, params, _sum_to(ds4, extra.shape).to(extra.dtype), allow_unused=True)
+                        for acc, grad in zip(dparams, grads):
+                            if grad is not None:
+                                acc += grad
             dq[:, :, q0:q1] = dqg.view(b, h, bn, d)
-        dq = (dq * plan.scale).to(q.dtype)
-        dk = dk * (1.0 / LOG2E)  # the queries it was multiplied with carried log2(e)
+        dq = dq.mul_(plan.scale).to(q.dtype)
+        dk = dk.mul_(1.0 / LOG2E).view(b, g, m, d)  # the queries it was multiplied with carried log2(e)
+        dv = dv.view(b, g, m, d)
         return (None, dq, dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype), *dparams)  # type: ignore[union-attr]
 
 

@@ -43,6 +43,9 @@ class Pattern:
 
     #: block sizes (queries, keys) that suit the pattern, or None for the kernel's defaults
     preferred_blocks: tuple[int, int] | None = None
+    #: True when the mask depends on the distance qi - kj only, so a block's mask is the same
+    #: for every block at the same diagonal offset and kernels may reuse it
+    translation_invariant: bool = True
 
     def block_state(self, q0: int, q1: int, k0: int, k1: int) -> int:
         return FULL
@@ -130,6 +133,8 @@ class Fixed(Pattern):
     head: keys in the query's own block of `stride` (floor(i/l) == floor(j/l)) and the last
     `num_summary` keys of every block (j mod l >= l - c), which act as summaries."""
 
+    translation_invariant = False
+
     def __init__(self, stride: int, num_summary: int) -> None:
         self.stride, self.num_summary = stride, num_summary
 
@@ -154,6 +159,8 @@ class BlockLocal(Pattern):
     """Block-local attention (Parmar et al. 2018, Image Transformer; Qiu et al. 2020): the
     sequence is cut into blocks of `block` and each query attends its own block only."""
 
+    translation_invariant = False
+
     def __init__(self, block: int) -> None:
         self.block = block
         self.preferred_blocks = (max(128, min(block, 1024)), max(128, min(block, 1024)))
@@ -171,6 +178,8 @@ class BlockLocal(Pattern):
 class LambdaShaped(Pattern):
     """Λ-shaped attention (Han et al. 2023, LM-Infinite; Xiao et al. 2023, attention sinks):
     the first `num_global` keys plus a sliding window of `window`."""
+
+    translation_invariant = False
 
     def __init__(self, window: int, num_global: int) -> None:
         self.num_global = num_global
@@ -193,6 +202,8 @@ class BlockLayout(Pattern):
     The layout is indexed in key coordinates: tile (r, c) covers query indices [r*B, (r+1)*B)
     and keys [c*B, (c+1)*B).
     """
+
+    translation_invariant = False
 
     def __init__(self, layout: Tensor, block: int) -> None:
         if layout.dim() != 2 or layout.dtype != torch.bool:
@@ -224,6 +235,7 @@ class Intersection(Pattern):
 
     def __init__(self, *parts: Pattern) -> None:
         self.parts = parts
+        self.translation_invariant = all(p.translation_invariant for p in parts)
         self.preferred_blocks = next((p.preferred_blocks for p in parts if p.preferred_blocks), None)
 
     def block_state(self, q0: int, q1: int, k0: int, k1: int) -> int:

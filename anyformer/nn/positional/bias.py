@@ -57,6 +57,8 @@ def t5_bucket(relative: Tensor, *, bidirectional: bool, num_buckets: int, max_di
 class ALiBi(PositionalEncoding):
     """Attention with linear biases (Press et al. 2022): a per-head penalty on distance."""
 
+    relative_bias = True  # the bias depends on k_pos - q_pos only (kernels may reuse blocks)
+
     def __init__(self, ctx: PositionalContext, options: PositionalEncoding.Options) -> None:
         super().__init__(ctx, options)
         self.register_buffer("slopes", alibi_slopes(ctx.num_heads), persistent=False)
@@ -72,6 +74,8 @@ class T5RelativeBias(PositionalEncoding):
     Options: `num_buckets`, `max_distance`; the direction follows the stack (bidirectional in
     an encoder, one-sided in a causal decoder).
     """
+
+    relative_bias = True  # the bias depends on k_pos - q_pos only (kernels may reuse blocks)
 
     @dataclass
     class Options:
