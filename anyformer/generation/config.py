@@ -23,6 +23,9 @@ class GenerationConfig:
     decoder_start_token_id: first decoder token of an encoder-decoder (default: pad_token_id).
     window: when set, a rolling cache of `sink_tokens` first tokens plus the `window` most
       recent ones (StreamingLLM, Xiao et al. 2023) lets generation run past max_seq_len.
+    compile: run one-row linear layers of each decoding step as a compiled fused GEMV
+      (`torch.compile`; a few seconds of compiling on first use, falls back to eager if it
+      cannot compile). Faster batch-1 decoding on CPU; off by default.
     """
 
     max_new_tokens: int = 32
@@ -42,6 +45,7 @@ class GenerationConfig:
     decoder_start_token_id: int | None = None
     window: int | None = None
     sink_tokens: int = 4
+    compile: bool = False
 
     def validate(self) -> "GenerationConfig":
         """Raise ValueError naming the bad setting and its valid range; return self."""

@@ -14,6 +14,7 @@ from ..models.encoder_decoder import EncoderDecoder
 from ..nn.kv_cache import ModelCache
 from ..nn.positional import PositionalEncoding
 from .config import GenerationConfig
+from .fast import GemvMode
 from .rolling import rolling_cache
 
 Prompt = Tensor | Sequence[int] | Sequence[Sequence[int]]
@@ -77,6 +78,7 @@ class Runner:
             self.num_layers = len(model.stack.blocks)  # type: ignore[attr-defined]
             self.positional = model.positional  # type: ignore[attr-defined]
         self.cache: ModelCache | None = None
+        self.gemv = GemvMode() if config.compile else None
 
     def start_tokens(self, batch: int, device: torch.device) -> Tensor:
         """The decoder's first input (b, 1) of an encoder-decoder."""
@@ -128,4 +130,7 @@ class Runner:
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed (b, 1) new tokens; logits (b, V)."""
-        return self._forward(tokens, None)[:, -1]
+        if self.gemv is None:
+            return self._forward(tokens, None)[:, -1]
+        with self.gemv:
+            return self._forward(tokens, None)[:, -1]
