@@ -26,8 +26,10 @@ from tests.training_helpers import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_resume_matches_uninterrupted_run(tmp_path) -> None:
-    cfg = tiny_config(tmp_path, "--model.dropout=0.1")  # dropout: the torch RNG must resume too
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_matches_uninterrupted_run(tmp_path, optimizer: str) -> None:
+    # dropout: the torch RNG must resume too; muon: its momentum buffers must be restored
+    cfg = tiny_config(tmp_path, "--model.dropout=0.1", f"--train.optimizer={optimizer}")
     full = Trainer(cfg, run_dir=tmp_path / "full", verbose=False).fit()
     assert len(full.losses) == 8 and full.losses[-1] < full.losses[0]
     # the same run, interrupted after its step-4 checkpoint

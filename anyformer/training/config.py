@@ -49,7 +49,10 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 2000
     max_minutes: float | None = None
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 2e-3
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -101,6 +104,8 @@ class RunConfig:
             raise ConfigError(f"train.max_minutes must be positive, got {t.max_minutes}")
         if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
             raise ConfigError("train.lr must be positive and train.min_lr_ratio in [0, 1]")
+        if t.muon_lr <= 0 or not 0 <= t.muon_momentum < 1:
+            raise ConfigError("train.muon_lr must be positive and train.muon_momentum in [0, 1)")
         if t.keep_last < 1:
             raise ConfigError(f"train.keep_last must be at least 1, got {t.keep_last}")
         return self

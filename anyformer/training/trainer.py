@@ -26,7 +26,7 @@ from .config import RunConfig, TrainConfig
 from .distributed import DistEnv, broadcast_float, mean_across, setup
 from ..models.summary import summarize
 from .metrics import MetricsLog, Progress, format_time, matmul_peak_flops, plot_losses, read_metrics
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, lr_at, set_lr
 from .sampling import sample_stream
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -207,8 +207,7 @@ class Trainer:
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         lr = lr_at(self.step, t, self.horizon)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
