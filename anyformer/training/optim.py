@@ -65,18 +65,19 @@ def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
 
     The polynomial a x + b x^3 + c x^5 with (a, b, c) = (3.4445, -4.7750, 2.0315) is tuned to
     raise small singular values fast; it leaves them in roughly [0.7, 1.2] rather than exactly
-    at 1, which is what the optimizer needs. g: (o, k) -> (o, k).
+    at 1, which is what the optimizer needs. g: (..., o, k) -> (..., o, k), each matrix of a
+    batch on its own.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(torch.bfloat16)
-    wide = x.shape[0] <= x.shape[1]
+    wide = x.shape[-2] <= x.shape[-1]
     if not wide:
-        x = x.T  # iterate on the short side: x x^T is min(o, k) square
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT  # iterate on the short side: x x^T is min(o, k) square
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + 1e-7)  # spectral <= Frobenius <= 1
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.T).to(g.dtype)
+    return (x if wide else x.mT).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -99,33 +100,47 @@ class Muon(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, state = p.grad, self.state[p]
-                if wd:
-                    p.mul_(1 - lr * wd)
-                if group["use_muon"]:
-                    beta = group["momentum"]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(beta).add_(g)
-                    update = orthogonalize(g.add(buf, alpha=beta), group["ns_steps"])
-                    p.add_(update, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
-                else:
-                    b1, b2 = group["betas"]
-                    if "step" not in state:
-                        state["step"] = torch.zeros((), dtype=torch.float32)
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["step"] += 1
-                    t = float(state["step"])
-                    state["exp_avg"].lerp_(g, 1 - b1)
-                    state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
-                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+            params = [p for p in group["params"] if p.grad is not None]
+            if wd and params:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            if group["use_muon"]:
+                self._muon_step(params, group)
+            else:
+                self._adamw_step(params, group)
         return loss
+
+    def _muon_step(self, params: list[Tensor], group: dict) -> None:
+        beta, lr = group["momentum"], group["lr"]
+        by_shape: dict[tuple, list[Tensor]] = {}
+        looks = {}
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.mul_(beta).add_(p.grad)
+            looks[p] = p.grad.add(buf, alpha=beta)  # Nesterov look-ahead
+            by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+        for (shape, _, _), same in by_shape.items():  # one batched iteration per shape: fewer, larger products
+            updates = orthogonalize(torch.stack([looks[p] for p in same]), group["ns_steps"])
+            scale = -lr * max(1.0, shape[0] / shape[1]) ** 0.5
+            for p, u in zip(same, updates):
+                p.add_(u, alpha=scale)
+
+    def _adamw_step(self, params: list[Tensor], group: dict) -> None:
+        b1, b2 = group["betas"]
+        for p in params:
+            g, state = p.grad, self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = float(state["step"])
+            state["exp_avg"].lerp_(g, 1 - b1)
+            state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
