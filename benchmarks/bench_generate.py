@@ -19,30 +19,8 @@ import time
 import torch
 import transformers
 
+from anyformer.convert.hf import model_from_hf
 from anyformer.generation import generate
-from anyformer.models.builders import build_model
-from anyformer.models.presets import preset
-
-
-def hf_gpt2_to_anyformer(hf: torch.nn.Module, layers: int, dim: int) -> dict[str, torch.Tensor]:
-    """Map a GPT2LMHeadModel state dict onto anyformer's GPT-2 module names (benchmark-local;
-    the library's converters live in anyformer.convert)."""
-    sd = hf.state_dict()
-    new = {"embed.tokens.weight": sd["transformer.wte.weight"], "positional.table.weight": sd["transformer.wpe.weight"],
-           "lm_head.proj.weight": sd["transformer.wte.weight"],
-           "stack.final_norm.weight": sd["transformer.ln_f.weight"], "stack.final_norm.bias": sd["transformer.ln_f.bias"]}
-    for i in range(layers):
-        p, q = f"transformer.h.{i}.", f"stack.blocks.{i}."
-        w, b = sd[p + "attn.c_attn.weight"].t(), sd[p + "attn.c_attn.bias"]  # Conv1D: (in, out)
-        for j, name in enumerate("qkv"):
-            new[q + f"attn.sublayer.{name}_proj.weight"] = w[dim * j : dim * (j + 1)]
-            new[q + f"attn.sublayer.{name}_proj.bias"] = b[dim * j : dim * (j + 1)]
-        pairs = {"attn.c_proj": "attn.sublayer.o_proj", "mlp.c_fc": "ffn.sublayer.up", "mlp.c_proj": "ffn.sublayer.down"}
-        for a, o in pairs.items():
-            new[q + o + ".weight"], new[q + o + ".bias"] = sd[p + a + ".weight"].t(), sd[p + a + ".bias"]
-        for a, o in (("ln_1", "attn.norm"), ("ln_2", "ffn.norm")):
-            new[q + o + ".weight"], new[q + o + ".bias"] = sd[p + a + ".weight"], sd[p + a + ".bias"]
-    return {k: v.contiguous() for k, v in new.items()}
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -65,8 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    ours = build_model(preset("gpt2-small")).eval()
-    ours.load_state_dict(hf_gpt2_to_anyformer(hf, 12, 768), strict=True)
+    ours = model_from_hf(hf.config.to_dict(), hf.state_dict()).eval()  # the library's GPT-2 weight mapping
     prompt = torch.randint(1, 50257, (1, args.prompt_len))
     n = args.new_tokens
     results = []

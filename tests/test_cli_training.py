@@ -49,6 +49,39 @@ def test_generate_streams_continuation(run_dir: Path, capsys) -> None:
     assert out.startswith("MACBETH:") and len(out.rstrip("\n")) == len("MACBETH:") + 15
 
 
+def test_generate_greedy_equals_full_recompute(run_dir: Path, capsys) -> None:
+    """The command decodes with the KV cache; greedy must match argmax over full recomputes."""
+    import torch
+
+    from anyformer.training.run import load_run
+
+    r = load_run(run_dir)
+    ids = r.tokenizer.encode("MACBETH:")
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(12):
+            tokens = torch.cat([tokens, r.model(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
+    expected = "MACBETH:" + r.tokenizer.decode(tokens[0, len(ids):].tolist())
+    assert main(["generate", str(run_dir), "--prompt", "MACBETH:", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
+
+
+def test_generate_runs_past_the_context(run_dir: Path, capsys) -> None:
+    """A RoPE model keeps generating past max_seq_len (32 here) with the rolling cache."""
+    assert main(["generate", str(run_dir), "--prompt", "MACBETH:", "--max-new-tokens", "80", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.rstrip("\n")) == len("MACBETH:") + 80
+
+
+def test_generate_needs_exactly_one_source(run_dir: Path, capsys) -> None:
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert "either a run folder" in capsys.readouterr().err
+    assert main(["generate", str(run_dir), "--model", "x.gguf"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["generate", str(run_dir), "--chat"]) == 2
+    assert "--chat" in capsys.readouterr().err
+
+
 def test_generate_rejects_out_of_vocabulary_prompt(run_dir: Path, capsys) -> None:
     assert main(["generate", str(run_dir), "--prompt", "ROMEO: \u00e9\u4e2d"]) == 2
     err = capsys.readouterr().err

@@ -118,3 +118,16 @@ def test_saved_tokenizer_loads_in_transformers(smol: SimpleNamespace, tmp_path) 
     chat = [{"role": "user", "content": "hi"}]
     assert hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == smol.tok.apply_chat_template(chat, add_generation_prompt=True)
     assert (hf.bos_token_id, hf.eos_token_id) == (smol.tok.bos_id, smol.tok.eos_id)
+
+
+def test_generate_command_streams_the_greedy_continuation(smol: SimpleNamespace, monkeypatch, capsys) -> None:
+    """`anyformer generate --model ... --temperature 0` prints what generate() produces."""
+    from anyformer.cli import main
+    from anyformer.pretrained import loading
+
+    monkeypatch.setattr(loading, "load_pretrained", lambda *a, **k: (smol.ours, smol.tok))  # the model is loaded once per module
+    prompt = "The capital of France is"
+    ids = smol.tok.encode(prompt)
+    new = generate(smol.ours, ids, max_new_tokens=12)[0, len(ids):].tolist()
+    assert main(["generate", "--model", str(PATH), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == prompt + smol.tok.decode(new, skip_special_tokens=True)

@@ -41,6 +41,9 @@ class TrainConfig:
     up linearly for `warmup_steps`, then follows a cosine down to `lr * min_lr_ratio` at the
     horizon: `max_steps`, or, when `max_minutes` is set, the number of steps expected to fit in
     that wall-clock budget (the whole command, evaluation and samples included).
+
+    optimizer: `adamw`, or `muon` (Muon on the hidden weight matrices at `muon_lr` with
+    `muon_momentum`, AdamW at `lr` for embeddings, norms and biases; both follow the schedule).
     """
 
     seed: int = 1337
