@@ -46,7 +46,7 @@ def test_eval_reports_loss_perplexity_bpc(run_dir: Path, capsys) -> None:
 def test_generate_streams_continuation(run_dir: Path, capsys) -> None:
     assert main(["generate", str(run_dir), "--prompt", "MACBETH:", "--max-new-tokens", "15", "--seed", "0"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("MACBETH:") and len(out.rstrip("\n")) == len("MACBETH:") + 15
+    assert out.startswith("MACBETH:") and out.endswith("\n") and len(out) - 1 == len("MACBETH:") + 15  # one newline after the text
 
 
 def test_generate_greedy_equals_full_recompute(run_dir: Path, capsys) -> None:
@@ -63,14 +63,14 @@ def test_generate_greedy_equals_full_recompute(run_dir: Path, capsys) -> None:
             tokens = torch.cat([tokens, r.model(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
     expected = "MACBETH:" + r.tokenizer.decode(tokens[0, len(ids):].tolist())
     assert main(["generate", str(run_dir), "--prompt", "MACBETH:", "--max-new-tokens", "12", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.rstrip("\n") == expected
+    assert capsys.readouterr().out == expected + "\n"
 
 
 def test_generate_runs_past_the_context(run_dir: Path, capsys) -> None:
     """A RoPE model keeps generating past max_seq_len (32 here) with the rolling cache."""
     assert main(["generate", str(run_dir), "--prompt", "MACBETH:", "--max-new-tokens", "80", "--seed", "1"]) == 0
     out = capsys.readouterr().out
-    assert len(out.rstrip("\n")) == len("MACBETH:") + 80
+    assert out.endswith("\n") and len(out) - 1 == len("MACBETH:") + 80
 
 
 def test_generate_needs_exactly_one_source(run_dir: Path, capsys) -> None:

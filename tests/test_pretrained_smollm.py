@@ -130,4 +130,4 @@ def test_generate_command_streams_the_greedy_continuation(smol: SimpleNamespace,
     ids = smol.tok.encode(prompt)
     new = generate(smol.ours, ids, max_new_tokens=12)[0, len(ids):].tolist()
     assert main(["generate", "--model", str(PATH), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12"]) == 0
-    assert capsys.readouterr().out.rstrip("\n") == prompt + smol.tok.decode(new, skip_special_tokens=True)
+    assert capsys.readouterr().out == prompt + smol.tok.decode(new, skip_special_tokens=True) + "\n"

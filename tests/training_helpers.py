@@ -21,14 +21,14 @@ def write_corpus(folder: Path, chars: int = 40_000) -> Path:
 
 
 def tiny_config(tmp: Path, *extra: str) -> RunConfig:
-    """A run config with a 2-layer, 32-wide model on `write_corpus` text, fp32, few steps."""
+    """A run config with a 2-layer, 32-wide model on `write_corpus` text, fp32, AdamW, few steps."""
     corpus = write_corpus(tmp / "corpus")
     overrides = [
         "--data.corpus=text", f"--data.path={corpus}", f"--data.cache_dir={tmp / 'cache'}", "--data.val_fraction=0.3",
         "--model.dim=32", "--model.num_layers=2", "--model.attention.num_heads=2", "--model.ffn.hidden_dim=64",
         "--model.max_seq_len=32", "--train.seq_len=32", "--train.batch_size=8", "--train.max_steps=8",
         "--train.max_minutes=null", "--train.warmup_steps=2", "--train.eval_every=4", "--train.eval_batches=2",
-        "--train.log_every=2", "--train.dtype=float32", "--train.samples=0", "--train.lr=3e-3",
+        "--train.log_every=2", "--train.dtype=float32", "--train.optimizer=adamw", "--train.samples=0", "--train.lr=3e-3",
         f"--train.out_dir={tmp / 'run'}", "--train.threads=1", *extra,
     ]
     return apply_overrides(default_run_config(), overrides)

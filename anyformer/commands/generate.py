@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     return run_from_run_dir(args)
 
 
-def run_from_run_dir(args: argparse.Namespace, out=sys.stdout) -> int:  # type: ignore[no-untyped-def]
+def run_from_run_dir(args: argparse.Namespace, out=None) -> int:  # type: ignore[no-untyped-def]
     """Print the prompt, then each new piece of text as soon as it is sampled.
 
     Decoding uses a KV cache. When prompt + new tokens exceed the model's context, a model
@@ -51,6 +51,7 @@ def run_from_run_dir(args: argparse.Namespace, out=sys.stdout) -> int:  # type: 
     from ..training.run import load_run
     from ..training.sampling import sample_stream
 
+    out = out or sys.stdout  # looked up per call (tests and callers may redirect it)
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.prompt == "":

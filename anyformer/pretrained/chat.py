@@ -42,13 +42,14 @@ def stop_tokens(tokenizer: PretrainedTokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def run_generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """`anyformer generate --model PATH --prompt ...`: stream the continuation, then a summary line."""
     import torch
 
     from ..generation import GenerationConfig, stream
     from .loading import load_pretrained
 
+    out = out or sys.stdout  # looked up per call (tests and callers may redirect it)
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)

@@ -137,16 +137,16 @@ def default_run_config() -> RunConfig:
     Shakespeare plays, sized and scheduled to finish within 10 minutes on a 2-core CPU.
     configs/shakespeare-char.yaml holds the same settings."""
     model = from_dict(ModelConfig, dict(
-        arch="decoder", dim=256, num_layers=6, max_seq_len=128,
-        attention=dict(num_heads=4, kernel="eager"),
+        arch="decoder", dim=192, num_layers=6, max_seq_len=256,
+        attention=dict(num_heads=3, kernel="eager"),
         positional=dict(kind="rope"),
         norm=dict(kind="rmsnorm", eps=1e-5, placement="pre"),
-        ffn=dict(kind="swiglu", hidden_dim=704),
+        ffn=dict(kind="swiglu", hidden_dim=528),
         tie_embeddings=True,
     ))
     train = TrainConfig(
-        batch_size=32, seq_len=128, lr=2e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1,
-        max_steps=100000, max_minutes=9.5, eval_every=100, eval_batches=8, log_every=10,
+        batch_size=16, seq_len=256, optimizer="muon", lr=4e-3, muon_lr=0.04, warmup_steps=50, min_lr_ratio=0.0,
+        weight_decay=0.1, max_steps=100000, max_minutes=9.7, eval_every=150, eval_batches=8, log_every=10,
         out_dir="runs/shakespeare-char", sample_tokens=200,
     )
     return RunConfig(model=model, data=DataConfig(), train=train)

@@ -220,9 +220,9 @@ class Trainer:
         """Seconds to keep for the final evaluation, checkpoint and samples."""
         t = self.cfg.train
         evaluation = eval_time or step_time * t.eval_batches / 2  # forward-only batches
-        # sampling a token for `samples` sequences costs about samples / (2 batch_size) of a
-        # step (the whole context is recomputed; small batches use the CPU less well)
-        sampling = t.sample_tokens * step_time * t.samples / (2 * t.batch_size)
+        # a cached decoding step for `samples` sequences costs well under 1/50 of a training step
+        # on batch_size x seq_len tokens (a generous bound: small batches use the CPU poorly)
+        sampling = t.sample_tokens * step_time / 50 if t.samples else 0.0
         return 1.5 * evaluation + sampling + 5.0
 
     def _update_horizon(self, step_time: float, eval_time: float) -> None:
@@ -311,20 +311,30 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, val_loss, self.best_val, losses, self._elapsed(), samples)
 
     def samples(self) -> list[str]:
-        """`train.samples` continuations of `train.sample_prompt` from the current model."""
+        """`train.samples` continuations of `train.sample_prompt` from the current model,
+        decoded with the KV cache (a rolling sink + window cache past the context when the
+        positions are relative)."""
+        from ..generation import generate
+        from ..generation.runner import _is_absolute
+
         t = self.cfg.train
         tok = self.data.tokenizer
         ids = tok.encode(t.sample_prompt)
-        prompt = torch.tensor([ids] * t.samples, device=self.env.device)
-        gen = torch.Generator(device=self.env.device).manual_seed(t.seed)
+        context = self.cfg.model.max_seq_len
         self.model.eval()
-        dtype = DTYPES[t.dtype]
-        with torch.autocast(self.env.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            steps = sample_stream(self.model, prompt, t.sample_tokens, context=self.cfg.model.max_seq_len,
+        if len(ids) + t.sample_tokens > context and _is_absolute(self.model.positional):  # type: ignore[arg-type]
+            gen = torch.Generator(device=self.env.device).manual_seed(t.seed)
+            prompt = torch.tensor([ids] * t.samples, device=self.env.device)
+            steps = sample_stream(self.model, prompt, t.sample_tokens, context=context,
                                   temperature=t.temperature, top_k=t.top_k, generator=gen)
-            out = torch.stack(list(steps), dim=1)  # (samples, sample_tokens)
+            new = torch.stack(list(steps), dim=1)  # (samples, sample_tokens)
+        else:
+            window = context - 4 if len(ids) + t.sample_tokens > context else None
+            out = generate(self.model, [ids] * t.samples, max_new_tokens=t.sample_tokens, do_sample=t.temperature > 0,
+                           temperature=t.temperature or 1.0, top_k=t.top_k or 0, seed=t.seed, window=window)
+            new = out[:, len(ids):]
         self.model.train()
-        return [t.sample_prompt + tok.decode(row.tolist()) for row in out]
+        return [t.sample_prompt + tok.decode(row.tolist()) for row in new]
 
 
 def broadcast_path(path: str, env: DistEnv) -> str:
