@@ -38,6 +38,11 @@ _COMPILED: dict[str, Callable[..., Tensor]] = {}
 def compiled_gemv() -> Callable[..., Tensor]:
     """`gemv` compiled once per process (shapes symbolic, so every layer size shares it)."""
     if "gemv" not in _COMPILED:
+        # one graph per dtype and thread count (torch guards on both); the default limit of 8
+        # recompilations would silently send later calls back to eager after a few changes
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED["gemv"] = torch.compile(gemv, dynamic=True)
     return _COMPILED["gemv"]
 
