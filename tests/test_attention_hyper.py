@@ -112,3 +112,24 @@ def test_bias_above_threshold_raises_and_bad_options_raise():
         model(torch.randint(0, 97, (1, 9)))
     with pytest.raises(ConfigError, match="block_size"):
         build_model(tiny_config("decoder", attention__kind="hyper", attention__options={"block_size": 0}))
+
+
+def test_gradients_stay_finite_when_some_rows_have_no_sampled_key():
+    """Causal recursion with small blocks and few samples leaves some (query, part) pairs with
+    no key at all; their log-sum-exp is -inf and must not turn gradients into NaN."""
+    from anyformer.config import ModelConfig, from_dict
+    from anyformer.models import build_model
+
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, dict(
+        arch="decoder", vocab_size=64, dim=64, num_layers=2, max_seq_len=48,
+        attention=dict(kind="hyper", num_heads=4, options={"min_seq_len": 16, "block_size": 8, "sample_size": 8}),
+        positional=dict(kind="rope"), ffn=dict(kind="swiglu", hidden_mult=2.0),
+    )).validate()
+    model = build_model(cfg)
+    tokens = torch.randint(0, 64, (64, 48))
+    out = model(tokens)
+    torch.nn.functional.cross_entropy(out.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    assert torch.isfinite(out).all()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name

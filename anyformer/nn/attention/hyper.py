@@ -64,16 +64,35 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float, bias: T
         logits = logits + bias
     if causal:
         logits = logits.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
-    lse = logits.logsumexp(-1, keepdim=True)
-    probs = (logits - lse).exp().nan_to_num(0.0)
-    return probs @ v.float(), lse
+    # written out instead of logsumexp/nan_to_num so that rows with no key stay finite in the
+    # backward pass too (exp(-inf - -inf) there would turn zero gradients into NaN)
+    shift = _finite_or_zero(logits.amax(-1, keepdim=True).detach())  # result is invariant to it
+    e = (logits - shift).exp()  # masked entries: exp(-inf) = 0
+    total = e.sum(-1, keepdim=True)
+    return (e / _positive_or_one(total)) @ v.float(), _lse(shift, total)
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _positive_or_one(x: Tensor) -> Tensor:
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
+def _lse(shift: Tensor, total: Tensor) -> Tensor:
+    """shift + log(total), and -inf where total is 0, with finite gradients everywhere."""
+    return torch.where(total > 0, shift + _positive_or_one(total).log(), torch.full_like(total, float("-inf")))
 
 
 def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
-    """Combine two softmax attentions over disjoint key sets into the one over their union."""
-    lse = torch.logaddexp(lse1, lse2)
-    w1, w2 = (lse1 - lse).exp().nan_to_num(0.0), (lse2 - lse).exp().nan_to_num(0.0)
-    return o1 * w1 + o2 * w2, lse
+    """Combine two softmax attentions over disjoint key sets into the one over their union
+    (rows empty in both stay 0 with lse -inf, and their gradients stay finite)."""
+    shift = _finite_or_zero(torch.maximum(lse1, lse2).detach())
+    e1, e2 = (lse1 - shift).exp(), (lse2 - shift).exp()
+    total = e1 + e2
+    safe = _positive_or_one(total)
+    return o1 * (e1 / safe) + o2 * (e2 / safe), _lse(shift, total)
 
 
 def _gather(x: Tensor, idx: Tensor) -> Tensor:
