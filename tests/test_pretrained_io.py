@@ -37,7 +37,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
 def test_decoder_saved_by_us_loads_in_transformers(name: str, tmp_path: Path) -> None:
     ours = _randomize(build_model(preset(name, num_layers=2, vocab_size=100)))
-    anyformer.save_pretrained(ours, tmp_path)
+    assert ours.save_pretrained(tmp_path) == tmp_path  # the method form of anyformer.save_pretrained
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     tok = torch.randint(0, 100, (2, 8))
     assert _max_diff(ours(tok), hf(tok).logits) <= TOL

@@ -5,6 +5,8 @@ Legend: `b` batch, `n` length, `m` key length, `d` width, `V` vocabulary.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -29,6 +31,16 @@ def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> None:
             f"{name} contains id {bad}, outside the vocabulary [0, {vocab_size}); check the "
             "tokenizer matches the model, or build the model with a larger vocab_size"
         )
+
+
+class PretrainedIO:
+    """`model.save_pretrained(dir)`: the Hugging Face layout (config.json + model.safetensors)
+    that `transformers` and `anyformer.from_pretrained` load; see anyformer.convert.pretrained."""
+
+    def save_pretrained(self, path: "str | Path") -> "Path":
+        from ..convert.pretrained import save_pretrained
+
+        return save_pretrained(self, path)  # type: ignore[arg-type]
 
 
 class Embeddings(nn.Module):

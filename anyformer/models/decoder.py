@@ -10,10 +10,10 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..nn.kv_cache import ModelCache, make_layer_cache
 from ..nn.positional import PositionalEncoding
-from .common import Embeddings, LMHead, Stack, self_attention_context
+from .common import PretrainedIO, Embeddings, LMHead, Stack, self_attention_context
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(PretrainedIO, nn.Module):
     """Causal language model: embeddings -> causal blocks -> final norm -> LM head.
 
     Args:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..nn.positional import PositionalEncoding
 from ..registry import Registry
-from .common import Embeddings, Stack, self_attention_context
+from .common import PretrainedIO, Embeddings, Stack, self_attention_context
 
 HEADS: Registry[type[nn.Module]] = Registry("encoder head")
 
@@ -99,7 +99,7 @@ class EmbeddingHead(nn.Module):
         return nn.functional.normalize(out, dim=-1) if self.normalize else out
 
 
-class EncoderModel(nn.Module):
+class EncoderModel(PretrainedIO, nn.Module):
     """Bidirectional encoder: embeddings -> blocks -> (final norm) -> head."""
 
     causal = False

@@ -12,10 +12,10 @@ from ..config import ModelConfig
 from ..nn.attention import AttentionContext, padding_mask
 from ..nn.kv_cache import CrossKVCache, ModelCache, make_layer_cache
 from ..nn.positional import PositionalEncoding
-from .common import Embeddings, LMHead, Stack, self_attention_context
+from .common import PretrainedIO, Embeddings, LMHead, Stack, self_attention_context
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(PretrainedIO, nn.Module):
     """Source tokens -> encoder; target tokens -> causal decoder with cross-attention -> logits.
 
     Args:
