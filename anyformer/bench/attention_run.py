@@ -88,7 +88,7 @@ def _kernel_step(spec: dict, module: nn.Module, window: int | None, positional: 
     n, heads, head_dim, causal = spec["n"], spec["num_heads"], spec["head_dim"], spec["causal"]
     q, k, v = (torch.randn(1, heads, n, head_dim, device=device, dtype=dtype, requires_grad=spec["backward"]) for _ in range(3))
     positions = torch.arange(n, device=device)[None]  # (b, n)
-    kernel = module.kernel  # type: ignore[attr-defined]
+    kernel = module.kernel if hasattr(module, "kernel") else _kernelized(module, positions, positional)
     lazy = bool(getattr(module, "lazy_bias", False))
 
     def setup():  # type: ignore[no-untyped-def]
@@ -112,6 +112,21 @@ def _kernel_step(spec: dict, module: nn.Module, window: int | None, positional: 
         return step
 
     return setup
+
+
+def _kernelized(module: nn.Module, positions: Tensor, positional: nn.Module):  # type: ignore[no-untyped-def]
+    """The attention of a kernelized kind (linear, performer) on ready q, k, v: feature maps,
+    then the chunked causal or the bidirectional form, as its module runs them."""
+    from ..nn.attention.linear import causal_linear_attention, linear_attention
+
+    def kernel(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, causal: bool = False, **_: object) -> Tensor:
+        ctx = AttentionContext(q_pos=positions, k_pos=positions, positional=positional, mask=None, causal=causal)
+        qn, kn, qd, kd = module.features(q, k, ctx, keep=None, cache=None)  # type: ignore[operator]
+        if causal:
+            return causal_linear_attention(qn, kn, v, qd, kd, chunk_size=module.chunk_size, eps=module.eps)[0]  # type: ignore[arg-type]
+        return linear_attention(qn, kn, v, qd, kd, eps=module.eps)  # type: ignore[arg-type]
+
+    return kernel
 
 
 def _module_step(spec: dict, module: nn.Module, window: int | None, positional: nn.Module, device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
@@ -151,10 +166,13 @@ def measure(spec: dict) -> dict:
     module = module.to(device=device, dtype=dtype)
     pos_cls = POSITIONALS.get(spec["positional"])
     positional = pos_cls(PositionalContext(heads * head_dim, heads, head_dim, spec["n"], spec["causal"]), pos_cls.Options()).to(device)
-    # kernel mode needs an exact-attention kernel to call on ready q, k, v; the kernelized
-    # kinds (linear, performer) have none, so they are timed as whole modules (projections
-    # included, which only disadvantages them) and the row says so
-    mode = spec.get("mode", "kernel") if hasattr(module, "kernel") else "module"
+    # kernel mode calls the attention on ready q, k, v: an exact kernel, or a kernelized kind's
+    # feature maps + linear form; a kernelized kind with a logit bias (which it computes
+    # quadratically) is timed as a whole module instead, and the row says so
+    origin = torch.zeros(1, 1, dtype=torch.long, device=device)
+    has_bias = positional.bias(origin, origin) is not None
+    kernelized = not hasattr(module, "kernel")
+    mode = "module" if kernelized and has_bias else spec.get("mode", "kernel")
     make = _module_step if mode == "module" else _kernel_step
     setup = make(spec, module, window, positional, device, dtype)
 

@@ -68,25 +68,30 @@ def causal_linear_attention(
         ksum0 = qd.new_zeros(b, h, kd.shape[-1])
     else:
         kv0, ksum0 = state
-    # normaliser: prefix sums of the key features, O(n r) memory
-    kcum = ksum0[:, :, None] + kd.cumsum(2)  # (b, h, n, r)
-    den = (qd * kcum).sum(-1, keepdim=True)  # (b, h, n, 1)
-    # numerator: pad to whole chunks (zero keys add nothing)
+    # pad to whole chunks (zero keys add nothing; padded query rows are cut off at the end)
     C = max(1, min(chunk_size, n))
     pad = (-n) % C
     if pad:
-        qn, kn, v = (F.pad(t, (0, 0, 0, pad)) for t in (qn, kn, v))
+        qn, kn, v, qd, kd = (F.pad(t, (0, 0, 0, pad)) for t in (qn, kn, v, qd, kd))
     c = (n + pad) // C
-    qc = qn.view(b, h, c, C, f)  # (b, h, c, C, f)
-    kc = kn.view(b, h, c, C, f)
-    vc = v.view(b, h, c, C, e)
+    r = kd.shape[-1]
+    qc, kc, vc = qn.view(b, h, c, C, f), kn.view(b, h, c, C, f), v.view(b, h, c, C, e)
+    qdc, kdc = qd.view(b, h, c, C, r), kd.view(b, h, c, C, r)
+    # what each chunk adds to the state, and the exclusive prefix over chunks as one product
+    # with a strictly lower-triangular (c, c) matrix (faster on CPU than cumsum over c)
     chunk_kv = kc.transpose(-1, -2) @ vc  # (b, h, c, f, e)
-    before = kv0[:, :, None] + chunk_kv.cumsum(2) - chunk_kv  # (b, h, c, f, e): state entering each chunk
-    inter = qc @ before  # (b, h, c, C, e)
+    chunk_k = kdc.sum(3)  # (b, h, c, r)
+    earlier = torch.ones(c, c, dtype=chunk_kv.dtype, device=qn.device).tril(-1)  # (c, c)
+    kv_before = kv0[:, :, None] + (earlier @ chunk_kv.flatten(-2)).view(b, h, c, f, e)  # state entering each chunk
+    k_before = ksum0[:, :, None] + earlier @ chunk_k  # (b, h, c, r)
     tril = torch.ones(C, C, dtype=torch.bool, device=qn.device).tril()
     scores = (qc @ kc.transpose(-1, -2)).masked_fill(~tril, 0.0)  # (b, h, c, C, C)
-    num = (inter + scores @ vc).view(b, h, c * C, e)[:, :, :n]  # (b, h, n, e)
-    new_state = (kv0 + chunk_kv.sum(2), kcum[:, :, -1])
+    num = qc @ kv_before + scores @ vc  # (b, h, c, C, e)
+    dscores = scores if qd is qn and kd is kn else (qdc @ kdc.transpose(-1, -2)).masked_fill(~tril, 0.0)
+    den = (qdc @ k_before[..., None]) + dscores.sum(-1, keepdim=True)  # (b, h, c, C, 1)
+    num = num.view(b, h, c * C, e)[:, :, :n]
+    den = den.view(b, h, c * C, 1)[:, :, :n]
+    new_state = (kv0 + chunk_kv.sum(2), ksum0 + chunk_k.sum(2))
     return num / (den + eps), new_state
 
 
@@ -331,7 +336,7 @@ class LinearOptions:
     eps: added to the normaliser.
     """
 
-    chunk_size: int = 64
+    chunk_size: int = 128  # fastest of 32-512 for 64-dim heads on CPU
     eps: float = 1e-6
 
 
