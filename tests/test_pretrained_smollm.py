@@ -66,7 +66,7 @@ def test_logits_match_transformers(smol: SimpleNamespace) -> None:
     tokens = torch.tensor([ids])
     with torch.no_grad():
         ours, ref = smol.ours(tokens), smol.hf(tokens).logits
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)  # the issue asks for 1e-4 absolute
 
 
 def test_greedy_continuation_matches_transformers_generate(smol: SimpleNamespace) -> None:
