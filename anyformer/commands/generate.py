@@ -47,7 +47,7 @@ def run_from_run_dir(args: argparse.Namespace, out=None) -> int:  # type: ignore
     plus the most recent ones; one with absolute positions recomputes a cropped window.
     """
     from ..generation import GenerationConfig, stream
-    from ..generation.runner import _is_absolute
+    from ..generation.runner import uses_absolute_positions
     from ..training.run import load_run
     from ..training.sampling import sample_stream
 
@@ -72,7 +72,7 @@ def run_from_run_dir(args: argparse.Namespace, out=None) -> int:  # type: ignore
     out.write(args.prompt)
     out.flush()
     start = time.perf_counter()
-    if total > context and _is_absolute(r.model.positional):  # type: ignore[arg-type]
+    if total > context and uses_absolute_positions(r.model.positional):  # type: ignore[arg-type]
         print(f"[context {context} < {total} tokens and absolute positions: recomputing the last {context} tokens per step]",
               file=sys.stderr)
         import torch

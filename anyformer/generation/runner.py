@@ -54,7 +54,8 @@ def as_batch(
     return tokens.long(), keep
 
 
-def _is_absolute(positional: PositionalEncoding) -> bool:
+def uses_absolute_positions(positional: PositionalEncoding) -> bool:
+    """True when the encoding adds absolute position embeddings (so cache positions cannot be re-assigned)."""
     return type(positional).embed is not PositionalEncoding.embed
 
 
@@ -91,7 +92,7 @@ class Runner:
         c, mcfg = self.config, self.model.config  # type: ignore[attr-defined]
         p = next(self.model.parameters())
         if c.window is not None:
-            if _is_absolute(self.positional):
+            if uses_absolute_positions(self.positional):
                 raise ValueError(
                     f"a rolling cache re-assigns positions, which needs a relative positional encoding "
                     f"(rope, alibi, t5, none); this model uses '{mcfg.positional.kind}'. Drop `window`"

@@ -315,14 +315,14 @@ class Trainer:
         decoded with the KV cache (a rolling sink + window cache past the context when the
         positions are relative)."""
         from ..generation import generate
-        from ..generation.runner import _is_absolute
+        from ..generation.runner import uses_absolute_positions
 
         t = self.cfg.train
         tok = self.data.tokenizer
         ids = tok.encode(t.sample_prompt)
         context = self.cfg.model.max_seq_len
         self.model.eval()
-        if len(ids) + t.sample_tokens > context and _is_absolute(self.model.positional):  # type: ignore[arg-type]
+        if len(ids) + t.sample_tokens > context and uses_absolute_positions(self.model.positional):  # type: ignore[arg-type]
             gen = torch.Generator(device=self.env.device).manual_seed(t.seed)
             prompt = torch.tensor([ids] * t.samples, device=self.env.device)
             steps = sample_stream(self.model, prompt, t.sample_tokens, context=context,

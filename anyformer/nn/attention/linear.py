@@ -357,6 +357,19 @@ def qk_norms(cfg: AttentionConfig, head_dim: int) -> tuple[nn.Module | None, nn.
     return NORMS.get(cfg.qk_norm)(head_dim), NORMS.get(cfg.qk_norm)(head_dim)
 
 
+def kernelized_from_config(
+    cfg: AttentionConfig, dim: int, features: nn.Module, *, chunk_size: int, eps: float
+) -> KernelizedAttention:
+    """A KernelizedAttention with the config's heads, biases and q/k norms around a built
+    feature map (shared by the 'linear' and 'performer' kinds)."""
+    head_dim = cfg.head_dim or dim // cfg.num_heads
+    q_norm, k_norm = qk_norms(cfg, head_dim)
+    return KernelizedAttention(
+        dim, cfg.num_heads, features=features, num_kv_heads=cfg.num_kv_heads, head_dim=head_dim,
+        chunk_size=chunk_size, eps=eps, bias=cfg.bias, out_bias=cfg.out_bias, q_norm=q_norm, k_norm=k_norm,
+    )
+
+
 @ATTENTIONS.register("linear")
 def build_linear(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = False, kv_dim: int | None = None) -> nn.Module:
     """Linear attention with elu + 1 features (Katharopoulos et al. 2020)."""
@@ -366,18 +379,4 @@ def build_linear(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = 
         raise ConfigError("attention kind 'linear' has no logit scale; leave model.attention.scale unset")
     if opts.chunk_size < 1:
         raise ConfigError(f"model.attention.options.chunk_size must be >= 1, got {opts.chunk_size}")
-    head_dim = cfg.head_dim or dim // cfg.num_heads
-    q_norm, k_norm = qk_norms(cfg, head_dim)
-    return KernelizedAttention(
-        dim,
-        cfg.num_heads,
-        features=EluFeatures(),
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=head_dim,
-        chunk_size=opts.chunk_size,
-        eps=opts.eps,
-        bias=cfg.bias,
-        out_bias=cfg.out_bias,
-        q_norm=q_norm,
-        k_norm=k_norm,
-    )
+    return kernelized_from_config(cfg, dim, EluFeatures(), chunk_size=opts.chunk_size, eps=opts.eps)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ...config import AttentionConfig, ConfigError, parse_options
 from . import ATTENTIONS
 from .context import AttentionContext
-from .linear import KernelizedAttention, LinearAttentionCache, check_kernelized_config, qk_norms
+from .linear import LinearAttentionCache, check_kernelized_config, kernelized_from_config
 
 
 def gaussian_orthogonal_matrix(
@@ -137,20 +137,7 @@ def build_performer(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool
             f"(got {opts.num_features}, {opts.chunk_size}, {opts.redraw_interval})"
         )
     head_dim = cfg.head_dim or dim // cfg.num_heads
-    q_norm, k_norm = qk_norms(cfg, head_dim)
     features = FavorFeatures(
         head_dim, opts.num_features, orthogonal=opts.orthogonal, redraw_interval=opts.redraw_interval, scale=cfg.scale
     )
-    return KernelizedAttention(
-        dim,
-        cfg.num_heads,
-        features=features,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=head_dim,
-        chunk_size=opts.chunk_size,
-        eps=opts.eps,
-        bias=cfg.bias,
-        out_bias=cfg.out_bias,
-        q_norm=q_norm,
-        k_norm=k_norm,
-    )
+    return kernelized_from_config(cfg, dim, features, chunk_size=opts.chunk_size, eps=opts.eps)
