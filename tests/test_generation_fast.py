@@ -3,12 +3,17 @@ torch's linear, other calls pass through untouched, and greedy tokens equal Hugg
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+from anyformer import build_model
 
 from anyformer.generation import generate
-from anyformer.generation.fast import GemvMode, gemv
+from anyformer.generation.fast import FastLinears, gemv
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -32,7 +37,7 @@ def test_mode_passes_multi_row_and_grad_calls_through() -> None:
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 5)
     rows = torch.randn(3, 8)
-    with GemvMode() as mode:
+    with FastLinears(lin) as mode:
         out = lin(rows)
         one = lin(torch.randn(1, 8, requires_grad=True))  # weight needs grad: plain linear keeps autograd
     assert torch.equal(out, F.linear(rows, lin.weight, lin.bias))
@@ -53,3 +58,81 @@ def test_compiled_decoding_matches_hf_greedy() -> None:
         want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
                            min_new_tokens=12, pad_token_id=1)
     assert torch.equal(generate(ours, prompt, max_new_tokens=12, compile=True), want)
+
+
+def _native_or_skip():  # type: ignore[no-untyped-def]
+    from anyformer.generation.fast import native_gemv
+
+    module = native_gemv()
+    if module is None:
+        pytest.skip("the C++ GEMV kernel needs a C++ toolchain and an AVX-512 BF16 CPU")
+    return module
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (64, 768), (130, 33), (257, 100), (3, 1000)])
+def test_native_gemv_equals_float64_product(shape: tuple[int, int], dtype: torch.dtype, threads: int) -> None:
+    """Odd sizes exercise the masked tails and the row split; the kernel sums exact products in
+    fp32, so it must sit within fp32 summation error of the float64 product of the same values,
+    plus one rounding to the output dtype."""
+    module = _native_or_skip()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(shape[0] * 1000 + shape[1])
+        o, k = shape
+        w, x, b = torch.randn(o, k).to(dtype), torch.randn(k).to(dtype), torch.randn(o).to(dtype)
+        for bias in (None, b):
+            exact = w.double() @ x.double() + (0 if bias is None else bias.double())
+            got = module.gemv(x, w, bias)
+            assert got.dtype == dtype and got.shape == (o,)
+            # fp32 accumulation error ~ k * eps32 * sum|w x|; then one rounding to dtype
+            scale = (w.double().abs() @ x.double().abs()) + (0 if bias is None else bias.double().abs())
+            tol = scale * k * 2.0**-23 + exact.abs() * (2.0**-8 if dtype == torch.bfloat16 else 2.0**-23) + 1e-12
+            assert ((got.double() - exact).abs() <= tol).all()
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_fast_gemv_falls_back_for_mixed_dtypes_and_strided_weights() -> None:
+    from anyformer.generation.fast import fast_gemv
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 40)
+    x = torch.randn(24)
+    torch.testing.assert_close(fast_gemv(x, w.t(), None), F.linear(x, w.t()), rtol=1e-5, atol=1e-5)  # non-contiguous weight
+    xb = torch.randn(40).bfloat16()
+    torch.testing.assert_close(fast_gemv(xb.float(), w, None), F.linear(xb.float(), w), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_fast_decoding_with_fp32_cache_is_as_accurate_as_plain_bf16() -> None:
+    """compile=True keeps a bf16 model's keys/values in an fp32 cache (exact: bf16 values are
+    fp32 values), attends in fp32 and runs one-row linears through the fast GEMV. Teacher-forced
+    over the same tokens, its step logits must be as close to an fp32 full recompute with the
+    same (bf16-rounded) weights as the plain bf16 cached path is."""
+    from anyformer.generation.fast import FastLinears
+    from anyformer.models.presets import preset
+
+    torch.manual_seed(0)
+    cfg = preset("gpt2-tiny")
+    model = build_model(cfg).eval().bfloat16()
+    ref = build_model(cfg).eval()
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    tokens = torch.randint(0, cfg.vocab_size, (1, 24))
+    with torch.no_grad():
+        want = ref(tokens).float()[0, 8:]  # (16, V)
+
+        def cached(dtype: torch.dtype | None, fast: bool) -> Tensor:
+            cache = model.make_cache(1, 24, dtype=dtype)
+            model(tokens[:, :8], cache)
+            rows = []
+            with FastLinears(model) if fast else contextlib.nullcontext():
+                for i in range(8, 24):
+                    rows.append(model(tokens[:, i : i + 1], cache)[0, -1].float())
+            return torch.stack(rows)
+
+        plain_err = (cached(None, False) - want).abs().max()
+        fast_err = (cached(torch.float32, True) - want).abs().max()
+    assert fast_err <= 1.5 * plain_err + 1e-3, (fast_err, plain_err)
+    assert fast_err < 0.05 * want.abs().max()

@@ -1,26 +1,33 @@
-"""Faster one-token decoding steps: every linear layer fed a single row runs as a compiled,
-fused multiply-and-reduce over the weight (a GEMV that reads each weight once, at memory
-speed), accumulating in fp32.
+"""Faster one-token decoding steps: every linear layer fed a single row runs as a GEMV that
+reads each weight once, at memory speed, accumulating in fp32.
 
 At batch 1 a decoding step is a chain of matrix-vector products, so its speed is bounded by
 how fast the weights stream from memory. The BLAS path behind `F.linear` for a (1, d) input
 runs well below that bound on some CPUs (notably for the vocabulary-sized LM head, and for
-bf16 weights); `torch.compile` turns `(W * x).sum(-1)` into one vectorised reduction loop
-without materialising the product. The model is left untouched: `GemvMode` intercepts
-`F.linear` calls from outside, so training and multi-row calls keep the usual path.
+bf16 weights). Two faster paths, best first:
+
+- a small C++ kernel (cpu_gemv.cpp: AVX-512 FMA for fp32, AVX512-BF16 dot products for bf16,
+  rows split across threads), built once per machine with the PyTorch C++ extension tools
+  (~30 s, cached under ~/.cache/torch_extensions) on CPUs that have those instructions;
+- otherwise `torch.compile` of `(W * x).sum(-1)`: one vectorised reduction loop that does not
+  materialise the product (any device, any CPU with a C++ compiler).
+
+`FastLinears` routes a model's one-row linear calls there only while it is active, so training
+and multi-row calls keep the usual path.
 
 Legend: `o` output features, `k` input features.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch import Tensor, nn
 
 
 def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -33,6 +40,38 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 _COMPILED: dict[str, Callable[..., Tensor]] = {}
+_NATIVE: dict[str, Any] = {}
+
+
+def native_gemv() -> Any | None:
+    """The C++ kernel module (functions `supported()` and `gemv(x, weight, bias)`), built on
+    first use; None if it cannot be built here (no compiler) or this CPU lacks AVX-512 BF16."""
+    if "module" not in _NATIVE:
+        module = None
+        try:
+            from torch.utils import cpp_extension
+
+            source = os.path.join(os.path.dirname(__file__), "cpu_gemv.cpp")
+            module = cpp_extension.load(name="anyformer_cpu_gemv", sources=[source], extra_cflags=["-O3", "-fopenmp"],
+                                        extra_ldflags=["-fopenmp"], verbose=False)
+            if not module.supported():
+                module = None
+        except Exception as err:  # no toolchain / headers: the compiled fallback takes over
+            warnings.warn(f"C++ decoding kernel unavailable ({type(err).__name__}: {str(err)[:200]}); using torch.compile")
+            module = None
+        _NATIVE["module"] = module
+    return _NATIVE["module"]
+
+
+def fast_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`gemv` through the fastest available path: the C++ kernel for contiguous fp32/bf16 CPU
+    tensors of one dtype, else the compiled reduction."""
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()):
+        module = native_gemv()
+        if module is not None:
+            return module.gemv(x.contiguous(), weight, None if bias is None else bias.contiguous())
+    return compiled_gemv()(x, weight, bias)
 
 
 def compiled_gemv() -> Callable[..., Tensor]:
@@ -47,28 +86,36 @@ def compiled_gemv() -> Callable[..., Tensor]:
     return _COMPILED["gemv"]
 
 
-class GemvMode(TorchFunctionMode):
-    """While active, `F.linear` on an input holding one row (shape (..., k) with one k-vector)
-    runs the compiled `gemv`; other calls and anything needing gradients pass through.
+class FastLinears:
+    """Context manager: while active, every `nn.Linear` in `model` fed one row (shape (..., k)
+    holding a single k-vector) and not needing gradients runs `fast_gemv`; other calls take the
+    usual `F.linear` path. Each layer's `forward` is overridden on the instance and restored on
+    exit, so no other code (and no other model) is affected, and nothing is intercepted besides
+    the linear layers themselves.
 
-    If compiling fails (no C++ toolchain, unsupported device), it warns once and falls back
-    to `F.linear` for the rest of the mode's life.
+    If the fast path fails (no C++ toolchain, unsupported device), it warns once and uses
+    `F.linear` for the rest of the context's life (`failed` becomes True).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if type(m) is nn.Linear]
         self.failed = False
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear and not self.failed:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and weight.requires_grad):
-                try:
-                    out = compiled_gemv()(x.reshape(-1), weight, bias)  # (o,)
-                    return out.view(*x.shape[:-1], weight.shape[0])
-                except Exception as err:  # compile/toolchain failure: keep decoding, eagerly
-                    self.failed = True
-                    warnings.warn(f"compiled decoding unavailable ({type(err).__name__}: {err}); using eager linear layers")
-        return func(*args, **kwargs)
+    def _forward(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        weight, bias = layer.weight, layer.bias
+        if not self.failed and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and weight.requires_grad):
+            try:
+                return fast_gemv(x.reshape(-1), weight, bias).view(*x.shape[:-1], weight.shape[0])
+            except Exception as err:  # compile/toolchain failure: keep decoding, eagerly
+                self.failed = True
+                warnings.warn(f"compiled decoding unavailable ({type(err).__name__}: {err}); using eager linear layers")
+        return F.linear(x, weight, bias)
+
+    def __enter__(self) -> "FastLinears":
+        for layer in self.layers:  # straight into the instance dict: nn.Module.__setattr__ is slow per step
+            layer.__dict__["forward"] = functools.partial(self._forward, layer)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)

@@ -14,7 +14,7 @@ from ..models.encoder_decoder import EncoderDecoder
 from ..nn.kv_cache import ModelCache
 from ..nn.positional import PositionalEncoding
 from .config import GenerationConfig
-from .fast import GemvMode
+from .fast import FastLinears
 from .rolling import rolling_cache
 
 Prompt = Tensor | Sequence[int] | Sequence[Sequence[int]]
@@ -79,7 +79,7 @@ class Runner:
             self.num_layers = len(model.stack.blocks)  # type: ignore[attr-defined]
             self.positional = model.positional  # type: ignore[attr-defined]
         self.cache: ModelCache | None = None
-        self.gemv = GemvMode() if config.compile else None
+        self.fast = FastLinears(model) if config.compile else None
 
     def start_tokens(self, batch: int, device: torch.device) -> Tensor:
         """The decoder's first input (b, 1) of an encoder-decoder."""
@@ -110,7 +110,10 @@ class Runner:
                 f"prompt ({prompt_len}) + max_new_tokens ({c.max_new_tokens}) = {total} exceeds max_seq_len="
                 f"{self.max_seq_len}: lower max_new_tokens, or set `window` for a rolling cache"
             )
-        return self.model.make_cache(batch, total)  # type: ignore[operator]
+        # the fast CPU decoding path keeps a bf16/fp16 model's keys/values in fp32: exact (every
+        # bf16 value is an fp32 value), and one-query attention runs much faster in fp32 on CPU
+        wide = c.compile and p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
+        return self.model.make_cache(batch, total, dtype=torch.float32 if wide else None)  # type: ignore[operator]
 
     def _forward(self, tokens: Tensor, keep: Tensor | None) -> Tensor:
         cache = self.cache
@@ -131,7 +134,7 @@ class Runner:
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed (b, 1) new tokens; logits (b, V)."""
-        if self.gemv is None:
+        if self.fast is None:
             return self._forward(tokens, None)[:, -1]
-        with self.gemv:
+        with self.fast:
             return self._forward(tokens, None)[:, -1]

@@ -14,6 +14,12 @@ from ..registry import Registry
 PLACEMENTS: Registry[type[nn.Module]] = Registry("norm placement")
 
 
+def maybe_dropout(dropout: nn.Dropout, x: Tensor) -> Tensor:
+    """`dropout(x)`, skipping the call when it is the identity (eval mode or p = 0), which
+    keeps per-token overhead out of decoding."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
+
+
 @PLACEMENTS.register("pre")
 class PreNorm(nn.Module):
     """x + f(norm(x)) (GPT-2, Llama)."""
@@ -23,7 +29,7 @@ class PreNorm(nn.Module):
         self.sublayer, self.norm, self.dropout = sublayer, norm, nn.Dropout(dropout)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return x + self.dropout(self.sublayer(self.norm(x), *args, **kwargs))
+        return x + maybe_dropout(self.dropout, self.sublayer(self.norm(x), *args, **kwargs))
 
 
 @PLACEMENTS.register("post")
@@ -35,7 +41,7 @@ class PostNorm(nn.Module):
         self.sublayer, self.norm, self.dropout = sublayer, norm, nn.Dropout(dropout)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self.norm(x + self.dropout(self.sublayer(x, *args, **kwargs)))
+        return self.norm(x + maybe_dropout(self.dropout, self.sublayer(x, *args, **kwargs)))
 
 
 @PLACEMENTS.register("sandwich")
@@ -49,7 +55,7 @@ class SandwichNorm(nn.Module):
         self.sublayer, self.norm, self.out_norm, self.dropout = sublayer, norm, out_norm, nn.Dropout(dropout)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return x + self.dropout(self.out_norm(self.sublayer(self.norm(x), *args, **kwargs)))
+        return x + maybe_dropout(self.dropout, self.out_norm(self.sublayer(self.norm(x), *args, **kwargs)))
 
 
 class TransformerBlock(nn.Module):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import Registry
+from .block import maybe_dropout
 
 FEEDFORWARDS: Registry[type[nn.Module]] = Registry("feed-forward")
 
@@ -59,7 +60,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (b, n, d) -> (b, n, d)
-        return self.dropout(self.down(self.act(self.up(x))))
+        return maybe_dropout(self.dropout, self.down(self.act(self.up(x))))
 
 
 class GatedFeedForward(nn.Module):
@@ -86,7 +87,7 @@ class GatedFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (b, n, d) -> (b, n, d)
-        return self.dropout(self.down(self.act(self.gate(x)) * self.up(x)))
+        return maybe_dropout(self.dropout, self.down(self.act(self.gate(x)) * self.up(x)))
 
 
 @FEEDFORWARDS.register("swiglu")

@@ -9,6 +9,18 @@ import torch
 from torch import Tensor, nn
 
 
+def match_cache_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One dtype for the attention kernel when the cache is kept wider than the model (an fp32
+    cache for a bf16 model: storing bf16 keys in fp32 is exact). A one-query decoding step
+    attends in the cache's dtype (cheap: q is one row); a multi-token call (prefill) brings the
+    keys/values to q's dtype, so fused kernels see the model's dtype."""
+    if k.dtype == q.dtype:
+        return q, k, v
+    if q.shape[2] == 1:
+        return q.to(k.dtype), k, v
+    return q, k.to(q.dtype), v.to(q.dtype)
+
+
 class KVCache(nn.Module):
     """One self-attention layer's keys and values, preallocated to `max_len` positions.
 
@@ -55,7 +67,7 @@ class KVCache(nn.Module):
         return q and all cached keys/values (b, g, m, d)."""
         q, k = ctx.positional.rotate(q, k, ctx.q_pos, ctx.q_pos)
         k, v = self.update(k, v)
-        return q, k, v
+        return match_cache_dtype(q, k, v)
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows `index` (b',) of the batch, in that order (beam search)."""

@@ -39,6 +39,10 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
+        if x.dtype == self.weight.dtype:
+            # one call; torch computes reduced-precision layer norms with fp32 statistics and
+            # affine transform internally, rounding once, as the general path below does
+            return nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         b = self.bias.float() if self.bias is not None else None
         y = nn.functional.layer_norm(x.float(), x.shape[-1:], self.weight.float(), b, self.eps)
         return y.to(x.dtype)

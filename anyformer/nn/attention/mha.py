@@ -109,5 +109,6 @@ class MultiHeadAttention(nn.Module):
             )
         else:
             out = self.kernel(q, k, v, mask=mask, bias=ctx.logit_bias(), causal=ctx.causal, scale=self.scale, dropout=dropout)
-        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)  # (b, n, h*d)
+        # (b, n, h*d), in x's dtype (a wider cache may have made the kernel work in fp32)
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim).to(x.dtype)
         return self.o_proj(out)
