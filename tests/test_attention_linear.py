@@ -50,6 +50,43 @@ def test_bidirectional_form_equals_unmasked_quadratic_form():
     torch.testing.assert_close(linear_attention(qn, kn, v, qd, kd), quadratic_linear_attention(qn, kn, v, qd, kd)[0], atol=1e-5, rtol=1e-5)
 
 
+def shared_features(b=2, h=3, n=13, f=5, e=6):
+    """Positive features used for numerator and normaliser alike (elu+1 linear attention): the
+    chunked form takes its fused path (values with a column of ones) for these."""
+    qn, kn = torch.rand(b, h, n, f) + 0.1, torch.rand(b, h, n, f) + 0.1
+    return qn, kn, torch.randn(b, h, n, e)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 13, 64])
+def test_shared_feature_chunked_form_agrees_with_quadratic_and_recurrent(chunk_size):
+    qn, kn, v = shared_features()
+    causal = torch.ones(13, 13, dtype=torch.bool).tril()
+    parallel, _ = quadratic_linear_attention(qn, kn, v, qn, kn, mask=causal)
+    chunked, (kv_c, ks_c) = causal_linear_attention(qn, kn, v, qn, kn, chunk_size=chunk_size)
+    recurrent, (kv_r, ks_r) = recurrent_linear_attention(qn, kn, v, qn, kn)
+    torch.testing.assert_close(chunked, parallel, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recurrent, parallel, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kv_c, kv_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ks_c, ks_r, atol=1e-5, rtol=1e-5)
+    # continuing from the state after 6 tokens, with another chunk size, equals one pass
+    first, state = causal_linear_attention(qn[:, :, :6], kn[:, :, :6], v[:, :, :6], qn[:, :, :6], kn[:, :, :6], chunk_size=chunk_size)
+    rest = (qn[:, :, 6:], kn[:, :, 6:], v[:, :, 6:], qn[:, :, 6:], kn[:, :, 6:])
+    second, (kv_s, ks_s) = causal_linear_attention(*rest, chunk_size=3, state=state)
+    torch.testing.assert_close(torch.cat([first, second], 2), parallel, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kv_s, kv_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ks_s, ks_r, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_feature_chunked_gradients_equal_quadratic_gradients():
+    qn, kn, v = (t.requires_grad_() for t in shared_features(n=10))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    g_quad = torch.autograd.grad(quadratic_linear_attention(qn, kn, v, qn, kn, mask=causal)[0].square().sum(), (qn, kn, v))
+    g_chunk = torch.autograd.grad(causal_linear_attention(qn, kn, v, qn, kn, chunk_size=3)[0].square().sum(), (qn, kn, v))
+    for a, b in zip(g_quad, g_chunk):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_chunked_gradients_equal_quadratic_gradients():
     inputs = [t.requires_grad_() for t in random_features(n=10)]
     causal = torch.ones(10, 10, dtype=torch.bool).tril()

@@ -27,7 +27,7 @@ from .masks import as_4d, combine_masks
 from .patterns import FULL, NONE, PARTIAL, Causal, Intersection, Pattern
 
 DEFAULT_Q_BLOCK = 256
-DEFAULT_K_BLOCK = 512
+DEFAULT_K_BLOCK = 256
 LOG2E = 1.4426950408889634  # logits are kept in base 2: exp2 is much cheaper than exp on CPUs
 
 
@@ -215,20 +215,21 @@ class _ChunkedAttention(torch.autograd.Function):
         k3t = k3.transpose(1, 2)  # (b*g, d, m)
         out = torch.empty(b, h, n, d, dtype=acc_dtype, device=q.device)
         lse = torch.empty(b, h, n, 1, dtype=acc_dtype, device=q.device)
-        ninf = float("-inf")
+        lowest = torch.finfo(acc_dtype).min
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
             qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
             rows = qg.shape[1]
-            row_max = torch.full((b * g, rows, 1), ninf, dtype=acc_dtype, device=q.device)
+            # the running max starts at the lowest finite value, not -inf: a row whose keys are all
+            # masked so far then gets p = exp2(-inf - lowest) = 0 and alpha = 1 with no NaN guard
+            row_max = torch.full((b * g, rows, 1), lowest, dtype=acc_dtype, device=q.device)
             row_sum = torch.zeros(b * g, rows, 1, dtype=acc_dtype, device=q.device)
             acc = torch.zeros(b * g, rows, d, dtype=acc_dtype, device=q.device)
             for k0, k1, state in blocks:
                 s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), plan.bias_block(q0, q1, k0, k1), h)
                 new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
-                safe_max = new_max.masked_fill(new_max == ninf, 0.0)
-                p = s.sub_(safe_max).exp2_()  # (b*g, r*bn, bm), in place over the logits
-                alpha = row_max.sub_(safe_max).exp2_()
+                p = s.sub_(new_max).exp2_()  # (b*g, r*bn, bm), in place over the logits
+                alpha = row_max.sub_(new_max).exp2_()
                 row_sum.mul_(alpha).add_(p.sum(-1, keepdim=True))
                 acc.mul_(alpha).baddbmm_(p, v3[:, k0:k1])
                 row_max = new_max

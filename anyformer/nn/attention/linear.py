@@ -34,7 +34,7 @@ from .masks import causal_mask, combine_masks
 
 def elu_feature_map(x: Tensor) -> Tensor:
     """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al. 2020), elementwise."""
-    return F.elu(x) + 1.0
+    return F.elu(x).add_(1.0)
 
 
 def linear_attention(qn: Tensor, kn: Tensor, v: Tensor, qd: Tensor, kd: Tensor, *, eps: float = 1e-6) -> Tensor:
@@ -75,6 +75,9 @@ def causal_linear_attention(
         qn, kn, v, qd, kd = (F.pad(t, (0, 0, 0, pad)) for t in (qn, kn, v, qd, kd))
     c = (n + pad) // C
     r = kd.shape[-1]
+    if qd is qn and kd is kn:
+        out, new_state = _causal_shared_features(qn, kn, v, C, c, kv0, ksum0 if state is not None else None, eps)
+        return out[:, :, :n], new_state
     qc, kc, vc = qn.view(b, h, c, C, f), kn.view(b, h, c, C, f), v.view(b, h, c, C, e)
     qdc, kdc = qd.view(b, h, c, C, r), kd.view(b, h, c, C, r)
     # what each chunk adds to the state, and the exclusive prefix over chunks as one product
@@ -93,6 +96,37 @@ def causal_linear_attention(
     den = den.view(b, h, c * C, 1)[:, :, :n]
     new_state = (kv0 + chunk_kv.sum(2), ksum0 + chunk_k.sum(2))
     return num / (den + eps), new_state
+
+
+def _causal_shared_features(
+    qn: Tensor, kn: Tensor, v: Tensor, C: int, c: int, kv0: Tensor, ksum0: Tensor | None, eps: float
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The chunked causal form when the normaliser uses the same features as the numerator
+    (qd = qn, kd = kn), as elu+1 linear attention does: v gets a column of ones, so one set of
+    products yields numerator and normaliser together (the state's extra column is the running
+    key sum). Inputs are already padded to c chunks of C; kv0 (b, h, f, e), ksum0 (b, h, f) or
+    None. Three batched products over (b*h*c) chunks: chunk states, queries times the state
+    entering their chunk, and the masked in-chunk scores times values (added in place)."""
+    b, h, n, f = qn.shape
+    e = v.shape[-1]
+    v1 = torch.cat([v, v.new_ones(b, h, n, 1)], -1)  # (b, h, n, e+1)
+    qc, kc = qn.reshape(b * h * c, C, f), kn.reshape(b * h * c, C, f)
+    vc = v1.view(b * h * c, C, e + 1)
+    chunk_kv = torch.bmm(kc.transpose(1, 2), vc).view(b * h, c, f * (e + 1))  # each chunk's addition to the state
+    # exclusive prefix over chunks as one product with a strictly lower-triangular (c, c) matrix
+    earlier = torch.ones(c, c, dtype=chunk_kv.dtype, device=qn.device).tril(-1)
+    kv_before = torch.matmul(earlier, chunk_kv).view(b, h, c, f, e + 1)  # state entering each chunk
+    state0 = None
+    if ksum0 is not None:
+        state0 = torch.cat([kv0, ksum0[..., None]], -1)  # (b, h, f, e+1)
+        kv_before = kv_before + state0[:, :, None]
+    tril = torch.ones(C, C, dtype=torch.bool, device=qn.device).tril()
+    scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill_(~tril, 0.0)  # (b*h*c, C, C)
+    out = torch.baddbmm(torch.bmm(qc, kv_before.view(b * h * c, f, e + 1)), scores, vc).view(b, h, n, e + 1)
+    total = chunk_kv.view(b, h, c, f, e + 1).sum(2)
+    if state0 is not None:
+        total = total + state0
+    return out[..., :e] / (out[..., e:] + eps), (total[..., :e], total[..., e])
 
 
 def recurrent_linear_attention(
