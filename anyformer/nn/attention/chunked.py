@@ -16,6 +16,7 @@ Legend: `b` batch, `h` query heads, `g` key/value heads, `r = h / g`, `n` querie
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -148,11 +149,18 @@ class _Plan:
             self._blocked[key] = out
         return out
 
-    def logits(self, qg: Tensor, kt: Tensor, bias: Tensor | None, blk: tuple[int, int, int, int, int], extra: Tensor | None, h: int) -> Tensor:
+    def logits(
+        self, qg: Tensor, kt: Tensor, bias: Tensor | None, blk: tuple[int, int, int, int, int], extra: Tensor | None, h: int,
+        scratch: "_Scratch | None" = None,
+    ) -> Tensor:
         """Masked base-2 logits (b*g, r*bn, bm) of one block. qg: the query block (b*g, r*bn, d)
-        already multiplied by scale * log2(e); kt: the key block transposed (b*g, d, bm)."""
+        already multiplied by scale * log2(e); kt: the key block transposed (b*g, d, bm).
+        Written into `scratch` when given (valid until its next use)."""
         q0, q1, k0, k1, state = blk
-        s = torch.bmm(qg, kt)  # (b*g, r*bn, bm)
+        if scratch is None:
+            s = torch.bmm(qg, kt)  # (b*g, r*bn, bm)
+        else:
+            s = torch.bmm(qg, kt, out=scratch.get((qg.shape[0], qg.shape[1], kt.shape[2])))
         if bias is None and extra is None and self.mask is None and state != PARTIAL:
             return s
         s4 = s.view(-1, h, q1 - q0, k1 - k0)  # (b, h, bn, bm)
@@ -195,6 +203,26 @@ def _schedule(pattern: Pattern | None, n: int, m: int, q_block: int, k_block: in
     return out
 
 
+class _Scratch:
+    """One reusable buffer for per-block temporaries. Allocating a fresh multi-megabyte tensor
+    for every block costs page faults each time (the allocator hands large blocks back to the
+    OS), which on CPU is a large share of a block's work; a slice of one buffer costs nothing."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.buf = torch.empty(numel, dtype=dtype, device=device)
+
+    def get(self, shape: tuple[int, ...]) -> Tensor:
+        """A contiguous tensor of `shape` over the buffer (its previous contents are garbage)."""
+        return self.buf[: math.prod(shape)].view(shape)
+
+
+def _block_scratch(plan: "_Plan", rows_per_query: int, bg: int, dtype: torch.dtype, device: torch.device) -> "_Scratch":
+    """A buffer big enough for one (b*g, r*bn, bm) block of the plan's schedule."""
+    widest = max((k1 - k0 for _, _, blocks in plan.schedule for k0, k1, _ in blocks), default=1)
+    tallest = max((q1 - q0 for q0, q1, _ in plan.schedule), default=1)
+    return _Scratch(bg * rows_per_query * tallest * widest, dtype, device)
+
+
 def _query_groups(x: Tensor, q0: int, q1: int, g: int) -> Tensor:
     """Rows [q0, q1) of (b, h, n, d) as (b*g, r*bn, d): each group's r heads stacked."""
     b, h, _, d = x.shape
@@ -216,17 +244,20 @@ class _ChunkedAttention(torch.autograd.Function):
         out = torch.empty(b, h, n, d, dtype=acc_dtype, device=q.device)
         lse = torch.empty(b, h, n, 1, dtype=acc_dtype, device=q.device)
         lowest = torch.finfo(acc_dtype).min
+        scratch = _block_scratch(plan, h // g, b * g, acc_dtype, q.device)
+        tallest = max((q1 - q0 for q0, q1, _ in plan.schedule), default=1)
+        q_scratch, acc_scratch = (_Scratch(b * h * tallest * d, acc_dtype, q.device) for _ in range(2))
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
-            qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
+            qg = torch.mul(q[:, :, q0:q1], c, out=q_scratch.get((b, h, bn, d))).view(b * g, (h // g) * bn, d)  # (b*g, r*bn, d)
             rows = qg.shape[1]
             # the running max starts at the lowest finite value, not -inf: a row whose keys are all
             # masked so far then gets p = exp2(-inf - lowest) = 0 and alpha = 1 with no NaN guard
             row_max = torch.full((b * g, rows, 1), lowest, dtype=acc_dtype, device=q.device)
             row_sum = torch.zeros(b * g, rows, 1, dtype=acc_dtype, device=q.device)
-            acc = torch.zeros(b * g, rows, d, dtype=acc_dtype, device=q.device)
+            acc = acc_scratch.get((b * g, rows, d)).zero_()
             for k0, k1, state in blocks:
-                s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), plan.bias_block(q0, q1, k0, k1), h)
+                s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), plan.bias_block(q0, q1, k0, k1), h, scratch)
                 new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
                 p = s.sub_(new_max).exp2_()  # (b*g, r*bn, bm), in place over the logits
                 alpha = row_max.sub_(new_max).exp2_()
@@ -263,6 +294,8 @@ class _ChunkedAttention(torch.autograd.Function):
         need_bias = bias is not None and ctx.needs_input_grad[4]
         dbias = torch.zeros(bias.shape, dtype=acc_dtype, device=q.device) if need_bias else None  # type: ignore[union-attr]
         dparams = [torch.zeros_like(p) for p in params]
+        scratch = _block_scratch(plan, h // g, b * g, acc_dtype, q.device)
+        dp_scratch = _block_scratch(plan, h // g, b * g, acc_dtype, q.device)
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
             qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
@@ -273,10 +306,10 @@ class _ChunkedAttention(torch.autograd.Function):
             for k0, k1, state in blocks:
                 with torch.enable_grad():
                     extra = plan.bias_block(q0, q1, k0, k1)
-                s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), None if extra is None else extra.detach(), h)
+                s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), None if extra is None else extra.detach(), h, scratch)
                 p = s.sub_(lse_g).exp2_()  # (b*g, r*bn, bm)
                 dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dog)
-                dp = torch.bmm(dog, v3t[:, :, k0:k1]).sub_(delta_g)  # (b*g, r*bn, bm)
+                dp = torch.bmm(dog, v3t[:, :, k0:k1], out=dp_scratch.get(tuple(p.shape))).sub_(delta_g)  # (b*g, r*bn, bm)
                 ds = p.mul_(dp)  # in place over p
                 dqg.baddbmm_(ds, k3[:, k0:k1])
                 dk[:, k0:k1].baddbmm_(ds.transpose(1, 2), qg)
