@@ -30,6 +30,24 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
 
 
+def weights_only(model: torch.nn.Module):  # type: ignore[no-untyped-def]
+    """The bound on any batch-1 decoder with these weights on this machine: one pass of the
+    fast GEMV over every linear layer per token, nothing else (no attention, norms, sampling,
+    Python). Returns a callable timing as many passes as `generate` makes tokens."""
+    from anyformer.generation.fast import fast_gemv
+
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+    def run(n: int) -> None:
+        with torch.inference_mode():
+            inputs = {m.in_features: torch.randn(m.in_features, dtype=m.weight.dtype) for m in layers}
+            for _ in range(n):
+                for m in layers:
+                    fast_gemv(inputs[m.in_features], m.weight, m.bias)
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -61,6 +79,9 @@ def main() -> None:
             variants = {"hf": run_hf, "anyformer_eager": lambda: generate(ours, prompt, max_new_tokens=n)}
             if not args.no_compile:
                 variants["anyformer_compiled"] = lambda: generate(ours, prompt, max_new_tokens=n, compile=True)
+            if not args.no_compile:
+                bound = weights_only(ours)
+                variants["weights_only_bound"] = lambda: bound(n)
             first, outputs = {}, {}
             for key, fn in variants.items():  # first call: warm-up, and compile time for the compiled variant
                 t = time.perf_counter()
@@ -80,13 +101,14 @@ def main() -> None:
                 row[f"{key}_effective_gb_per_s"] = nbytes * n / best[key] / 1e9
                 if key != "hf":
                     row[f"{key}_vs_hf"] = best["hf"] / best[key]
+                if key.startswith("anyformer"):
                     row[f"{key}_same_tokens"] = torch.equal(outputs["hf"], outputs[key])
             if "anyformer_compiled" in variants:
                 row["compile_seconds"] = max(0.0, first["anyformer_compiled"] - best["anyformer_compiled"])
             results.append(row)
             line = "  ".join(f"{k.replace('anyformer_', '')} {n / best[k]:6.1f} tok/s" for k in variants)
             ratios = "  ".join(f"{k.replace('anyformer_', '')}/hf {row[f'{k}_vs_hf']:.2f}x same={row[f'{k}_same_tokens']}"
-                               for k in variants if k != "hf")
+                               for k in variants if k.startswith("anyformer"))
             print(f"threads={threads} {name:9s} {line}  {ratios}", flush=True)
     info = {"torch": torch.__version__, "transformers": transformers.__version__,
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
