@@ -136,3 +136,74 @@ def test_bf16_fast_decoding_with_fp32_cache_is_as_accurate_as_plain_bf16() -> No
         fast_err = (cached(torch.float32, True) - want).abs().max()
     assert fast_err <= 1.5 * plain_err + 1e-3, (fast_err, plain_err)
     assert fast_err < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_multi_gemv_equals_one_call_per_weight_for_any_thread_count(dtype: torch.dtype) -> None:
+    """Several weights in one call give each weight's own product, bit for bit, and a row's value
+    does not depend on how the rows are split between threads (each row is summed in one order)."""
+    module = _native_or_skip()
+    torch.manual_seed(3)
+    k = 77
+    ws = [torch.randn(o, k).to(dtype) for o in (5, 130, 64, 3)]
+    bs = [torch.randn(w.shape[0]).to(dtype) for w in ws]
+    x = torch.randn(k).to(dtype)
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for biases in ([], bs):
+                fused = module.gemv_multi(x, ws, biases)
+                single = torch.cat([module.gemv(x, w, b if biases else None) for w, b in zip(ws, bs)])
+                assert torch.equal(fused, single)
+                results.append(fused)
+        assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(RuntimeError, match="one per weight"):
+        module.gemv_multi(x, ws, bs[:2])
+    with pytest.raises(RuntimeError, match="expected"):
+        module.gemv_multi(x, [torch.randn(4, k + 1).to(dtype)], [])
+
+
+class _QKV(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+
+
+def test_sibling_layers_run_fused_and_stop_fusing_when_parts_go_unclaimed() -> None:
+    _native_or_skip()
+    torch.manual_seed(0)
+    m = _QKV()
+    x, mem = torch.randn(1, 1, 16), torch.randn(1, 1, 16)
+    want = [F.linear(x, lay.weight, lay.bias) for lay in (m.q_proj, m.k_proj, m.v_proj)]
+    with torch.no_grad(), FastLinears(m) as fast:
+        group = fast.groups[id(m.q_proj)]
+        got = [m.q_proj(x), m.k_proj(x), m.v_proj(x)]  # self-attention: one fused call serves all three
+        assert not group.parts and group.enabled
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # cross-attention: k and v read another tensor, so the parts kept for x are never claimed
+        q = m.q_proj(x)
+        k = m.k_proj(mem)
+        torch.testing.assert_close(q, want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k, F.linear(mem, m.k_proj.weight, m.k_proj.bias), rtol=1e-5, atol=1e-5)
+        m.q_proj(x)  # the next leader call finds the unclaimed part and turns fusing off
+        assert not group.enabled
+        torch.testing.assert_close(m.v_proj(x), want[2], rtol=1e-5, atol=1e-5)
+    assert "forward" not in m.q_proj.__dict__
+
+
+def test_compiled_encoder_decoder_generation_equals_plain_generation() -> None:
+    """Cross-attention reads the cached memory keys/values: fused sibling calls must not change
+    what an encoder-decoder generates."""
+    from anyformer.models.presets import preset
+
+    torch.manual_seed(0)
+    model = build_model(preset("t5-tiny", ffn={"kind": "swiglu"}, attention={"num_heads": 4, "num_kv_heads": 2})).eval()
+    src = torch.randint(2, 200, (1, 9))
+    plain = generate(model, src, max_new_tokens=10)
+    fast = generate(model, src, max_new_tokens=10, compile=True)
+    assert torch.equal(plain, fast)

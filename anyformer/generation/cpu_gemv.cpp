@@ -16,17 +16,29 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
 constexpr int64_t kRowsPerTask = 64;
+// Weights are read once per token: prefetching them a few lines ahead with the non-temporal hint
+// keeps them from evicting what the rest of the step needs from the caches (measured +3-10% tokens/s
+// in GPT-2-small decoding over no prefetch; 256 bytes was best among 256-8192). 0 turns it off.
+int64_t g_prefetch = 256;
+
+inline void prefetch_nta(const void* p) {
+  if (g_prefetch) _mm_prefetch(static_cast<const char*>(p) + g_prefetch, _MM_HINT_NTA);
+}
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t k) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 64 <= k; j += 64) {
+    prefetch_nta(w + j);
+    prefetch_nta(w + j + 32);
     a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + j), (__m512bh)_mm512_loadu_si512(x + j));
     a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + j + 32), (__m512bh)_mm512_loadu_si512(x + j + 32));
   }
@@ -43,6 +55,8 @@ float dot_f32(const float* w, const float* x, int64_t k) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 32 <= k; j += 32) {
+    prefetch_nta(w + j);
+    prefetch_nta(w + j + 16);
     a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a0);
     a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
   }
@@ -54,6 +68,29 @@ float dot_f32(const float* w, const float* x, int64_t k) {
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
+// Rows [r0, r1) of w (rows of k) into y[r], plus the bias b[r] (b may be null). One row at a
+// time: a thread then reads its rows as one sequential stream, which streams from memory faster
+// here than interleaving several rows (measured: 4 rows at once lost 10-40% on weights that do
+// not fit in cache, the decoding case).
+void rows_f32(const float* w, const float* x, const float* b, float* y, int64_t r0, int64_t r1, int64_t k) {
+  for (int64_t r = r0; r < r1; ++r) y[r] = dot_f32(w + r * k, x, k) + (b ? b[r] : 0.f);
+}
+
+void rows_bf16(const uint16_t* w, const uint16_t* x, const c10::BFloat16* b, c10::BFloat16* y, int64_t r0, int64_t r1, int64_t k) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc = dot_bf16(w + r * k, x, k);
+    if (b) acc += static_cast<float>(b[r]);
+    y[r] = c10::BFloat16(acc);
+  }
+}
+
+// One weight of a multi-weight product: its rows land at out[start : start + rows).
+struct Segment {
+  const void* w;
+  const void* b;
+  int64_t start, rows;
+};
+
 }  // namespace
 
 bool supported() {
@@ -62,44 +99,66 @@ bool supported() {
          __builtin_cpu_supports("avx512bf16");
 }
 
+// x (k,) contiguous; weights: (o_i, k) contiguous, all of x's dtype (float32 or bfloat16);
+// biases: empty, or one (o_i,) per weight. Returns the products one after another, (sum o_i,),
+// in x's dtype: several layers that read the same input (q, k and v; gate and up) run in one
+// parallel pass, so the threads start once instead of once per layer.
+torch::Tensor gemv_multi(const torch::Tensor& x, const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& biases) {
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "gemv: x must be one contiguous vector");
+  TORCH_CHECK(!weights.empty(), "gemv: no weights");
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), "gemv: give no bias or one per weight");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "gemv: float32 or bfloat16 only");
+  const int64_t k = x.size(0);
+  std::vector<Segment> segs;
+  int64_t total = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == k, "gemv: weight ", i, " has shape ", w.sizes(), ", expected (o, ", k, ")");
+    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == x.scalar_type(), "gemv: weight ", i, " must be contiguous and of x's dtype");
+    const void* b = nullptr;
+    if (!biases.empty()) {
+      const auto& bi = biases[i];
+      TORCH_CHECK(bi.is_contiguous() && bi.numel() == w.size(0) && bi.scalar_type() == x.scalar_type(), "gemv: bad bias ", i);
+      b = bi.data_ptr();
+    }
+    segs.push_back({w.data_ptr(), b, total, w.size(0)});
+    total += w.size(0);
+  }
+  auto out = torch::empty({total}, x.options());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  void* y = out.data_ptr();
+  const void* xv = x.data_ptr();
+  at::parallel_for(0, total, kRowsPerTask, [&](int64_t r0, int64_t r1) {
+    for (const auto& s : segs) {
+      const int64_t lo = std::max(r0, s.start), hi = std::min(r1, s.start + s.rows);
+      if (lo >= hi) continue;
+      if (bf16) {
+        rows_bf16(static_cast<const uint16_t*>(s.w), static_cast<const uint16_t*>(xv), static_cast<const c10::BFloat16*>(s.b),
+                  static_cast<c10::BFloat16*>(y) + s.start, lo - s.start, hi - s.start, k);
+      } else {
+        rows_f32(static_cast<const float*>(s.w), static_cast<const float*>(xv), static_cast<const float*>(s.b),
+                 static_cast<float*>(y) + s.start, lo - s.start, hi - s.start, k);
+      }
+    }
+  });
+  return out;
+}
+
 // x (k,) contiguous, weight (o, k) contiguous, bias (o,) or None, all of one dtype (float32 or
 // bfloat16); returns (o,) in that dtype.
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && x.dim() == 1 && x.size(0) == weight.size(1), "gemv: shapes do not match");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "gemv: inputs must be contiguous");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "gemv: x and weight dtypes differ");
-  const int64_t o = weight.size(0), k = weight.size(1);
-  auto out = torch::empty({o}, x.options());
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == o && bias->scalar_type() == x.scalar_type(), "gemv: bad bias");
-  }
-  if (weight.scalar_type() == torch::kBFloat16) {
-    const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
-    const auto* xv = reinterpret_cast<const uint16_t*>(x.data_ptr());
-    const auto* b = has_bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
-    auto* y = out.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, o, kRowsPerTask, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        float acc = dot_bf16(w + r * k, xv, k);
-        if (b) acc += static_cast<float>(b[r]);
-        y[r] = c10::BFloat16(acc);
-      }
-    });
-  } else {
-    TORCH_CHECK(weight.scalar_type() == torch::kFloat, "gemv: float32 or bfloat16 only");
-    const float* w = weight.data_ptr<float>();
-    const float* xv = x.data_ptr<float>();
-    const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
-    float* y = out.data_ptr<float>();
-    at::parallel_for(0, o, kRowsPerTask, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) y[r] = dot_f32(w + r * k, xv, k) + (b ? b[r] : 0.f);
-    });
-  }
-  return out;
+  std::vector<torch::Tensor> biases;
+  if (bias.has_value() && bias->defined()) biases.push_back(*bias);
+  return gemv_multi(x, {weight}, biases);
 }
 
+void set_prefetch(int64_t bytes) { g_prefetch = bytes; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_prefetch", &set_prefetch, "prefetch distance in bytes (0: off)");
   m.def("supported", &supported, "whether this CPU has AVX-512 with BF16 dot products");
   m.def("gemv", &gemv, "one-row linear layer", pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
+  m.def("gemv_multi", &gemv_multi, "several one-row linear layers on the same input, outputs concatenated",
+        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("biases"));
 }

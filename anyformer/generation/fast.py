@@ -86,12 +86,79 @@ def compiled_gemv() -> Callable[..., Tensor]:
     return _COMPILED["gemv"]
 
 
+# Sibling layers that read the same input, by the attribute names of the library's modules:
+# attention's q/k/v projections and SwiGLU's gate/up. One pass over all their weights replaces
+# a pass per layer (the threads start once).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate", "up"))
+
+
+class _Siblings:
+    """Linear layers of one module that read the same input. The first of them called with a
+    row computes all of their outputs in one native call and keeps the others' parts for their
+    own calls with that same tensor. If a part is never claimed (cross-attention calls k and v
+    on the encoder memory, not on x), the group stops fusing: the extra work would be wasted."""
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        self.layers = layers
+        self.sizes = [layer.out_features for layer in layers]
+        self.x: Tensor | None = None
+        self.parts: dict[int, Tensor] = {}
+        self.enabled = True
+
+    @staticmethod
+    def find(module: nn.Module) -> "list[_Siblings]":
+        out = []
+        for names in SIBLINGS:
+            layers = [getattr(module, n, None) for n in names]
+            if not all(type(layer) is nn.Linear for layer in layers):
+                continue
+            first = layers[0]
+            same = all(
+                layer.in_features == first.in_features and layer.weight.dtype == first.weight.dtype
+                and layer.weight.device == first.weight.device and (layer.bias is None) == (first.bias is None)
+                for layer in layers
+            )
+            if same:
+                out.append(_Siblings(layers))  # type: ignore[arg-type]
+        return out
+
+    def run(self, layer: nn.Linear, x: Tensor, module: Any) -> Tensor | None:
+        """layer's output for the one-row x, from a fused call; None if this group cannot serve it."""
+        if not self.enabled:
+            return None
+        if self.x is x and id(layer) in self.parts:
+            part = self.parts.pop(id(layer))
+            if not self.parts:
+                self.x = None
+            return part
+        if self.parts:  # a part from the last fused call went unclaimed
+            self.enabled, self.x, self.parts = False, None, {}
+            return None
+        weights = [lay.weight for lay in self.layers]
+        if not all(w.is_contiguous() and w.dtype == x.dtype for w in weights):
+            return None
+        biases = [lay.bias for lay in self.layers] if layer.bias is not None else []
+        if any(b.dtype != x.dtype for b in biases):  # type: ignore[union-attr]
+            return None
+        out = module.gemv_multi(x.reshape(-1).contiguous(), weights, [b.contiguous() for b in biases])  # type: ignore[union-attr]
+        mine = None
+        for lay, part in zip(self.layers, out.split(self.sizes)):
+            part = part.view(*x.shape[:-1], lay.out_features)
+            if lay is layer:
+                mine = part
+            else:
+                self.parts[id(lay)] = part
+        self.x = x if self.parts else None
+        return mine
+
+
 class FastLinears:
     """Context manager: while active, every `nn.Linear` in `model` fed one row (shape (..., k)
     holding a single k-vector) and not needing gradients runs `fast_gemv`; other calls take the
     usual `F.linear` path. Each layer's `forward` is overridden on the instance and restored on
     exit, so no other code (and no other model) is affected, and nothing is intercepted besides
-    the linear layers themselves.
+    the linear layers themselves. Sibling layers reading the same input (`SIBLINGS`) run as one
+    native call when the C++ kernel is available.
 
     If the fast path fails (no C++ toolchain, unsupported device), it warns once and uses
     `F.linear` for the rest of the context's life (`failed` becomes True).
@@ -99,12 +166,23 @@ class FastLinears:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [m for m in model.modules() if type(m) is nn.Linear]
+        self.groups: dict[int, _Siblings] = {}
+        for module in model.modules():
+            for group in _Siblings.find(module):
+                for layer in group.layers:
+                    self.groups[id(layer)] = group
         self.failed = False
 
     def _forward(self, layer: nn.Linear, x: Tensor) -> Tensor:
         weight, bias = layer.weight, layer.bias
         if not self.failed and x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and weight.requires_grad):
             try:
+                group = self.groups.get(id(layer))
+                if group is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+                    module = native_gemv()
+                    out = None if module is None else group.run(layer, x, module)
+                    if out is not None:
+                        return out
                 return fast_gemv(x.reshape(-1), weight, bias).view(*x.shape[:-1], weight.shape[0])
             except Exception as err:  # compile/toolchain failure: keep decoding, eagerly
                 self.failed = True
@@ -119,3 +197,5 @@ class FastLinears:
     def __exit__(self, *exc: object) -> None:
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
+        for group in self.groups.values():  # no stale parts (and no kept tensors) across uses
+            group.x, group.parts = None, {}
