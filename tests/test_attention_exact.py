@@ -169,3 +169,62 @@ def test_causal_reference_mask_convention():
     a = chunked_attention(q, k, v, causal=True, q_block=2, k_block=2)
     b = eager_attention(q, k, v, mask=causal_mask(3, 5))
     torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "padding", "alibi"])
+def test_pytorch_softmax_path_equals_reference_too(case, monkeypatch):
+    """The online-softmax steps run in C++ on AVX-512 CPUs; the PyTorch ops that replace them
+    elsewhere (and on other devices) must meet the same reference."""
+    import anyformer.nn.attention.chunked as chunked
+
+    monkeypatch.setattr(chunked, "native_softmax", lambda device, dtype: None)
+    if case == "padding":
+        pad = torch.ones(B, 47, dtype=torch.bool)
+        pad[1, -20:] = False
+        pad[0, :] = False
+        diffs = compare(33, 47, mask=pad[:, None, None, :])
+    elif case == "alibi":
+        diffs = compare(40, 60, causal=True, pos=positional("alibi", True))
+    else:
+        diffs = compare(70, 70, causal=case == "causal")
+    assert max(diffs) <= TOL
+
+
+def test_native_online_softmax_equals_its_pytorch_steps():
+    from anyformer.nn.attention.chunked import native_softmax
+
+    native = native_softmax(torch.device("cpu"), torch.float32)
+    if native is None:
+        pytest.skip("the C++ softmax kernels need a C++ toolchain and an AVX-512 CPU")
+    torch.manual_seed(0)
+    lowest = torch.finfo(torch.float32).min
+    row_max = torch.full((6, 9, 1), lowest)
+    row_sum = torch.zeros(6, 9, 1)
+    ref_max, ref_sum = row_max.clone(), row_sum.clone()
+    for cols in (37, 16, 200):  # successive blocks, tails of every width
+        s = torch.randn(6, 9, cols) * 8
+        s[0, 3] = float("-inf")  # a row with nothing visible in any block
+        s[2, :4, : cols // 2] = float("-inf")
+        ref = s.clone()
+        alpha = native.online_softmax_(s, row_max, row_sum)
+        new = torch.maximum(ref_max, ref.amax(-1, keepdim=True))
+        p = (ref - new).exp2()
+        ref_alpha = (ref_max - new).exp2()
+        ref_sum = ref_sum * ref_alpha + p.sum(-1, keepdim=True)
+        ref_max = new
+        torch.testing.assert_close(s, p, rtol=3e-7, atol=1e-30)
+        torch.testing.assert_close(alpha, ref_alpha, rtol=3e-7, atol=1e-30)
+        torch.testing.assert_close(row_sum, ref_sum, rtol=1e-6, atol=0)
+        assert torch.equal(row_max, ref_max)
+    assert (row_sum[0, 3] == 0).all() and (row_max[0, 3] == lowest).all()
+    # exp2 against float64 over the normal range, and exact 0 for masked logits
+    x = torch.linspace(-126, 0, 100001).view(1, -1)
+    y = x.clone()
+    native.exp2_shift_(y, torch.zeros(1))
+    exact = x.double().exp2()
+    assert ((y.double() - exact).abs() / exact).max() < 2e-7
+    z = torch.tensor([[float("-inf"), -1e30, 3.0]])
+    native.exp2_shift_(z, torch.tensor([float("inf")]))
+    assert torch.equal(z, torch.zeros(1, 3))
+    with pytest.raises(RuntimeError, match="one value per row"):
+        native.online_softmax_(torch.zeros(2, 3), torch.zeros(3), torch.zeros(2))

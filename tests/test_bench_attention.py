@@ -50,3 +50,36 @@ def test_ratio_table_divides_by_the_matching_sdpa_row():
     ]
     line = next(l for l in ratio_table(rows) if l.startswith("mha[chunked]"))
     assert line.split()[-4:] == ["0.50", "4.0", "-", "-"]
+
+
+def test_sweep_interleaves_methods_per_length_and_keeps_the_best_round(tmp_path, monkeypatch):
+    """Every method runs at a length before any runs at the next (a drift in machine speed then
+    falls on all of them), each extra round measures again, and a configuration keeps its best
+    time and its largest peak; the JSON on disk holds every row."""
+    import json
+
+    import anyformer.bench.attention as bench
+
+    calls = []
+    fake = {  # (method, n, round) -> (time, peak)
+        ("a", 64, 0): (3.0, 10), ("b", 64, 0): (2.0, 20), ("a", 128, 0): (5.0, 30), ("b", 128, 0): (4.0, 40),
+        ("a", 64, 1): (1.0, 5), ("b", 64, 1): (2.5, 25), ("a", 128, 1): (6.0, 35), ("b", 128, 1): (3.5, 10),
+    }
+
+    def run_one(spec, timeout):
+        rnd = sum(1 for c in calls if c == (spec["method"], spec["n"]))
+        calls.append((spec["method"], spec["n"]))
+        t, peak = fake[(spec["method"], spec["n"], rnd)]
+        return {"time_s": t, "peak_bytes": peak, "runs": 2, "mode": "kernel"}
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    monkeypatch.setattr(bench, "plot", lambda results, path: None)
+    cfg = bench.BenchConfig(methods=["a", "b"], lengths=[128, 64], causal=[True], passes=["forward"], rounds=2)
+    results = bench.run(cfg, tmp_path, log=lambda line: None)
+    assert calls == [("a", 64), ("b", 64), ("a", 128), ("b", 128)] * 2
+    got = {(r["method"], r["n"]): (r["time_s"], r["peak_bytes"], r["round_times_s"]) for r in results}
+    for (m, n), (t, peak, rounds) in got.items():
+        assert rounds == [fake[(m, n, 0)][0], fake[(m, n, 1)][0]]
+        assert t == min(rounds) and peak == max(fake[(m, n, 0)][1], fake[(m, n, 1)][1])
+    on_disk = json.loads((tmp_path / "attention.json").read_text())["results"]
+    assert len(on_disk) == 4 and all("time_s" in r for r in on_disk)

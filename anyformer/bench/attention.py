@@ -52,6 +52,7 @@ class BenchConfig:
     max_memory_gb: float = 12.0
     min_time: float = 1.0
     repeats: int = 3
+    rounds: int = 1
 
 
 def _predict(points: list[tuple[int, float]], n: int) -> float:
@@ -85,51 +86,77 @@ def run_one(spec: dict, timeout: float) -> dict:
 
 
 def run(cfg: BenchConfig, out_dir: Path, log=print) -> list[dict]:  # type: ignore[no-untyped-def]
-    """Run every configuration; write attention.json and attention.png to `out_dir`."""
+    """Run every configuration; write attention.json (after every measurement, so an interrupted
+    run keeps what it measured) and attention.png to `out_dir`.
+
+    At each length every method runs back to back (lengths outer, methods inner), so a drift in
+    the machine's speed over a long run falls on all methods alike instead of on whichever ran
+    last; with `rounds` > 1 the whole sweep repeats, each measurement again in a fresh process,
+    and a configuration keeps its best time (and its largest peak)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[dict] = []
-    series = [(m, c, p) for p in cfg.passes for c in cfg.causal for m in cfg.methods]
-    total = len(series) * len(cfg.lengths)
+    groups = [(p, c) for p in cfg.passes for c in cfg.causal]
+    rows: dict[tuple, dict] = {}
+    history: dict[tuple, dict] = {}  # (method, causal, pass) -> measured points and stop reason
+    total = len(groups) * len(cfg.lengths) * len(cfg.methods) * cfg.rounds
     started = time.perf_counter()
     done = 0
-    for method, causal, pass_ in series:
-        times: list[tuple[int, float]] = []
-        mems: list[tuple[int, float]] = []
-        stop = ""
-        for n in sorted(cfg.lengths):
-            done += 1
-            spec = dict(
-                method=method, n=n, causal=causal, backward=pass_ == "backward", positional=cfg.positional,
-                mode=cfg.mode, num_heads=cfg.num_heads, head_dim=cfg.head_dim, window=cfg.window, dtype=cfg.dtype,
-                device=cfg.device, threads=cfg.threads, min_time=cfg.min_time, repeats=cfg.repeats,
-            )
-            row = {k: spec[k] for k in ("method", "mode", "n", "causal", "positional", "dtype", "device", "threads")} | {"pass": pass_}
-            t_pred, m_pred = _predict(times, n), _predict(mems, n)
-            if stop:
-                row["skipped"] = stop
-            elif t_pred > cfg.max_seconds:
-                row["skipped"] = f"predicted {t_pred:.1f} s > budget {cfg.max_seconds:.0f} s"
-            elif m_pred > cfg.max_memory_gb * 2**30:
-                row["skipped"] = f"predicted {m_pred / 2**30:.1f} GiB > budget {cfg.max_memory_gb:.0f} GiB"
-            if "skipped" in row:
-                log(f"[{done}/{total}] {method:22s} {pass_:8s} causal={causal!s:5s} n={n:6d}  skipped: {row['skipped']}")
-                results.append(row)
-                continue
-            res = run_one(spec, timeout=max(60.0, 4 * cfg.max_seconds * (1 + cfg.repeats)))
-            row |= res
-            results.append(row)
-            elapsed = time.perf_counter() - started
-            if "error" in res:
-                stop = f"failed at n={n}: {res['error']}"
-                log(f"[{done}/{total}] {method:22s} {pass_:8s} causal={causal!s:5s} n={n:6d}  error: {res['error']}")
-                continue
-            times.append((n, res["time_s"]))
-            mems.append((n, max(res["peak_bytes"], 1.0)))
-            log(
-                f"[{done}/{total}] {method:22s} {pass_:8s} causal={causal!s:5s} n={n:6d}  "
-                f"{res['time_s'] * 1e3:10.1f} ms  {res['peak_bytes'] / 2**20:9.1f} MiB   (elapsed {elapsed:.0f} s)"
-            )
-    (out_dir / "attention.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=1))
+
+    def save() -> None:
+        (out_dir / "attention.json").write_text(json.dumps({"config": asdict(cfg), "results": list(rows.values())}, indent=1))
+
+    for round_ in range(cfg.rounds):
+        for pass_, causal in groups:
+            for n in sorted(cfg.lengths):
+                for method in cfg.methods:
+                    done += 1
+                    key = (method, n, causal, pass_)
+                    hist = history.setdefault((method, causal, pass_), {"times": [], "mems": [], "stop": ""})
+                    spec = dict(
+                        method=method, n=n, causal=causal, backward=pass_ == "backward", positional=cfg.positional,
+                        mode=cfg.mode, num_heads=cfg.num_heads, head_dim=cfg.head_dim, window=cfg.window, dtype=cfg.dtype,
+                        device=cfg.device, threads=cfg.threads, min_time=cfg.min_time, repeats=cfg.repeats,
+                    )
+                    where = f"[{done}/{total}] {method:22s} {pass_:8s} causal={causal!s:5s} n={n:6d}"
+                    if round_ == 0:
+                        row = {k: spec[k] for k in ("method", "mode", "n", "causal", "positional", "dtype", "device", "threads")}
+                        row["pass"] = pass_
+                        rows[key] = row
+                        t_pred, m_pred = _predict(hist["times"], n), _predict(hist["mems"], n)
+                        if hist["stop"]:
+                            row["skipped"] = hist["stop"]
+                        elif t_pred > cfg.max_seconds:
+                            row["skipped"] = f"predicted {t_pred:.1f} s > budget {cfg.max_seconds:.0f} s"
+                        elif m_pred > cfg.max_memory_gb * 2**30:
+                            row["skipped"] = f"predicted {m_pred / 2**30:.1f} GiB > budget {cfg.max_memory_gb:.0f} GiB"
+                        if "skipped" in row:
+                            log(f"{where}  skipped: {row['skipped']}")
+                            save()
+                            continue
+                    row = rows[key]
+                    if "skipped" in row or "error" in row:
+                        continue  # later rounds repeat only what the first one measured
+                    res = run_one(spec, timeout=max(60.0, 4 * cfg.max_seconds * (1 + cfg.repeats)))
+                    elapsed = time.perf_counter() - started
+                    if "error" in res:
+                        if round_ == 0:
+                            row["error"] = res["error"]
+                            hist["stop"] = f"failed at n={n}: {res['error']}"
+                        log(f"{where}  error: {res['error']}")
+                        save()
+                        continue
+                    if round_ == 0:
+                        row |= res
+                        row["round_times_s"] = [res["time_s"]]
+                        hist["times"].append((n, res["time_s"]))
+                        hist["mems"].append((n, max(res["peak_bytes"], 1.0)))
+                    else:
+                        row["round_times_s"].append(res["time_s"])
+                        row["time_s"] = min(row["time_s"], res["time_s"])
+                        row["peak_bytes"] = max(row["peak_bytes"], res["peak_bytes"])
+                    log(f"{where}  {res['time_s'] * 1e3:10.1f} ms  {res['peak_bytes'] / 2**20:9.1f} MiB   (elapsed {elapsed:.0f} s)")
+                    save()
+    results = list(rows.values())
+    save()
     plot(results, out_dir / "attention.png")
     for line in ratio_table(results):
         log(line)

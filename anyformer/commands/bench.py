@@ -44,6 +44,8 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--max-memory-gb", type=float, default=12.0, help="skip configurations predicted to need more")
     p.add_argument("--min-time", type=float, default=1.0, help="repeat a measurement until this much time passed")
     p.add_argument("--repeats", type=int, default=3, help="at most this many timed repeats after the first call")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="sweep everything this many times (fresh processes each time) and keep each configuration's best")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for attention.json and attention.png")
     p.set_defaults(func=_run_attention)
 
@@ -65,8 +67,10 @@ def _run_attention(args: argparse.Namespace) -> int:
         passes={"both": ["forward", "backward"], "forward": ["forward"], "backward": ["backward"]}[args.passes],
         positional=args.positional, mode=args.mode, num_heads=args.heads, head_dim=args.head_dim, window=args.window,
         dtype=args.dtype, device=args.device, max_seconds=args.max_seconds, max_memory_gb=args.max_memory_gb,
-        min_time=args.min_time, repeats=args.repeats,
+        min_time=args.min_time, repeats=args.repeats, rounds=args.rounds,
     )
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1 (got {args.rounds})")
     if args.lengths:
         cfg.lengths = args.lengths
     if args.threads:

@@ -40,27 +40,15 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 _COMPILED: dict[str, Callable[..., Tensor]] = {}
-_NATIVE: dict[str, Any] = {}
 
 
 def native_gemv() -> Any | None:
-    """The C++ kernel module (functions `supported()` and `gemv(x, weight, bias)`), built on
-    first use; None if it cannot be built here (no compiler) or this CPU lacks AVX-512 BF16."""
-    if "module" not in _NATIVE:
-        module = None
-        try:
-            from torch.utils import cpp_extension
+    """The C++ kernel module (functions `supported()`, `gemv(x, weight, bias)` and
+    `gemv_multi(x, weights, biases)`), built on first use; None if it cannot be built here (no
+    compiler) or this CPU lacks AVX-512 BF16 (see anyformer.native)."""
+    from ..native import load
 
-            source = os.path.join(os.path.dirname(__file__), "cpu_gemv.cpp")
-            module = cpp_extension.load(name="anyformer_cpu_gemv", sources=[source], extra_cflags=["-O3", "-fopenmp"],
-                                        extra_ldflags=["-fopenmp"], verbose=False)
-            if not module.supported():
-                module = None
-        except Exception as err:  # no toolchain / headers: the compiled fallback takes over
-            warnings.warn(f"C++ decoding kernel unavailable ({type(err).__name__}: {str(err)[:200]}); using torch.compile")
-            module = None
-        _NATIVE["module"] = module
-    return _NATIVE["module"]
+    return load("anyformer_cpu_gemv", os.path.join(os.path.dirname(__file__), "cpu_gemv.cpp"))
 
 
 def fast_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

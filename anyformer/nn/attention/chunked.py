@@ -17,6 +17,7 @@ Legend: `b` batch, `h` query heads, `g` key/value heads, `r = h / g`, `n` querie
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +31,16 @@ from .patterns import FULL, NONE, PARTIAL, Causal, Intersection, Pattern
 DEFAULT_Q_BLOCK = 256
 DEFAULT_K_BLOCK = 256
 LOG2E = 1.4426950408889634  # logits are kept in base 2: exp2 is much cheaper than exp on CPUs
+
+
+def native_softmax(device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """The C++ online-softmax kernels (cpu_softmax.cpp: one pass per block row instead of nine
+    whole-block PyTorch ops) for fp32 blocks on a CPU with AVX-512, else None (PyTorch ops)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    from ...native import load
+
+    return load("anyformer_cpu_softmax", os.path.join(os.path.dirname(__file__), "cpu_softmax.cpp"))
 
 
 class BlockBias(Protocol):
@@ -247,6 +258,7 @@ class _ChunkedAttention(torch.autograd.Function):
         scratch = _block_scratch(plan, h // g, b * g, acc_dtype, q.device)
         tallest = max((q1 - q0 for q0, q1, _ in plan.schedule), default=1)
         q_scratch, acc_scratch = (_Scratch(b * h * tallest * d, acc_dtype, q.device) for _ in range(2))
+        native = native_softmax(q.device, acc_dtype)
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
             qg = torch.mul(q[:, :, q0:q1], c, out=q_scratch.get((b, h, bn, d))).view(b * g, (h // g) * bn, d)  # (b*g, r*bn, d)
@@ -258,6 +270,10 @@ class _ChunkedAttention(torch.autograd.Function):
             acc = acc_scratch.get((b * g, rows, d)).zero_()
             for k0, k1, state in blocks:
                 s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), plan.bias_block(q0, q1, k0, k1), h, scratch)
+                if native is not None and s.is_contiguous():  # the same steps as below, one pass per row
+                    alpha = native.online_softmax_(s, row_max, row_sum)
+                    acc.mul_(alpha).baddbmm_(s, v3[:, k0:k1])
+                    continue
                 new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
                 p = s.sub_(new_max).exp2_()  # (b*g, r*bn, bm), in place over the logits
                 alpha = row_max.sub_(new_max).exp2_()
@@ -296,18 +312,23 @@ class _ChunkedAttention(torch.autograd.Function):
         dparams = [torch.zeros_like(p) for p in params]
         scratch = _block_scratch(plan, h // g, b * g, acc_dtype, q.device)
         dp_scratch = _block_scratch(plan, h // g, b * g, acc_dtype, q.device)
+        native = native_softmax(q.device, acc_dtype)
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
             qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
             dog = _query_groups(do, q0, q1, g)
-            lse_g = _query_groups(lse, q0, q1, g)  # (b*g, r*bn, 1)
+            lse_g = _query_groups(lse, q0, q1, g).contiguous()  # (b*g, r*bn, 1)
             delta_g = _query_groups(delta, q0, q1, g)
             dqg = torch.zeros_like(qg)
             for k0, k1, state in blocks:
                 with torch.enable_grad():
                     extra = plan.bias_block(q0, q1, k0, k1)
                 s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), None if extra is None else extra.detach(), h, scratch)
-                p = s.sub_(lse_g).exp2_()  # (b*g, r*bn, bm)
+                if native is not None and s.is_contiguous():
+                    native.exp2_shift_(s, lse_g)
+                    p = s  # (b*g, r*bn, bm)
+                else:
+                    p = s.sub_(lse_g).exp2_()
                 dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dog)
                 dp = torch.bmm(dog, v3t[:, :, k0:k1], out=dp_scratch.get(tuple(p.shape))).sub_(delta_g)  # (b*g, r*bn, bm)
                 ds = p.mul_(dp)  # in place over p
