@@ -226,5 +226,9 @@ def test_native_online_softmax_equals_its_pytorch_steps():
     z = torch.tensor([[float("-inf"), -1e30, 3.0]])
     native.exp2_shift_(z, torch.tensor([float("inf")]))
     assert torch.equal(z, torch.zeros(1, 3))
+    p, dp, delta = torch.rand(4, 5, 33), torch.randn(4, 5, 33), torch.randn(4, 5, 1)
+    want = p * (dp - delta)
+    native.softmax_grad_(p, dp, delta)
+    torch.testing.assert_close(p, want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="one value per row"):
         native.online_softmax_(torch.zeros(2, 3), torch.zeros(3), torch.zeros(2))

@@ -318,7 +318,7 @@ class _ChunkedAttention(torch.autograd.Function):
             qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
             dog = _query_groups(do, q0, q1, g)
             lse_g = _query_groups(lse, q0, q1, g).contiguous()  # (b*g, r*bn, 1)
-            delta_g = _query_groups(delta, q0, q1, g)
+            delta_g = _query_groups(delta, q0, q1, g).contiguous()
             dqg = torch.zeros_like(qg)
             for k0, k1, state in blocks:
                 with torch.enable_grad():
@@ -330,8 +330,12 @@ class _ChunkedAttention(torch.autograd.Function):
                 else:
                     p = s.sub_(lse_g).exp2_()
                 dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dog)
-                dp = torch.bmm(dog, v3t[:, :, k0:k1], out=dp_scratch.get(tuple(p.shape))).sub_(delta_g)  # (b*g, r*bn, bm)
-                ds = p.mul_(dp)  # in place over p
+                dp = torch.bmm(dog, v3t[:, :, k0:k1], out=dp_scratch.get(tuple(p.shape)))  # (b*g, r*bn, bm)
+                if native is not None and p.is_contiguous():
+                    native.softmax_grad_(p, dp, delta_g)
+                    ds = p
+                else:
+                    ds = p.mul_(dp.sub_(delta_g))  # in place over p
                 dqg.baddbmm_(ds, k3[:, k0:k1])
                 dk[:, k0:k1].baddbmm_(ds.transpose(1, 2), qg)
                 if dbias is not None or (params and extra is not None and extra.requires_grad):

@@ -71,6 +71,17 @@ void row_exp2_shift(float* row, int64_t cols, float shift) {
   }
 }
 
+// One row: p = p * (dp - delta).
+__attribute__((target("avx512f")))
+void row_softmax_grad(float* p, const float* dp, int64_t cols, float delta) {
+  const __m512 dl = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 m = tail_mask(cols - j);
+    const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + j), dl);
+    _mm512_mask_storeu_ps(p + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + j), g));
+  }
+}
+
 void check_rows(const torch::Tensor& s, const torch::Tensor& v, const char* what) {
   TORCH_CHECK(v.scalar_type() == torch::kFloat && v.is_contiguous(), what, " must be contiguous float32");
   TORCH_CHECK(v.numel() * s.size(-1) == s.numel(), what, " needs one value per row of the block");
@@ -123,7 +134,23 @@ void exp2_shift_(torch::Tensor s, const torch::Tensor& shift) {
   });
 }
 
+// p, dp: contiguous float32 blocks of one shape; delta: one float32 per row. p = p * (dp - delta)
+// in place: the logits' gradient of a softmax block (delta = rowsum(dout * out)).
+void softmax_grad_(torch::Tensor p, const torch::Tensor& dp, const torch::Tensor& delta) {
+  TORCH_CHECK(p.scalar_type() == torch::kFloat && p.is_contiguous() && p.dim() >= 1, "softmax_grad_: p must be contiguous float32");
+  TORCH_CHECK(dp.scalar_type() == torch::kFloat && dp.is_contiguous() && dp.sizes() == p.sizes(), "softmax_grad_: dp must match p");
+  check_rows(p, delta, "delta");
+  const int64_t cols = p.size(-1), rows = p.numel() / std::max<int64_t>(cols, 1);
+  float* pp = p.data_ptr<float>();
+  const float* gp = dp.data_ptr<float>();
+  const float* dl = delta.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row_softmax_grad(pp + r * cols, gp + r * cols, cols, dl[r]);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("softmax_grad_", &softmax_grad_, "p = p * (dp - delta) per row, in place");
   m.def("supported", &supported, "whether this CPU has AVX-512");
   m.def("online_softmax_", &online_softmax_, "one key block's online-softmax update, in place; returns alpha");
   m.def("exp2_shift_", &exp2_shift_, "s = exp2(s - shift) per row, in place");
