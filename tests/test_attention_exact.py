@@ -232,3 +232,26 @@ def test_native_online_softmax_equals_its_pytorch_steps():
     torch.testing.assert_close(p, want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="one value per row"):
         native.online_softmax_(torch.zeros(2, 3), torch.zeros(3), torch.zeros(2))
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 12, 80, 64), (2, 8, 2, 37, 40), (1, 4, 1, 1, 16), (3, 6, 3, 700, 24)])
+def test_native_one_query_attention_equals_float64_softmax(shape):
+    """Cached decoding's one-query kernel: grouped heads read their group's keys, keys/values are
+    slices of a longer preallocated cache (strided), and it agrees with the float64 softmax."""
+    from anyformer.nn.attention.chunked import native_softmax
+
+    native = native_softmax(torch.device("cpu"), torch.float32)
+    if native is None:
+        pytest.skip("the C++ softmax kernels need a C++ toolchain and an AVX-512 CPU")
+    b, h, g, m, d = shape
+    torch.manual_seed(m)
+    q = torch.randn(b, h, 1, d)
+    cache_k, cache_v = torch.randn(b, g, m + 9, d), torch.randn(b, g, m + 9, d)
+    k, v = cache_k[:, :, :m], cache_v[:, :, :m]
+    got = native.decode_attention(q, k, v, 0.3)
+    kk, vv = k.repeat_interleave(h // g, 1).double(), v.repeat_interleave(h // g, 1).double()
+    want = torch.softmax(q.double() @ kk.transpose(-1, -2) * 0.3, -1) @ vv
+    assert got.shape == (b, h, 1, d)
+    assert (got.double() - want).abs().max() <= TOL
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        native.decode_attention(q, k[:, :, :, :-1], v, 0.3)

@@ -17,7 +17,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -79,6 +81,39 @@ void row_softmax_grad(float* p, const float* dp, int64_t cols, float delta) {
     const __mmask16 m = tail_mask(cols - j);
     const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + j), dl);
     _mm512_mask_storeu_ps(p + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + j), g));
+  }
+}
+
+// Dot product of two float vectors of length d (masked tail).
+__attribute__((target("avx512f")))
+inline float dot(const float* a, const float* b, int64_t d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; j += 16) {
+    const __mmask16 m = tail_mask(d - j);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One query head over m keys: out = softmax(c * K q) V in base 2 (c = scale * log2 e), with the
+// scores in `buf` (m floats). Key/value rows are `ks`/`vs` floats apart.
+__attribute__((target("avx512f")))
+void one_query(const float* q, const float* k, const float* v, float* out, float* buf, int64_t m, int64_t d,
+               int64_t ks, int64_t vs, float c) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < m; ++j) {
+    buf[j] = c * dot(q, k + j * ks, d);
+    mx = std::max(mx, buf[j]);
+  }
+  row_exp2_shift(buf, m, mx);
+  float sum = 0.f;
+  for (int64_t j = 0; j < m; ++j) sum += buf[j];
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 msk = tail_mask(d - i);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < m; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(buf[j]), _mm512_maskz_loadu_ps(msk, v + j * vs + i), acc);
+    _mm512_mask_storeu_ps(out + i, msk, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
   }
 }
 
@@ -149,7 +184,39 @@ void softmax_grad_(torch::Tensor p, const torch::Tensor& dp, const torch::Tensor
   });
 }
 
+// One query per row (cached decoding, nothing masked): q (b, h, 1, d), k and v (b, g, m, d) with
+// h a multiple of g (grouped-query heads share their group's keys) and unit stride along d, any
+// other strides (slices of a preallocated cache). Returns softmax(scale q k^T) v, (b, h, 1, d).
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "decode_attention: q (b, h, 1, d), k/v (b, g, m, d)");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat,
+              "decode_attention: float32 only");
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(3), g = k.size(1), m = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == b && k.size(3) == d && g > 0 && h % g == 0 && m > 0,
+              "decode_attention: shapes do not match");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v need unit stride along the head dim");
+  const auto qc = q.contiguous();
+  auto out = torch::empty({b, h, 1, d}, q.options());
+  const float c = static_cast<float>(scale * 1.4426950408889634);
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t r = h / g;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, m * d));  // threads only for long caches
+  at::parallel_for(0, b * h, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(m);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bi = i / h, hi = i % h, gi = hi / r;
+      one_query(qp + i * d, kp + bi * k.stride(0) + gi * k.stride(1), vp + bi * v.stride(0) + gi * v.stride(1), op + i * d,
+                buf.data(), m, d, k.stride(2), v.stride(2), c);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "one-query attention over a cache (no mask)");
   m.def("softmax_grad_", &softmax_grad_, "p = p * (dp - delta) per row, in place");
   m.def("supported", &supported, "whether this CPU has AVX-512");
   m.def("online_softmax_", &online_softmax_, "one key block's online-softmax update, in place; returns alpha");

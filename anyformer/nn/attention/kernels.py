@@ -98,6 +98,18 @@ def eager_attention(
     return torch.matmul(probs.to(v.dtype), v)
 
 
+def _native_decode(q: Tensor, k: Tensor, v: Tensor):  # type: ignore[no-untyped-def]
+    """The C++ one-query kernel (cpu_softmax.cpp) where it applies: no gradients, unit stride
+    along the head dim; else None."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    from .chunked import native_softmax
+
+    return native_softmax(q.device, q.dtype)
+
+
 @KERNELS.register("sdpa")
 def sdpa_attention(
     q: Tensor,
@@ -116,6 +128,9 @@ def sdpa_attention(
         # one query (cached decoding): in fp32 with nothing masked, the fused kernel is fastest;
         # in bf16 or with a mask/bias (it would get a materialised mask), the plain matmuls are
         if q.dtype == torch.float32 and mask is None and bias is None and dropout == 0.0:
+            native = _native_decode(q, k, v)
+            if native is not None:  # one C++ call: no thread start-up, no copies for grouped heads
+                return native.decode_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
             groups = q.shape[1] // k.shape[1]
             return torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), scale=scale)
         return eager_attention(q, k, v, mask=mask, bias=bias, causal=False, scale=scale, dropout=dropout)
