@@ -194,7 +194,7 @@ def measure(spec: dict) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     best = min(times[1:]) if len(times) > 1 else times[0]
-    return {"time_s": best, "peak_bytes": max(peak, 0), "runs": len(times), "mode": mode}
+    return {"time_s": best, "peak_bytes": max(peak, 0), "runs": len(times), "mode": mode, "call_times_s": [round(t, 6) for t in times]}
 
 
 if __name__ == "__main__":
