@@ -12,11 +12,31 @@ path that computes the same thing.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import warnings
 from typing import Any
 
 _MODULES: dict[str, Any] = {}
+
+
+def _fingerprint(source: str) -> str:
+    """A short hash of `source` and the local headers it includes (`#include "x.h"`, resolved
+    next to it), so that a change in either builds a fresh module instead of reusing a stale one."""
+    digest = hashlib.sha256()
+    todo, seen = [os.path.abspath(source)], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        with open(path, "rb") as f:
+            text = f.read()
+        digest.update(text)
+        for inc in re.findall(rb'^#include "([^"]+)"', text, flags=re.M):
+            todo.append(os.path.normpath(os.path.join(os.path.dirname(path), inc.decode())))
+    return digest.hexdigest()[:10]
 
 
 def load(name: str, source: str) -> Any | None:
@@ -30,7 +50,7 @@ def load(name: str, source: str) -> Any | None:
         try:
             from torch.utils import cpp_extension
 
-            module = cpp_extension.load(name=name, sources=[source], extra_cflags=["-O3", "-fopenmp"],
+            module = cpp_extension.load(name=f"{name}_{_fingerprint(source)}", sources=[source], extra_cflags=["-O3", "-fopenmp"],
                                         extra_ldflags=["-fopenmp"], verbose=False)
             if not module.supported():
                 module = None

@@ -6,7 +6,7 @@ how fast the weights stream from memory. The BLAS path behind `F.linear` for a (
 runs well below that bound on some CPUs (notably for the vocabulary-sized LM head, and for
 bf16 weights). Two faster paths, best first:
 
-- a small C++ kernel (cpu_gemv.cpp: AVX-512 FMA for fp32, AVX512-BF16 dot products for bf16,
+- a small C++ kernel (cpu_decode.cpp: AVX-512 FMA for fp32, AVX512-BF16 dot products for bf16,
   rows split across threads), built once per machine with the PyTorch C++ extension tools
   (~30 s, cached under ~/.cache/torch_extensions) on CPUs that have those instructions;
 - otherwise `torch.compile` of `(W * x).sum(-1)`: one vectorised reduction loop that does not
@@ -48,7 +48,7 @@ def native_gemv() -> Any | None:
     compiler) or this CPU lacks AVX-512 BF16 (see anyformer.native)."""
     from ..native import load
 
-    return load("anyformer_cpu_gemv", os.path.join(os.path.dirname(__file__), "cpu_gemv.cpp"))
+    return load("anyformer_cpu_decode", os.path.join(os.path.dirname(__file__), "cpu_decode.cpp"))
 
 
 def fast_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -15,6 +15,7 @@ from ..nn.kv_cache import ModelCache
 from ..nn.positional import PositionalEncoding
 from .config import GenerationConfig
 from .fast import FastLinears
+from .native_step import NativeStep
 from .rolling import rolling_cache
 
 Prompt = Tensor | Sequence[int] | Sequence[Sequence[int]]
@@ -80,6 +81,7 @@ class Runner:
             self.positional = model.positional  # type: ignore[attr-defined]
         self.cache: ModelCache | None = None
         self.fast = FastLinears(model) if config.compile else None
+        self.native: NativeStep | None = None  # the whole step in C++, where it applies (compile=True)
 
     def start_tokens(self, batch: int, device: torch.device) -> Tensor:
         """The decoder's first input (b, 1) of an encoder-decoder."""
@@ -127,13 +129,18 @@ class Runner:
     def prefill(self, tokens: Tensor, keep: Tensor) -> Tensor:
         """Run the (b, n) prompt through a fresh cache; logits (b, V) of the last position."""
         self.cache = self.make_cache(tokens.shape[0], tokens.shape[1])
+        self.native = None
         chunk = self.config.window or tokens.shape[1]
         for i in range(0, tokens.shape[1], chunk):
             logits = self._forward(tokens[:, i : i + chunk], keep[:, i : i + chunk])
+        if self.fast is not None and not self.seq2seq:
+            self.native = NativeStep.create(self.model, self.cache)
         return logits[:, -1]
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed (b, 1) new tokens; logits (b, V)."""
+        if self.native is not None:
+            return self.native(tokens)
         if self.fast is None:
             return self._forward(tokens, None)[:, -1]
         with self.fast:
