@@ -1,6 +1,8 @@
 """The chunked (memory-efficient) kernel equals the eager reference with the equivalent dense
 mask and bias, for outputs and for gradients of q, k, v and bias parameters."""
 
+import math
+
 import pytest
 import torch
 
@@ -255,3 +257,32 @@ def test_native_one_query_attention_equals_float64_softmax(shape):
     assert (got.double() - want).abs().max() <= TOL
     with pytest.raises(RuntimeError, match="shapes do not match"):
         native.decode_attention(q, k[:, :, :, :-1], v, 0.3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,m,g,blocks", [(70, 70, 4, (16, 32)), (37, 90, 2, (8, 8)), (50, 20, 1, (16, 16)), (1, 45, 4, (256, 256)),
+                                          (300, 300, 2, (64, 128))])
+def test_native_chunked_forward_equals_float64_softmax(n, m, g, blocks, causal):
+    """The C++ forward (plain and causal attention, one parallel region per call): output and
+    base-2 log-sum-exp against float64, grouped heads, ragged last blocks, and more queries than
+    keys (causal rows with no visible key give zeros and an infinite log-sum-exp)."""
+    from anyformer.nn.attention.chunked import native_softmax
+
+    native = native_softmax(torch.device("cpu"), torch.float32)
+    if native is None:
+        pytest.skip("the C++ softmax kernels need a C++ toolchain and an AVX-512 CPU")
+    torch.manual_seed(n + m)
+    q, k, v = torch.randn(B, H, n, D), torch.randn(B, g, m, D), torch.randn(B, g, m, D)
+    out, lse = native.chunked_forward(q, k, v, 0.3, causal, *blocks)
+    kk, vv = k.repeat_interleave(H // g, 1).double(), v.repeat_interleave(H // g, 1).double()
+    logits = q.double() @ kk.transpose(-1, -2) * 0.3  # (B, H, n, m)
+    if causal:
+        logits = logits.masked_fill(~causal_mask(n, m), float("-inf"))
+    seen = torch.isfinite(logits).any(-1, keepdim=True)
+    want = torch.where(seen, torch.softmax(logits, -1).nan_to_num(0.0) @ vv, 0.0)
+    want_lse = torch.where(seen, torch.logsumexp(logits, -1, keepdim=True) / math.log(2), float("inf"))
+    assert (out.double() - want).abs().max() <= TOL
+    assert torch.equal(torch.isinf(lse), ~seen)
+    assert (lse.double() - want_lse)[seen].abs().max() <= TOL
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        native.chunked_forward(q.double(), k, v, 0.3, causal, *blocks)

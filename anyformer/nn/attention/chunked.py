@@ -143,6 +143,8 @@ class _Plan:
     n: int
     m: int
     schedule: list[tuple[int, int, list[tuple[int, int, int]]]] = field(default_factory=list)
+    q_block: int = DEFAULT_Q_BLOCK
+    k_block: int = DEFAULT_K_BLOCK
     _blocked: dict = field(default_factory=dict)  # (diagonal offset, bn, bm) -> (bn, bm) bool
 
     def blocked(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> Tensor:
@@ -240,6 +242,11 @@ def _query_groups(x: Tensor, q0: int, q1: int, g: int) -> Tensor:
     return x[:, :, q0:q1].reshape(b * g, (h // g) * (q1 - q0), d)
 
 
+def _plain_or_causal(plan: _Plan) -> bool:
+    """True when nothing but causality restricts the keys (no mask, pattern or positional bias)."""
+    return plan.mask is None and plan.block_bias is None and (plan.pattern is None or type(plan.pattern) is Causal)
+
+
 class _ChunkedAttention(torch.autograd.Function):
     """Forward: online softmax over key blocks. Backward: recompute each block's probabilities."""
 
@@ -249,6 +256,15 @@ class _ChunkedAttention(torch.autograd.Function):
         b, h, n, d = q.shape
         g, m = k.shape[1], k.shape[2]
         c = plan.scale * LOG2E  # folded into each query block (no scaled copy of all of q)
+        native = native_softmax(q.device, acc_dtype)
+        ctx.plan = plan
+        ctx.has_bias = bias is not None
+        if native is not None and q.dtype == k.dtype == v.dtype == torch.float32 and _plain_or_causal(plan) and bias is None:
+            # the whole block loop in C++ (cpu_softmax.cpp), one parallel region per call
+            out, lse = native.chunked_forward(q.contiguous(), k.contiguous(), v.contiguous(), plan.scale,
+                                              plan.pattern is not None, plan.q_block, plan.k_block)
+            ctx.save_for_backward(q, k, v, out, lse, *params)
+            return out
         k3 = k.to(acc_dtype).reshape(b * g, m, d)  # (b*g, m, d)
         v3 = v.to(acc_dtype).reshape(b * g, m, d)
         k3t = k3.transpose(1, 2)  # (b*g, d, m)
@@ -258,7 +274,6 @@ class _ChunkedAttention(torch.autograd.Function):
         scratch = _block_scratch(plan, h // g, b * g, acc_dtype, q.device)
         tallest = max((q1 - q0 for q0, q1, _ in plan.schedule), default=1)
         q_scratch, acc_scratch = (_Scratch(b * h * tallest * d, acc_dtype, q.device) for _ in range(2))
-        native = native_softmax(q.device, acc_dtype)
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
             qg = torch.mul(q[:, :, q0:q1], c, out=q_scratch.get((b, h, bn, d))).view(b * g, (h // g) * bn, d)  # (b*g, r*bn, d)
@@ -284,8 +299,6 @@ class _ChunkedAttention(torch.autograd.Function):
             acc.div_(row_sum.masked_fill(empty, 1.0))
             out[:, :, q0:q1] = acc.view(b, h, bn, d)  # rows with no key stay 0 (acc is 0)
             lse[:, :, q0:q1] = row_max.masked_fill_(empty, 0.0).add_(row_sum.log2()).masked_fill_(empty, float("inf")).view(b, h, bn, 1)
-        ctx.plan = plan
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(q, k, v, out, lse, *([bias] if bias is not None else []), *params)
         return out.to(q.dtype)
 
@@ -412,6 +425,8 @@ def chunked_attention(
         n=n,
         m=m,
         schedule=_schedule(pattern, n, m, q_block, k_block),
+        q_block=q_block,
+        k_block=k_block,
     )
     bias4 = None if bias is None else as_4d(bias, b, h, n, m, "bias")
     params = block_bias.parameters() if block_bias is not None and torch.is_grad_enabled() else []

@@ -15,8 +15,12 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu_one_query.h"
@@ -155,7 +159,108 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
+
+// The whole forward of exact attention (plain or causal, no mask or bias), FlashAttention-style:
+// q (b, h, n, d), k and v (b, g, m, d), all contiguous float32, h a multiple of g. One task per
+// (key/value group, query block): its r = h / g heads' query rows stacked, walked over the key
+// blocks the causal limit leaves (query i sees keys j <= i + m - n), with the online softmax
+// kept per row. Tasks go to the threads from a shared counter, costliest first, and each task's
+// matrix products run single-threaded inside it: one parallel region per call instead of three
+// per block, so a thread that is slow for a while (a busy host) delays only its own tasks.
+// Returns the output (b, h, n, d) and the base-2 log-sum-exp (b, h, n, 1) (+inf, output 0, for
+// a row with no visible key), as the PyTorch forward in chunked.py.
+std::vector<torch::Tensor> chunked_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                                           bool causal, int64_t q_block, int64_t k_block) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes(), "chunked_forward: q (b, h, n, d), k/v (b, g, m, d)");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "chunked_forward: contiguous float32 inputs only");
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3), g = k.size(1), m = k.size(2);
+  TORCH_CHECK(k.size(0) == b && k.size(3) == d && g > 0 && h % g == 0, "chunked_forward: shapes do not match");
+  TORCH_CHECK(q_block > 0 && k_block > 0, "chunked_forward: block sizes must be positive");
+  const int64_t r = h / g, off = m - n, blocks = (n + q_block - 1) / q_block;
+  auto out = torch::zeros({b, h, n, d}, q.options());
+  auto lse = torch::empty({b, h, n, 1}, q.options());
+  const float c = static_cast<float>(scale * 1.4426950408889634);
+  // tasks (group, query block), the ones with the most key blocks first
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  for (int64_t qi = blocks - 1; qi >= 0; --qi)
+    for (int64_t bg = 0; bg < b * g; ++bg) tasks.emplace_back(bg, qi);
+  if (!causal) std::reverse(tasks.begin(), tasks.end());
+  std::atomic<int64_t> next{0};
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size())));
+  const auto kd = k.detach(), vd = v.detach();  // plain arrays here; gradients come from chunked.py's backward
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    if (w0 >= w1) return;
+    at::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads have their own
+    const int64_t most = r * std::min(q_block, n);
+    auto qt_buf = torch::empty({most * d}, q.options());
+    auto s_buf = torch::empty({most * std::min(k_block, m)}, q.options());
+    auto acc_buf = torch::empty({most * d}, q.options());
+    std::vector<float> row_max(most), row_sum(most);
+    for (int64_t t = next++; t < static_cast<int64_t>(tasks.size()); t = next++) {
+      const int64_t bg = tasks[t].first, q0 = tasks[t].second * q_block, q1 = std::min(q0 + q_block, n), bn = q1 - q0;
+      const int64_t bi = bg / g, gi = bg % g, rows = r * bn;
+      const auto qt = qt_buf.narrow(0, 0, rows * d).view({rows, d});
+      const auto acc = acc_buf.narrow(0, 0, rows * d).view({rows, d});
+      float* qtp = qt.data_ptr<float>();
+      for (int64_t hh = 0; hh < r; ++hh)  // the group's heads stacked: row hh * bn + i is head gi*r+hh, query q0+i
+        for (int64_t i = 0; i < bn; ++i) {
+          const float* src = qp + (((bi * h + gi * r + hh) * n) + q0 + i) * d;
+          float* dst = qtp + (hh * bn + i) * d;
+          for (int64_t j = 0; j < d; ++j) dst[j] = src[j] * c;
+        }
+      acc.zero_();
+      std::fill(row_max.begin(), row_max.begin() + rows, std::numeric_limits<float>::lowest());
+      std::fill(row_sum.begin(), row_sum.begin() + rows, 0.f);
+      const int64_t k_end = causal ? std::min(m, q1 + off) : m;
+      const auto kg = kd[bi][gi], vg = vd[bi][gi];  // (m, d)
+      for (int64_t k0 = 0; k0 < k_end; k0 += k_block) {
+        const int64_t k1 = std::min(k0 + k_block, k_end), bm = k1 - k0;
+        auto s = s_buf.narrow(0, 0, rows * bm).view({rows, bm});
+        at::mm_out(s, qt, kg.narrow(0, k0, bm).t());
+        float* sp = s.data_ptr<float>();
+        const bool partial = causal && k1 - 1 > q0 + off;
+        for (int64_t row = 0; row < rows; ++row) {
+          float* srow = sp + row * bm;
+          if (partial) {  // keys past this query's position are hidden
+            const int64_t seen = std::max<int64_t>(0, std::min(bm, q0 + row % bn + off + 1 - k0));
+            std::fill(srow + seen, srow + bm, -INFINITY);
+          }
+          float sum = 0.f;
+          const float old = row_max[row];
+          const float now = row_update(srow, bm, old, &sum);
+          const float a = old == now ? 1.f : std::exp2(old - now);
+          row_sum[row] = row_sum[row] * a + sum;
+          row_max[row] = now;
+          if (a != 1.f) {
+            float* arow = acc.data_ptr<float>() + row * d;
+            for (int64_t j = 0; j < d; ++j) arow[j] *= a;
+          }
+        }
+        acc.addmm_(s, vg.narrow(0, k0, bm));
+      }
+      const float* ap = acc.data_ptr<float>();
+      for (int64_t hh = 0; hh < r; ++hh)
+        for (int64_t i = 0; i < bn; ++i) {
+          const int64_t row = hh * bn + i, qrow = ((bi * h + gi * r + hh) * n) + q0 + i;
+          if (row_sum[row] == 0.f) {  // no visible key: output stays 0
+            lp[qrow] = INFINITY;
+            continue;
+          }
+          const float inv = 1.f / row_sum[row];
+          for (int64_t j = 0; j < d; ++j) op[qrow * d + j] = ap[row * d + j] * inv;
+          lp[qrow] = row_max[row] + std::log2(row_sum[row]);
+        }
+    }
+  });
+  return {out, lse};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("chunked_forward", &chunked_forward, "exact attention forward, plain or causal: (out, base-2 lse)");
   m.def("decode_attention", &decode_attention, "one-query attention over a cache (no mask)");
   m.def("softmax_grad_", &softmax_grad_, "p = p * (dp - delta) per row, in place");
   m.def("supported", &supported, "whether this CPU has AVX-512");
