@@ -55,7 +55,7 @@ def compare(n, m, g=H, *, causal=False, mask=None, bias=None, pos=None, pattern=
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("nm", [(70, 70), (21, 90), (1, 45)])
+@pytest.mark.parametrize("nm", [(70, 70), (21, 90), (1, 45), (30, 12)])
 def test_plain_and_causal_with_cache_offset(causal, nm):
     assert max(compare(*nm, causal=causal)) <= TOL
 

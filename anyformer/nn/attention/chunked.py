@@ -263,8 +263,10 @@ class _ChunkedAttention(torch.autograd.Function):
             # the whole block loop in C++ (cpu_softmax.cpp), one parallel region per call
             out, lse = native.chunked_forward(q.contiguous(), k.contiguous(), v.contiguous(), plan.scale,
                                               plan.pattern is not None, plan.q_block, plan.k_block)
+            ctx.fused = True
             ctx.save_for_backward(q, k, v, out, lse, *params)
             return out
+        ctx.fused = False
         k3 = k.to(acc_dtype).reshape(b * g, m, d)  # (b*g, m, d)
         v3 = v.to(acc_dtype).reshape(b * g, m, d)
         k3t = k3.transpose(1, 2)  # (b*g, d, m)
@@ -312,11 +314,16 @@ class _ChunkedAttention(torch.autograd.Function):
         b, h, n, d = q.shape
         g, m = k.shape[1], k.shape[2]
         c = plan.scale * LOG2E
+        do = dout.to(acc_dtype)
+        delta = (do * out).sum(-1, keepdim=True)  # (b, h, n, 1)
+        if ctx.fused:  # the forward ran in C++: so does the backward (same conditions)
+            native = native_softmax(q.device, acc_dtype)
+            dq, dk, dv = native.chunked_backward(q.contiguous(), k.contiguous(), v.contiguous(), lse, do.contiguous(), delta,
+                                                 plan.scale, plan.pattern is not None, plan.q_block, plan.k_block)
+            return (None, dq, dk, dv, None, *(None for _ in params))
         k3 = k.to(acc_dtype).reshape(b * g, m, d)  # (b*g, m, d)
         v3 = v.to(acc_dtype).reshape(b * g, m, d)
         k3t, v3t = k3.transpose(1, 2), v3.transpose(1, 2)  # (b*g, d, m)
-        do = dout.to(acc_dtype)
-        delta = (do * out).sum(-1, keepdim=True)  # (b, h, n, 1)
         dq = torch.empty(b, h, n, d, dtype=acc_dtype, device=q.device)
         dk = torch.zeros(b * g, m, d, dtype=acc_dtype, device=q.device)
         dv = torch.zeros_like(dk)

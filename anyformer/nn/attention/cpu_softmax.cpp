@@ -259,7 +259,111 @@ std::vector<torch::Tensor> chunked_forward(const torch::Tensor& q, const torch::
   return {out, lse};
 }
 
+// The backward of chunked_forward, FlashAttention-2-style: one task per (key/value group, key
+// block), walking the query blocks that see it. Each block's probabilities are recomputed from
+// q, k and the saved log-sum-exp; the task accumulates its keys' and values' gradients alone,
+// and the queries' gradients go to a per-thread buffer (summed at the end: O(n) memory per
+// thread, no two threads ever write the same row). dout: (b, h, n, d); delta: rowsum(dout * out)
+// (b, h, n, 1). Returns dq, dk, dv.
+std::vector<torch::Tensor> chunked_backward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                            const torch::Tensor& lse, const torch::Tensor& dout, const torch::Tensor& delta,
+                                            double scale, bool causal, int64_t q_block, int64_t k_block) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && dout.sizes() == q.sizes(),
+              "chunked_backward: q/dout (b, h, n, d), k/v (b, g, m, d)");
+  for (const auto* t : {&q, &k, &v, &lse, &dout, &delta})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "chunked_backward: contiguous float32 inputs only");
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3), g = k.size(1), m = k.size(2);
+  TORCH_CHECK(k.size(0) == b && k.size(3) == d && g > 0 && h % g == 0 && lse.numel() == b * h * n && delta.numel() == b * h * n,
+              "chunked_backward: shapes do not match");
+  TORCH_CHECK(q_block > 0 && k_block > 0, "chunked_backward: block sizes must be positive");
+  const int64_t r = h / g, off = m - n, kblocks = (m + k_block - 1) / k_block;
+  const float c = static_cast<float>(scale * 1.4426950408889634);
+  auto dk = torch::empty({b, g, m, d}, q.options());
+  auto dv = torch::empty({b, g, m, d}, q.options());
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (group, key block), the ones seen by the most queries first
+  for (int64_t kj = 0; kj < kblocks; ++kj)
+    for (int64_t bg = 0; bg < b * g; ++bg) tasks.emplace_back(bg, kj);
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size())));
+  std::vector<torch::Tensor> dq_parts(workers);
+  const auto qd = q.detach(), kd = k.detach(), vd = v.detach(), dod = dout.detach();
+  const float* qp = qd.data_ptr<float>();
+  const float* dop = dod.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  const float* dlp = delta.data_ptr<float>();
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    if (w0 >= w1) return;
+    at::NoGradGuard no_grad;
+    auto dq_part = torch::zeros({b, h, n, d}, q.options());
+    float* dqp = dq_part.data_ptr<float>();
+    const int64_t most = r * std::min(q_block, n), widest = std::min(k_block, m);
+    auto qt = torch::empty({most * d}, q.options()), dot = torch::empty({most * d}, q.options());
+    auto p_buf = torch::empty({most * widest}, q.options()), dp_buf = torch::empty({most * widest}, q.options());
+    auto dq_tmp = torch::empty({most * d}, q.options());
+    std::vector<float> row_lse(most), row_delta(most);
+    for (int64_t t = next++; t < static_cast<int64_t>(tasks.size()); t = next++) {
+      const int64_t bg = tasks[t].first, k0 = tasks[t].second * k_block, k1 = std::min(k0 + k_block, m), bm = k1 - k0;
+      const int64_t bi = bg / g, gi = bg % g;
+      const auto kb = kd[bi][gi].narrow(0, k0, bm), vb = vd[bi][gi].narrow(0, k0, bm);  // (bm, d)
+      auto dkb = dk[bi][gi].narrow(0, k0, bm), dvb = dv[bi][gi].narrow(0, k0, bm);
+      dkb.zero_();
+      dvb.zero_();
+      // causal: query i sees key k0 when i + off >= k0
+      const int64_t first_q = causal ? std::max<int64_t>(0, k0 - off) : 0;
+      for (int64_t q0 = (first_q / q_block) * q_block; q0 < n; q0 += q_block) {
+        const int64_t q1 = std::min(q0 + q_block, n), bn = q1 - q0, rows = r * bn;
+        const auto qg = qt.narrow(0, 0, rows * d).view({rows, d});
+        const auto dog = dot.narrow(0, 0, rows * d).view({rows, d});
+        float* qgp = qg.data_ptr<float>();
+        float* dogp = dog.data_ptr<float>();
+        for (int64_t hh = 0; hh < r; ++hh)
+          for (int64_t i = 0; i < bn; ++i) {
+            const int64_t row = hh * bn + i, src = ((bi * h + gi * r + hh) * n) + q0 + i;
+            for (int64_t j = 0; j < d; ++j) qgp[row * d + j] = qp[src * d + j] * c;
+            std::copy(dop + src * d, dop + (src + 1) * d, dogp + row * d);
+            row_lse[row] = lp[src];
+            row_delta[row] = dlp[src];
+          }
+        auto p = p_buf.narrow(0, 0, rows * bm).view({rows, bm});
+        at::mm_out(p, qg, kb.t());  // base-2 logits
+        float* pp = p.data_ptr<float>();
+        const bool partial = causal && k1 - 1 > q0 + off;
+        for (int64_t row = 0; row < rows; ++row) {
+          float* prow = pp + row * bm;
+          if (partial) {
+            const int64_t seen = std::max<int64_t>(0, std::min(bm, q0 + row % bn + off + 1 - k0));
+            std::fill(prow + seen, prow + bm, -INFINITY);
+          }
+          row_exp2_shift(prow, bm, row_lse[row]);  // probabilities
+        }
+        dvb.addmm_(p.t(), dog);
+        auto dp = dp_buf.narrow(0, 0, rows * bm).view({rows, bm});
+        at::mm_out(dp, dog, vb.t());
+        const float* dpp = dp.data_ptr<float>();
+        for (int64_t row = 0; row < rows; ++row) row_softmax_grad(pp + row * bm, dpp + row * bm, bm, row_delta[row]);
+        dkb.addmm_(p.t(), qg);  // p now holds the logits' gradient (base 2)
+        auto dqt = dq_tmp.narrow(0, 0, rows * d).view({rows, d});
+        at::mm_out(dqt, p, kb);
+        const float* dqtp = dqt.data_ptr<float>();
+        for (int64_t hh = 0; hh < r; ++hh)
+          for (int64_t i = 0; i < bn; ++i) {
+            const int64_t row = hh * bn + i, dst = ((bi * h + gi * r + hh) * n) + q0 + i;
+            for (int64_t j = 0; j < d; ++j) dqp[dst * d + j] += dqtp[row * d + j];
+          }
+      }
+      dkb.mul_(1.0 / 1.4426950408889634);  // the queries it was multiplied with carried log2(e)
+    }
+    dq_parts[w0] = dq_part;
+  });
+  auto dq = dq_parts[0];
+  for (int64_t w = 1; w < workers; ++w)
+    if (dq_parts[w].defined()) dq.add_(dq_parts[w]);
+  dq.mul_(scale);
+  return {dq, dk, dv};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("chunked_backward", &chunked_backward, "the gradients (dq, dk, dv) of chunked_forward");
   m.def("chunked_forward", &chunked_forward, "exact attention forward, plain or causal: (out, base-2 lse)");
   m.def("decode_attention", &decode_attention, "one-query attention over a cache (no mask)");
   m.def("softmax_grad_", &softmax_grad_, "p = p * (dp - delta) per row, in place");
