@@ -259,13 +259,15 @@ def test_native_one_query_attention_equals_float64_softmax(shape):
         native.decode_attention(q, k[:, :, :, :-1], v, 0.3)
 
 
+@pytest.mark.parametrize("alibi", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n,m,g,blocks", [(70, 70, 4, (16, 32)), (37, 90, 2, (8, 8)), (50, 20, 1, (16, 16)), (1, 45, 4, (256, 256)),
                                           (300, 300, 2, (64, 128))])
-def test_native_chunked_forward_equals_float64_softmax(n, m, g, blocks, causal):
-    """The C++ forward (plain and causal attention, one parallel region per call): output and
-    base-2 log-sum-exp against float64, grouped heads, ragged last blocks, and more queries than
-    keys (causal rows with no visible key give zeros and an infinite log-sum-exp)."""
+def test_native_chunked_forward_equals_float64_softmax(n, m, g, blocks, causal, alibi):
+    """The C++ forward (plain and causal attention, optionally ALiBi, one parallel region per
+    call): output and base-2 log-sum-exp against float64, grouped heads, ragged last blocks, and
+    more queries than keys (causal rows with no visible key give zeros and an infinite
+    log-sum-exp)."""
     from anyformer.nn.attention.chunked import native_softmax
 
     native = native_softmax(torch.device("cpu"), torch.float32)
@@ -273,9 +275,13 @@ def test_native_chunked_forward_equals_float64_softmax(n, m, g, blocks, causal):
         pytest.skip("the C++ softmax kernels need a C++ toolchain and an AVX-512 CPU")
     torch.manual_seed(n + m)
     q, k, v = torch.randn(B, H, n, D), torch.randn(B, g, m, D), torch.randn(B, g, m, D)
-    out, lse = native.chunked_forward(q, k, v, 0.3, causal, *blocks)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]) if alibi else torch.empty(0)
+    out, lse = native.chunked_forward(q, k, v, 0.3, causal, *blocks, slopes, m - n)
     kk, vv = k.repeat_interleave(H // g, 1).double(), v.repeat_interleave(H // g, 1).double()
     logits = q.double() @ kk.transpose(-1, -2) * 0.3  # (B, H, n, m)
+    if alibi:  # query i is at position i + m - n
+        dist = (torch.arange(n)[:, None] + m - n - torch.arange(m)[None, :]).abs().double()
+        logits = logits - slopes.double()[:, None, None] * dist
     if causal:
         logits = logits.masked_fill(~causal_mask(n, m), float("-inf"))
     seen = torch.isfinite(logits).any(-1, keepdim=True)
@@ -285,4 +291,4 @@ def test_native_chunked_forward_equals_float64_softmax(n, m, g, blocks, causal):
     assert torch.equal(torch.isinf(lse), ~seen)
     assert (lse.double() - want_lse)[seen].abs().max() <= TOL
     with pytest.raises(RuntimeError, match="contiguous float32"):
-        native.chunked_forward(q.double(), k, v, 0.3, causal, *blocks)
+        native.chunked_forward(q.double(), k, v, 0.3, causal, *blocks, slopes, m - n)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .kernels import KERNELS, attention_weights
 from .masks import as_4d, combine_masks
+from ..positional.bias import ALiBi
 from .patterns import FULL, NONE, PARTIAL, Causal, Intersection, Pattern
 
 DEFAULT_Q_BLOCK = 256
@@ -242,9 +243,22 @@ def _query_groups(x: Tensor, q0: int, q1: int, g: int) -> Tensor:
     return x[:, :, q0:q1].reshape(b * g, (h // g) * (q1 - q0), d)
 
 
-def _plain_or_causal(plan: _Plan) -> bool:
-    """True when nothing but causality restricts the keys (no mask, pattern or positional bias)."""
-    return plan.mask is None and plan.block_bias is None and (plan.pattern is None or type(plan.pattern) is Causal)
+def _fused_args(plan: _Plan) -> tuple[Tensor, int] | None:
+    """When the C++ block loops can run `plan` (no mask or pattern besides causality; no
+    positional bias, or ALiBi over consecutive positions with one offset for every row): the
+    ALiBi slopes (empty without) and the first query's position minus the first key's. Else None."""
+    if plan.mask is not None or not (plan.pattern is None or type(plan.pattern) is Causal):
+        return None
+    bias = plan.block_bias
+    if bias is None:
+        return _NO_SLOPES, 0
+    if not isinstance(bias, PositionalBlockBias) or type(bias.positional) is not ALiBi or not bias.reusable():
+        return None
+    slopes = bias.positional.slopes.float().contiguous()
+    return slopes, int(bias.q_pos[0, 0] - bias.k_pos[0, 0])
+
+
+_NO_SLOPES = torch.empty(0)
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -259,14 +273,15 @@ class _ChunkedAttention(torch.autograd.Function):
         native = native_softmax(q.device, acc_dtype)
         ctx.plan = plan
         ctx.has_bias = bias is not None
-        if native is not None and q.dtype == k.dtype == v.dtype == torch.float32 and _plain_or_causal(plan) and bias is None:
+        fused = _fused_args(plan) if native is not None and q.dtype == k.dtype == v.dtype == torch.float32 and bias is None else None
+        if fused is not None:
             # the whole block loop in C++ (cpu_softmax.cpp), one parallel region per call
             out, lse = native.chunked_forward(q.contiguous(), k.contiguous(), v.contiguous(), plan.scale,
-                                              plan.pattern is not None, plan.q_block, plan.k_block)
-            ctx.fused = True
+                                              plan.pattern is not None, plan.q_block, plan.k_block, *fused)
+            ctx.fused = fused
             ctx.save_for_backward(q, k, v, out, lse, *params)
             return out
-        ctx.fused = False
+        ctx.fused = None
         k3 = k.to(acc_dtype).reshape(b * g, m, d)  # (b*g, m, d)
         v3 = v.to(acc_dtype).reshape(b * g, m, d)
         k3t = k3.transpose(1, 2)  # (b*g, d, m)
@@ -316,10 +331,10 @@ class _ChunkedAttention(torch.autograd.Function):
         c = plan.scale * LOG2E
         do = dout.to(acc_dtype)
         delta = (do * out).sum(-1, keepdim=True)  # (b, h, n, 1)
-        if ctx.fused:  # the forward ran in C++: so does the backward (same conditions)
+        if ctx.fused is not None:  # the forward ran in C++: so does the backward (same conditions)
             native = native_softmax(q.device, acc_dtype)
             dq, dk, dv = native.chunked_backward(q.contiguous(), k.contiguous(), v.contiguous(), lse, do.contiguous(), delta,
-                                                 plan.scale, plan.pattern is not None, plan.q_block, plan.k_block)
+                                                 plan.scale, plan.pattern is not None, plan.q_block, plan.k_block, *ctx.fused)
             return (None, dq, dk, dv, None, *(None for _ in params))
         k3 = k.to(acc_dtype).reshape(b * g, m, d)  # (b*g, m, d)
         v3 = v.to(acc_dtype).reshape(b * g, m, d)

@@ -61,6 +61,27 @@ void row_softmax_grad(float* p, const float* dp, int64_t cols, float delta) {
   }
 }
 
+// ALiBi's slopes (h,) as a pointer, or null when `slopes` is empty.
+const float* alibi_slopes(const torch::Tensor& slopes, int64_t h) {
+  if (slopes.numel() == 0) return nullptr;
+  TORCH_CHECK(slopes.scalar_type() == torch::kFloat && slopes.is_contiguous() && slopes.numel() == h,
+              "chunked attention: ALiBi slopes must be (h,) contiguous float32");
+  return slopes.data_ptr<float>();
+}
+
+// One row of base-2 logits += -slope * |dist0 - j| * log2(e) for its keys j = 0..cols-1
+// (dist0: the query's position minus the block's first key's).
+__attribute__((target("avx512f")))
+void add_alibi(float* row, int64_t cols, float slope, int64_t dist0) {
+  const __m512 coef = _mm512_set1_ps(-slope * 1.4426950408889634f);
+  const __m512 step = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 m = tail_mask(cols - j);
+    const __m512 dist = _mm512_abs_ps(_mm512_sub_ps(_mm512_set1_ps(static_cast<float>(dist0 - j)), step));
+    _mm512_mask_storeu_ps(row + j, m, _mm512_fmadd_ps(coef, dist, _mm512_maskz_loadu_ps(m, row + j)));
+  }
+}
+
 void check_rows(const torch::Tensor& s, const torch::Tensor& v, const char* what) {
   TORCH_CHECK(v.scalar_type() == torch::kFloat && v.is_contiguous(), what, " must be contiguous float32");
   TORCH_CHECK(v.numel() * s.size(-1) == s.numel(), what, " needs one value per row of the block");
@@ -167,10 +188,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 // kept per row. Tasks go to the threads from a shared counter, costliest first, and each task's
 // matrix products run single-threaded inside it: one parallel region per call instead of three
 // per block, so a thread that is slow for a while (a busy host) delays only its own tasks.
+// slopes: empty, or ALiBi's (h,) slopes: logits get -slope * |i + delta - j| for query i and key
+// j (delta: the first query's position minus the first key's), generated per block.
 // Returns the output (b, h, n, d) and the base-2 log-sum-exp (b, h, n, 1) (+inf, output 0, for
 // a row with no visible key), as the PyTorch forward in chunked.py.
 std::vector<torch::Tensor> chunked_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
-                                           bool causal, int64_t q_block, int64_t k_block) {
+                                           bool causal, int64_t q_block, int64_t k_block, const torch::Tensor& slopes,
+                                           int64_t delta) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes(), "chunked_forward: q (b, h, n, d), k/v (b, g, m, d)");
   for (const auto* t : {&q, &k, &v})
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "chunked_forward: contiguous float32 inputs only");
@@ -178,6 +202,7 @@ std::vector<torch::Tensor> chunked_forward(const torch::Tensor& q, const torch::
   TORCH_CHECK(k.size(0) == b && k.size(3) == d && g > 0 && h % g == 0, "chunked_forward: shapes do not match");
   TORCH_CHECK(q_block > 0 && k_block > 0, "chunked_forward: block sizes must be positive");
   const int64_t r = h / g, off = m - n, blocks = (n + q_block - 1) / q_block;
+  const float* sl = alibi_slopes(slopes, h);
   auto out = torch::zeros({b, h, n, d}, q.options());
   auto lse = torch::empty({b, h, n, 1}, q.options());
   const float c = static_cast<float>(scale * 1.4426950408889634);
@@ -225,6 +250,7 @@ std::vector<torch::Tensor> chunked_forward(const torch::Tensor& q, const torch::
         const bool partial = causal && k1 - 1 > q0 + off;
         for (int64_t row = 0; row < rows; ++row) {
           float* srow = sp + row * bm;
+          if (sl) add_alibi(srow, bm, sl[gi * r + row / bn], delta + q0 + row % bn - k0);
           if (partial) {  // keys past this query's position are hidden
             const int64_t seen = std::max<int64_t>(0, std::min(bm, q0 + row % bn + off + 1 - k0));
             std::fill(srow + seen, srow + bm, -INFINITY);
@@ -264,10 +290,11 @@ std::vector<torch::Tensor> chunked_forward(const torch::Tensor& q, const torch::
 // q, k and the saved log-sum-exp; the task accumulates its keys' and values' gradients alone,
 // and the queries' gradients go to a per-thread buffer (summed at the end: O(n) memory per
 // thread, no two threads ever write the same row). dout: (b, h, n, d); delta: rowsum(dout * out)
-// (b, h, n, 1). Returns dq, dk, dv.
+// (b, h, n, 1); slopes and offset: the forward's ALiBi slopes and delta. Returns dq, dk, dv.
 std::vector<torch::Tensor> chunked_backward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                             const torch::Tensor& lse, const torch::Tensor& dout, const torch::Tensor& delta,
-                                            double scale, bool causal, int64_t q_block, int64_t k_block) {
+                                            double scale, bool causal, int64_t q_block, int64_t k_block,
+                                            const torch::Tensor& slopes, int64_t offset) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && dout.sizes() == q.sizes(),
               "chunked_backward: q/dout (b, h, n, d), k/v (b, g, m, d)");
   for (const auto* t : {&q, &k, &v, &lse, &dout, &delta})
@@ -277,6 +304,7 @@ std::vector<torch::Tensor> chunked_backward(const torch::Tensor& q, const torch:
               "chunked_backward: shapes do not match");
   TORCH_CHECK(q_block > 0 && k_block > 0, "chunked_backward: block sizes must be positive");
   const int64_t r = h / g, off = m - n, kblocks = (m + k_block - 1) / k_block;
+  const float* sl = alibi_slopes(slopes, h);
   const float c = static_cast<float>(scale * 1.4426950408889634);
   auto dk = torch::empty({b, g, m, d}, q.options());
   auto dv = torch::empty({b, g, m, d}, q.options());
@@ -330,6 +358,7 @@ std::vector<torch::Tensor> chunked_backward(const torch::Tensor& q, const torch:
         const bool partial = causal && k1 - 1 > q0 + off;
         for (int64_t row = 0; row < rows; ++row) {
           float* prow = pp + row * bm;
+          if (sl) add_alibi(prow, bm, sl[gi * r + row / bn], offset + q0 + row % bn - k0);
           if (partial) {
             const int64_t seen = std::max<int64_t>(0, std::min(bm, q0 + row % bn + off + 1 - k0));
             std::fill(prow + seen, prow + bm, -INFINITY);
