@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..config import AttentionConfig
 from ..nn.attention import ATTENTIONS, KERNELS, AttentionContext, MultiHeadAttention
-from ..nn.attention.chunked import PositionalBlockBias
+from ..nn.attention.block_bias import PositionalBlockBias
 from ..nn.attention.patterns import Window
 from ..nn.positional import POSITIONALS, PositionalContext
 

@@ -48,7 +48,7 @@ class AttentionContext:
     def block_bias(self):  # type: ignore[no-untyped-def]
         """The positional bias as a `PositionalBlockBias`, computed per block by kernels that
         declare `lazy_bias` (None when the positional encoding adds no bias)."""
-        from .chunked import PositionalBlockBias
+        from .block_bias import PositionalBlockBias
 
         if self.positional.bias(self.q_pos[:, :1], self.k_pos[:, :1]) is None:
             return None
