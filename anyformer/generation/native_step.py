@@ -96,8 +96,12 @@ def _block(block: nn.Module, dtype: torch.dtype) -> tuple[list[Tensor], list[flo
     return tensors, m1 + m2, act
 
 
-def why_not(model: nn.Module, cache: ModelCache | None) -> str | None:
-    """Why the C++ step cannot run `model` over `cache`, or None when it can."""
+_Parts = tuple[list[list[Tensor]], list[list[float]], int, tuple[list[Tensor], list[float]]]
+
+
+def _parts(model: nn.Module, cache: ModelCache | None) -> _Parts | str:
+    """What the C++ step needs (per block: tensors with caches, norm meta; the activation index;
+    the final norm), or why it cannot run `model` over `cache`."""
     if not all(hasattr(model, a) for a in ("embed", "positional", "stack", "lm_head")) or hasattr(model, "encode"):
         return "only decoder-only language models"
     if model.training:
@@ -117,12 +121,15 @@ def why_not(model: nn.Module, cache: ModelCache | None) -> str | None:
              for blk in blocks if hasattr(getattr(blk, "attn", None), "sublayer")}
     if len(heads) != 1:
         return "all blocks must share head counts and scale"
-    for blk in blocks:
-        why = _block(blk, p.dtype)
-        if isinstance(why, str):
-            return why
-    if len({_block(blk, p.dtype)[2] for blk in blocks}) != 1:  # type: ignore[index]
+    parts = [_block(blk, p.dtype) for blk in blocks]
+    for part in parts:
+        if isinstance(part, str):
+            return part
+    if len({part[2] for part in parts}) != 1:  # type: ignore[index]
         return "all blocks must share one activation"
+    final = _norm(model.stack.final_norm, p.dtype)
+    if isinstance(final, str):
+        return final
     if cache is None:
         return "no cache"
     layers = list(cache.layers)
@@ -134,7 +141,14 @@ def why_not(model: nn.Module, cache: ModelCache | None) -> str | None:
         return "the layer caches are out of step"
     if not bool(cache.keep[:, : cache.length].all()):
         return "padded prompts"
-    return None
+    tensors = [[*part[0], layer.k, layer.v] for part, layer in zip(parts, layers)]  # type: ignore[index]
+    return tensors, [part[1] for part in parts], parts[0][2], final  # type: ignore[index,return-value]
+
+
+def why_not(model: nn.Module, cache: ModelCache | None) -> str | None:
+    """Why the C++ step cannot run `model` over `cache`, or None when it can."""
+    parts = _parts(model, cache)
+    return parts if isinstance(parts, str) else None
 
 
 class NativeStep:
@@ -148,17 +162,10 @@ class NativeStep:
     @staticmethod
     def create(model: nn.Module, cache: ModelCache) -> "NativeStep | None":
         """The C++ step for this model and cache, or None where `why_not` gives a reason."""
-        if why_not(model, cache) is not None:
+        parts = _parts(model, cache)
+        if isinstance(parts, str):
             return None
-        dtype = model.lm_head.proj.weight.dtype  # type: ignore[union-attr]
-        blocks, norms, act = [], [], 0
-        for blk, layer_cache in zip(model.stack.blocks, cache.layers):  # type: ignore[union-attr,arg-type]
-            tensors, meta, act = _block(blk, dtype)  # type: ignore[misc]
-            blocks.append([*tensors, layer_cache.k, layer_cache.v])
-            norms.append(meta)
-        final = _norm(model.stack.final_norm, dtype)  # type: ignore[union-attr,arg-type]
-        if isinstance(final, str):
-            return None
+        blocks, norms, act, final = parts
         attn = model.stack.blocks[0].attn.sublayer  # type: ignore[index,union-attr]
         scale = attn.head_dim ** -0.5 if attn.scale is None else attn.scale
         rope = model.positional if type(model.positional) is RoPE else None  # type: ignore[union-attr]
