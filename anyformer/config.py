@@ -57,7 +57,7 @@ class NormConfig:
 
     kind: str = "rmsnorm"
     eps: float = 1e-5
-    bias: bool = True
+    bias: bool | None = None  # None: the kind's own default (layernorm has a bias, rmsnorm has none)
     placement: Literal["pre", "post", "sandwich"] = "pre"
 
 
@@ -75,12 +75,29 @@ class FeedForwardConfig:
 
 
 @dataclass
-class HeadConfig:
-    """Output head of an encoder model (BERT-like)."""
+class BlockConfig:
+    """Block kind (a registered name: 'sequential' attention then feed-forward, 'parallel'
+    attention and feed-forward side by side, ...) and that kind's own options."""
 
-    kind: Literal["none", "mlm", "sequence_classification", "token_classification", "embedding"] = (
-        "none"
-    )
+    kind: str = "sequential"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DepthConfig:
+    """Depth wiring: how block outputs combine across layers (a registered name: 'plain'
+    residual stream, ...) and its own options."""
+
+    kind: str = "plain"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadConfig:
+    """Output head of an encoder model (a registered name: none, mlm,
+    sequence_classification, token_classification, embedding, ...)."""
+
+    kind: str = "none"
     num_labels: int = 2
     pooling: Literal["cls", "mean"] = "cls"
     normalize: bool = True
@@ -102,9 +119,12 @@ class VisionConfig:
 
 @dataclass
 class ModelConfig:
-    """A whole Transformer: architecture, sizes and the variant of every part."""
+    """A whole Transformer: architecture, sizes and the variant of every part.
 
-    arch: Literal["decoder", "encoder", "encoder_decoder", "vit"] = "decoder"
+    `arch` names a registered architecture (decoder, encoder, encoder_decoder, vit, ...).
+    """
+
+    arch: str = "decoder"
     vocab_size: int = 256
     dim: int = 256
     num_layers: int = 4
@@ -114,6 +134,8 @@ class ModelConfig:
     positional: PositionalConfig = field(default_factory=PositionalConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     ffn: FeedForwardConfig = field(default_factory=FeedForwardConfig)
+    block: BlockConfig = field(default_factory=BlockConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     tie_embeddings: bool = True

@@ -59,3 +59,9 @@ def load(name: str, source: str) -> Any | None:
             module = None
         _MODULES[name] = module
     return _MODULES[name]
+
+
+def decode_kernels() -> Any | None:
+    """The decoding kernels (cpu_decode.cpp: `gemv`, `gemv_multi`, `Decoder`), built on first
+    use; None where they cannot run here."""
+    return load("anyformer_cpu_decode", os.path.join(os.path.dirname(__file__), "generation", "cpu_decode.cpp"))

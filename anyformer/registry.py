@@ -57,3 +57,20 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def discover(package: str, path: "list[str] | Iterator[str]", *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Import every module of a package so that its variant files register themselves.
+
+    Call it at the end of a package's `__init__` as `discover(__name__, __path__)`: a new
+    variant file dropped into the package is registered without editing any import list.
+    Modules whose name starts with an underscore, and those in `skip`, are left alone.
+    Returns the names imported, in sorted order.
+    """
+    import importlib
+    import pkgutil
+
+    names = sorted(info.name for info in pkgutil.iter_modules(list(path)) if not info.name.startswith("_") and info.name not in skip)
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from anyformer.config import AttentionConfig, ConfigError
 from anyformer.models.builders import build_model
+from anyformer.nn.build_context import BuildContext
 from anyformer.nn.attention import ATTENTIONS, AttentionContext
 from anyformer.nn.attention.linear import (
     causal_linear_attention,
@@ -130,7 +131,8 @@ def naive_linear(x, attn, *, causal, rotate):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("positional", ["none", "rope"])
 def test_linear_kind_equals_naive_formula(causal, positional):
-    attn = ATTENTIONS.get("linear")(AttentionConfig(kind="linear", num_heads=2, options={"chunk_size": 3}), dim=16, causal=causal)
+    acfg = AttentionConfig(kind="linear", num_heads=2, options={"chunk_size": 3})
+    attn = ATTENTIONS.get("linear")(acfg, BuildContext.standalone(acfg, dim=16, causal=causal))
     pos = POSITIONALS.get(positional)(PositionalContext(16, 2, 8, 64, causal), POSITIONALS.get(positional).Options())
     x = torch.randn(2, 9, 16)
     q_pos = torch.arange(9).expand(2, 9)

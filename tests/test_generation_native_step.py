@@ -1,4 +1,4 @@
-"""The whole batch-1 decoding step in C++ (anyformer.generation.native_step): the logits of the
+"""The whole batch-1 decoding step in C++ (anyformer.models.native_step): the logits of the
 Python module step bit for bit, the uncached forward within fp32 rounding, over norms, feed-
 forwards, positional encodings and head layouts; unsupported models decline and decode through
 the module path unchanged."""
@@ -14,7 +14,7 @@ from torch import Tensor
 from anyformer import build_model
 from anyformer.generation import generate
 from anyformer.generation.fast import FastLinears, native_gemv
-from anyformer.generation.native_step import NativeStep, why_not
+from anyformer.models.native_step import NativeStep, why_not
 from anyformer.models.presets import preset
 
 pytestmark = pytest.mark.skipif(native_gemv() is None, reason="the C++ kernels need a C++ toolchain and an AVX-512 BF16 CPU")

@@ -36,7 +36,7 @@ def _key_pad(m: int) -> torch.Tensor:
 @pytest.mark.parametrize("bias", [True, False])
 def test_self_attention_matches_torch(bias: bool) -> None:
     ref = nn.MultiheadAttention(D, H, bias=bias, batch_first=True).eval()
-    ours = MultiHeadAttention(D, H, bias=bias).eval()
+    ours = MultiHeadAttention.standard(D, H, bias=bias).eval()
     copy_multihead_attention(ref, ours)
     x = torch.randn(B, N, D)
     pad = _key_pad(N)
@@ -49,7 +49,7 @@ def test_self_attention_matches_torch(bias: bool) -> None:
 def test_cross_attention_with_kdim_matches_torch() -> None:
     kv_dim = 12
     ref = nn.MultiheadAttention(D, H, kdim=kv_dim, vdim=kv_dim, batch_first=True).eval()
-    ours = MultiHeadAttention(D, H, kv_dim=kv_dim, bias=True).eval()
+    ours = MultiHeadAttention.standard(D, H, kv_dim=kv_dim, bias=True).eval()
     copy_multihead_attention(ref, ours)
     x, mem = torch.randn(B, N, D), torch.randn(B, M, kv_dim)
     pad = _key_pad(M)
@@ -61,9 +61,9 @@ def test_cross_attention_with_kdim_matches_torch() -> None:
 
 def test_unsupported_attention_options_raise() -> None:
     with pytest.raises(ConversionError, match="add_bias_kv"):
-        copy_multihead_attention(nn.MultiheadAttention(D, H, add_bias_kv=True), MultiHeadAttention(D, H, bias=True))
+        copy_multihead_attention(nn.MultiheadAttention(D, H, add_bias_kv=True), MultiHeadAttention.standard(D, H, bias=True))
     with pytest.raises(ConversionError, match="head counts"):
-        copy_multihead_attention(nn.MultiheadAttention(D, H), MultiHeadAttention(D, 2, bias=True))
+        copy_multihead_attention(nn.MultiheadAttention(D, H), MultiHeadAttention.standard(D, 2, bias=True))
 
 
 @pytest.mark.parametrize("activation,norm_first", [("relu", False), ("gelu", False), ("relu", True)])

@@ -54,6 +54,47 @@ class BenchConfig:
     repeats: int = 3
     rounds: int = 1
 
+    def validate(self) -> "BenchConfig":
+        """Raise ValueError naming the first bad setting and what it must be; return self.
+        (Method names are checked against `all_methods` by the command, not here.)"""
+        import torch
+
+        from ..nn.positional import POSITIONALS
+
+        def positive_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        for name in ("methods", "lengths", "causal", "passes"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is empty; give at least one")
+        bad_lengths = [n for n in self.lengths if not positive_int(n)]
+        if bad_lengths:
+            raise ValueError(f"lengths must be positive integers, got {bad_lengths}")
+        for name in ("num_heads", "head_dim", "window", "threads", "repeats", "rounds"):
+            if not positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_seconds", "max_memory_gb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.min_time >= 0:
+            raise ValueError(f"min_time must be >= 0, got {self.min_time!r}")
+        checks = [
+            ("causal", self.causal, [True, False]), ("passes", self.passes, ["forward", "backward"]),
+            ("mode", [self.mode], ["kernel", "module"]), ("dtype", [self.dtype], ["float32", "bfloat16", "float16"]),
+        ]
+        for name, values, allowed in checks:
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                raise ValueError(f"{name} {bad} not supported; choose from {allowed}")
+        try:
+            POSITIONALS.get(self.positional)
+            device = torch.device(self.device)
+        except (KeyError, RuntimeError) as e:
+            raise ValueError(str(e)) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: CUDA is not available here; use --device cpu")
+        return self
+
 
 def _predict(points: list[tuple[int, float]], n: int) -> float:
     """Extrapolate a figure to length n from the measured (length, value) points, assuming a
@@ -93,6 +134,7 @@ def run(cfg: BenchConfig, out_dir: Path, log=print) -> list[dict]:  # type: igno
     the machine's speed over a long run falls on all methods alike instead of on whichever ran
     last; with `rounds` > 1 the whole sweep repeats, each measurement again in a fresh process,
     and a configuration keeps its best time (and its largest peak)."""
+    cfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = [(p, c) for p in cfg.passes for c in cfg.causal]
     rows: dict[tuple, dict] = {}

@@ -6,6 +6,12 @@ import argparse
 import time
 from pathlib import Path
 
+# BenchConfig field -> the option that sets it (validation messages name the option)
+FLAGS = {"lengths": "--lengths", "methods": "--methods", "num_heads": "--heads", "head_dim": "--head-dim",
+         "window": "--window", "threads": "--threads", "repeats": "--repeats", "rounds": "--rounds",
+         "max_seconds": "--max-seconds", "max_memory_gb": "--max-memory-gb", "min_time": "--min-time",
+         "positional": "--positional", "device": "--device"}
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -51,13 +57,17 @@ def register(subparsers) -> None:  # type: ignore[no-untyped-def]
 
 
 def _run_attention(args: argparse.Namespace) -> int:
+    """Validate every option, run the sweep, print a summary; exit status 1 when no
+    configuration could be measured (every one failed)."""
+    import sys
+
     from ..bench.attention import BenchConfig, all_methods, run
 
     available = all_methods(args.mode)
     if args.list:
         print("\n".join(available))
         return 0
-    methods = args.methods or available
+    methods = available if args.methods is None else args.methods
     unknown = [m for m in methods if m not in available]
     if unknown:
         raise ValueError(f"unknown benchmark method(s) {unknown}; available: {', '.join(available)}")
@@ -69,12 +79,15 @@ def _run_attention(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=args.device, max_seconds=args.max_seconds, max_memory_gb=args.max_memory_gb,
         min_time=args.min_time, repeats=args.repeats, rounds=args.rounds,
     )
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be at least 1 (got {args.rounds})")
-    if args.lengths:
+    if args.lengths is not None:
         cfg.lengths = args.lengths
-    if args.threads:
+    if args.threads is not None:
         cfg.threads = args.threads
+    try:
+        cfg.validate()
+    except ValueError as e:
+        field, _, rest = str(e).partition(" ")
+        raise ValueError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(e)) from None
     started = time.perf_counter()
     results = run(cfg, args.out)
     measured = sum("time_s" in r for r in results)
@@ -84,4 +97,9 @@ def _run_attention(args: argparse.Namespace) -> int:
         f"done in {time.perf_counter() - started:.0f} s: {measured} measured, {skipped} skipped, {failed} failed; "
         f"wrote {args.out / 'attention.json'} and {args.out / 'attention.png'}"
     )
+    if measured == 0:
+        errors = list(dict.fromkeys(r["error"] for r in results if "error" in r))
+        print(f"anyformer bench attention: error: no configuration could be measured ({failed} failed, {skipped} skipped); "
+              f"first error(s): {' | '.join(errors[:3]) or 'none'}", file=sys.stderr)
+        return 1
     return 0

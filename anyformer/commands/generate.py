@@ -7,8 +7,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from ..pretrained.chat import add_model_arguments
+
+if TYPE_CHECKING:
+    from ..generation import GenerationConfig
+
+FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 or unset = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint of a run")
     p.add_argument("--device", default="auto")
@@ -30,30 +37,47 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch to a run folder or a pretrained checkpoint (exactly one must be given)."""
     if (args.run_dir is None) == (args.model is None):
         raise ValueError("give either a run folder (anyformer generate RUN_DIR ...) or --model PATH, not both or neither")
+    config = sampling_config(args)  # bad sampling options fail here, before any model is loaded
     if args.model is not None:
         from ..pretrained.chat import run_generate
 
-        return run_generate(args)
+        return run_generate(args, config=config)
     if args.chat or args.system is not None:
         raise ValueError("--chat and --system apply to pretrained checkpoints (--model); a trained run has no chat template")
-    return run_from_run_dir(args)
+    return run_from_run_dir(args, config=config)
 
 
-def run_from_run_dir(args: argparse.Namespace, out=None) -> int:  # type: ignore[no-untyped-def]
+def sampling_config(args: argparse.Namespace) -> "GenerationConfig":
+    """The validated GenerationConfig of the sampling options (--max-new-tokens, --temperature
+    (0 = greedy), --top-k, --top-p, --seed); ValueError naming the bad option otherwise."""
+    from ..generation import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
+        top_k=0 if args.top_k is None else args.top_k, top_p=args.top_p, seed=args.seed,
+    )
+    try:
+        return config.validate()
+    except ValueError as e:
+        field, _, rest = str(e).partition(" ")
+        raise ValueError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(e)) from None
+
+
+def run_from_run_dir(args: argparse.Namespace, out=None, *, config: "GenerationConfig | None" = None) -> int:  # type: ignore[no-untyped-def]
     """Print the prompt, then each new piece of text as soon as it is sampled.
 
     Decoding uses a KV cache. When prompt + new tokens exceed the model's context, a model
     with relative positions (rope, alibi, t5, none) keeps a rolling cache of 4 sink tokens
-    plus the most recent ones; one with absolute positions recomputes a cropped window.
+    plus the most recent ones; one with absolute positions recomputes the last max_seq_len
+    tokens per step (anyformer.generation.window). Both sample the same way (same config).
+    config: the sampling settings (default: `sampling_config(args)`).
     """
-    from ..generation import GenerationConfig, stream
-    from ..generation.runner import uses_absolute_positions
+    from ..generation import stream
+    from ..generation.window import stream_window
     from ..training.run import load_run
-    from ..training.sampling import sample_stream
 
     out = out or sys.stdout  # looked up per call (tests and callers may redirect it)
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    config = config or sampling_config(args)
     if args.prompt == "":
         raise ValueError("--prompt is empty; give at least one character to continue")
     r = load_run(args.run_dir, args.checkpoint, args.device)
@@ -62,28 +86,18 @@ def run_from_run_dir(args: argparse.Namespace, out=None) -> int:  # type: ignore
     except ValueError as e:
         raise ValueError(f"the prompt cannot be encoded by this run's tokenizer: {e}") from None
     context = r.cfg.model.max_seq_len
-    total = len(ids) + args.max_new_tokens
+    total = len(ids) + config.max_new_tokens
     sinks = 4
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k or 0, top_p=args.top_p,
-        seed=args.seed, window=context - sinks if total > context else None, sink_tokens=sinks,
-    ).validate()
     out.write(args.prompt)
     out.flush()
     start = time.perf_counter()
-    if total > context and uses_absolute_positions(r.model.positional):  # type: ignore[arg-type]
+    if total > context and r.model.decoding_info().absolute_positions:  # type: ignore[operator]
         print(f"[context {context} < {total} tokens and absolute positions: recomputing the last {context} tokens per step]",
               file=sys.stderr)
-        import torch
-
-        gen = torch.Generator(device=next(r.model.parameters()).device)
-        gen.manual_seed(args.seed) if args.seed is not None else gen.seed()
-        prompt = torch.tensor([ids], device=gen.device)
-        tokens = (int(t[0]) for t in sample_stream(r.model, prompt, args.max_new_tokens, context=context,
-                                                     temperature=args.temperature, top_k=args.top_k, generator=gen))
+        tokens = stream_window(r.model, ids, config, context=context)
     else:
-        tokens = stream(r.model, ids, config)
+        window = context - sinks if total > context else None
+        tokens = stream(r.model, ids, config.with_overrides(window=window, sink_tokens=sinks))
     produced: list[int] = []
     shown = ""
     for token in tokens:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..models.common import EXPORTERS
 from .hf import ConversionError, model_from_hf, model_to_hf
 from .hf_config import ARCHITECTURES, family_of_hf
 
@@ -123,3 +124,5 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
 
 
 __all__ = ["from_pretrained", "load_weights", "save_pretrained"]
+
+EXPORTERS.register("hf")(save_pretrained)  # model.save_pretrained(dir) on every model class

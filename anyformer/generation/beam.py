@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .logits import process_logits
 from .runner import Prompt, Runner, as_batch
 
 if TYPE_CHECKING:
@@ -36,11 +37,9 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
 def beam_search(model: nn.Module, prompts: Prompt, config: "GenerationConfig", *, attention_mask: Tensor | None = None) -> Tensor:
     """The best beam per prompt: (b, n + new) ids for a DecoderLM, (b, 1 + new) decoder ids
     for an EncoderDecoder; positions after a sequence's end hold pad_token_id."""
-    from .decode import process_logits  # shared logit processors
-
     k, pad = config.num_beams, config.pad_token_id
     device = next(model.parameters()).device
-    seq2seq = hasattr(model, "encode") and hasattr(model, "decode")
+    seq2seq = model.decoding_info().encoder_decoder  # type: ignore[operator]
     src, src_keep = as_batch(prompts, attention_mask, pad, device, left=not seq2seq)
     b = src.shape[0]
     runner = Runner(model, src.repeat_interleave(k, 0), src_keep.repeat_interleave(k, 0), config)

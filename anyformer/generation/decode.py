@@ -13,38 +13,10 @@ from torch import Tensor, nn
 
 from .beam import beam_search
 from .config import GenerationConfig
-from .logits import apply_temperature, min_p_filter, no_repeat_ngram, repetition_penalty, top_k_filter, top_p_filter
+from .logits import pick_tokens, process_logits
 from .runner import Prompt, Runner, as_batch
 
 Decode = Callable[[list[int]], str]
-
-
-def process_logits(logits: Tensor, history: Tensor, keep: Tensor, config: GenerationConfig) -> Tensor:
-    """Apply the config's penalties and filters to next-token logits (b, V) in fp32.
-
-    history (b, t): every token so far (prompt and generated); keep (b, t): True for real ones.
-    """
-    logits = logits.float()
-    if config.repetition_penalty != 1.0:
-        logits = repetition_penalty(logits, history, config.repetition_penalty, keep)
-    if config.no_repeat_ngram_size > 0:
-        rows = [h[k].tolist() for h, k in zip(history, keep)]
-        logits = no_repeat_ngram(logits, rows, config.no_repeat_ngram_size)
-    if config.greedy:
-        return logits
-    if config.temperature != 1.0:
-        logits = apply_temperature(logits, config.temperature)
-    logits = top_k_filter(logits, config.top_k)
-    logits = top_p_filter(logits, config.top_p)
-    return min_p_filter(logits, config.min_p)
-
-
-def pick_tokens(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
-    """Next tokens (b,) from processed logits (b, V): arg-max, or a sample when sampling."""
-    if config.greedy:
-        return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _config(config: GenerationConfig | None, overrides: dict[str, Any], decode: Decode | None) -> GenerationConfig:
@@ -103,7 +75,7 @@ def _token_steps(model: nn.Module, prompts: Prompt, config: GenerationConfig, at
 
 
 def _is_seq2seq(model: nn.Module) -> bool:
-    return hasattr(model, "encode") and hasattr(model, "decode")
+    return bool(model.decoding_info().encoder_decoder)  # type: ignore[operator]
 
 
 @torch.inference_mode()
@@ -118,7 +90,8 @@ def generate(
 ) -> Tensor:
     """Generate continuations of a batch of prompts with a KV cache.
 
-    model: a DecoderLM, or an EncoderDecoder (the prompts are then its source sequences).
+    model: any model of the protocol (anyformer.protocol): a DecoderLM, or an EncoderDecoder
+      (the prompts are then its source sequences).
     prompts: one prompt (list of ids or 1-D tensor), a list of prompts of different lengths
       (left-padded, each row positioned from 0 at its first real token, so every row decodes
       exactly as it would alone), or a (b, n) tensor with an optional (b, n) attention_mask.

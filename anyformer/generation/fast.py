@@ -21,7 +21,6 @@ Legend: `o` output features, `k` input features.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Any, Callable
 
@@ -46,9 +45,9 @@ def native_gemv() -> Any | None:
     """The C++ kernel module (functions `supported()`, `gemv(x, weight, bias)` and
     `gemv_multi(x, weights, biases)`), built on first use; None if it cannot be built here (no
     compiler) or this CPU lacks AVX-512 BF16 (see anyformer.native)."""
-    from ..native import load
+    from ..native import decode_kernels
 
-    return load("anyformer_cpu_decode", os.path.join(os.path.dirname(__file__), "cpu_decode.cpp"))
+    return decode_kernels()
 
 
 def fast_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .config import GenerationConfig
+
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     """Divide logits by `temperature` (> 0): below 1 sharpens, above 1 flattens."""
@@ -88,3 +90,31 @@ def no_repeat_ngram(logits: Tensor, sequences: list[list[int]], n: int) -> Tenso
         if banned:
             out[row, banned] = float("-inf")
     return out
+
+
+def process_logits(logits: Tensor, history: Tensor, keep: Tensor, config: GenerationConfig) -> Tensor:
+    """Apply the config's penalties and filters to next-token logits (b, V) in fp32.
+
+    history (b, t): every token so far (prompt and generated); keep (b, t): True for real ones.
+    """
+    logits = logits.float()
+    if config.repetition_penalty != 1.0:
+        logits = repetition_penalty(logits, history, config.repetition_penalty, keep)
+    if config.no_repeat_ngram_size > 0:
+        rows = [h[k].tolist() for h, k in zip(history, keep)]
+        logits = no_repeat_ngram(logits, rows, config.no_repeat_ngram_size)
+    if config.greedy:
+        return logits
+    if config.temperature != 1.0:
+        logits = apply_temperature(logits, config.temperature)
+    logits = top_k_filter(logits, config.top_k)
+    logits = top_p_filter(logits, config.top_p)
+    return min_p_filter(logits, config.min_p)
+
+
+def pick_tokens(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
+    """Next tokens (b,) from processed logits (b, V): arg-max, or a sample when sampling."""
+    if config.greedy:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

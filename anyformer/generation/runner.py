@@ -1,22 +1,17 @@
-"""The one thing decoding needs from a model: prefill a prompt into a cache, then step.
+"""What decoding does with any model of the protocol: prefill a prompt into a cache, then step.
 
 Legend: `b` batch, `n` prompt length, `s` source length, `V` vocabulary.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..models.encoder_decoder import EncoderDecoder
-from ..nn.kv_cache import ModelCache
-from ..nn.positional import PositionalEncoding
 from .config import GenerationConfig
 from .fast import FastLinears
-from .native_step import NativeStep
-from .rolling import rolling_cache
 
 Prompt = Tensor | Sequence[int] | Sequence[Sequence[int]]
 
@@ -55,33 +50,21 @@ def as_batch(
     return tokens.long(), keep
 
 
-def uses_absolute_positions(positional: PositionalEncoding) -> bool:
-    """True when the encoding adds absolute position embeddings (so cache positions cannot be re-assigned)."""
-    return type(positional).embed is not PositionalEncoding.embed
-
-
 class Runner:
-    """Wraps a DecoderLM or an EncoderDecoder (after encoding its source) as
-    prefill(tokens, keep) -> logits and step(tokens) -> logits over one cache."""
+    """Drives any model of the protocol (anyformer.protocol) as prefill(tokens, keep) ->
+    logits and step(tokens) -> logits over one cache; an encoder-decoder's source is encoded
+    once, first."""
 
     def __init__(self, model: nn.Module, src: Tensor, src_keep: Tensor, config: GenerationConfig) -> None:
         self.model, self.config = model, config
-        self.seq2seq = isinstance(model, EncoderDecoder)
-        mcfg = model.config  # type: ignore[attr-defined]
-        self.max_seq_len = mcfg.max_seq_len
-        if self.seq2seq:
-            if src.shape[1] > mcfg.max_seq_len:
-                raise ValueError(f"source of {src.shape[1]} tokens is longer than max_seq_len={mcfg.max_seq_len}; shorten it")
-            self.src_keep = src_keep
-            self.memory = model.encode(src, src_keep)  # type: ignore[operator]
-            self.num_layers = len(model.decoder.blocks)  # type: ignore[attr-defined]
-            self.positional = model.dec_positional  # type: ignore[attr-defined]
-        else:
-            self.num_layers = len(model.stack.blocks)  # type: ignore[attr-defined]
-            self.positional = model.positional  # type: ignore[attr-defined]
-        self.cache: ModelCache | None = None
+        info = model.decoding_info()  # type: ignore[operator]
+        self.info = info
+        self.seq2seq = info.encoder_decoder
+        self.max_seq_len = info.max_seq_len
+        self.source = model.encode_source(src, src_keep) if self.seq2seq else None  # type: ignore[operator]
+        self.cache: Any = None
         self.fast = FastLinears(model) if config.compile else None
-        self.native: NativeStep | None = None  # the whole step in C++, where it applies (compile=True)
+        self.native: Callable[[Tensor], Tensor] | None = None  # the model's own fast step, where it has one
 
     def start_tokens(self, batch: int, device: torch.device) -> Tensor:
         """The decoder's first input (b, 1) of an encoder-decoder."""
@@ -89,18 +72,12 @@ class Runner:
         start = c.pad_token_id if c.decoder_start_token_id is None else c.decoder_start_token_id
         return torch.full((batch, 1), start, dtype=torch.long, device=device)
 
-    def make_cache(self, batch: int, prompt_len: int) -> ModelCache:
+    def make_cache(self, batch: int, prompt_len: int) -> Any:
         """A plain cache for prompt + max_new_tokens, or a rolling one when config.window is set."""
-        c, mcfg = self.config, self.model.config  # type: ignore[attr-defined]
+        c = self.config
         p = next(self.model.parameters())
         if c.window is not None:
-            if uses_absolute_positions(self.positional):
-                raise ValueError(
-                    f"a rolling cache re-assigns positions, which needs a relative positional encoding "
-                    f"(rope, alibi, t5, none); this model uses '{mcfg.positional.kind}'. Drop `window`"
-                )
-            return rolling_cache(batch, self.num_layers, mcfg.num_kv_heads, mcfg.head_dim, sinks=c.sink_tokens, window=c.window,
-                                 dtype=p.dtype, device=p.device, cross=self.seq2seq)
+            return self.model.make_cache(batch, dtype=p.dtype, device=p.device, window=c.window, sinks=c.sink_tokens)  # type: ignore[operator]
         total = prompt_len + c.max_new_tokens
         if prompt_len > self.max_seq_len:
             raise ValueError(
@@ -119,12 +96,9 @@ class Runner:
 
     def _forward(self, tokens: Tensor, keep: Tensor | None) -> Tensor:
         cache = self.cache
-        assert cache is not None
         ones = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep
         positions = cache.next_positions(ones)
-        if self.seq2seq:
-            return self.model.decode(tokens, self.memory, self.src_keep, cache=cache, positions=positions, attention_mask=keep)  # type: ignore[operator]
-        return self.model(tokens, cache, positions, attention_mask=keep)
+        return self.model.decode_step(tokens, cache, positions, attention_mask=keep, source=self.source)  # type: ignore[operator]
 
     def prefill(self, tokens: Tensor, keep: Tensor) -> Tensor:
         """Run the (b, n) prompt through a fresh cache; logits (b, V) of the last position."""
@@ -133,8 +107,8 @@ class Runner:
         chunk = self.config.window or tokens.shape[1]
         for i in range(0, tokens.shape[1], chunk):
             logits = self._forward(tokens[:, i : i + chunk], keep[:, i : i + chunk])
-        if self.fast is not None and not self.seq2seq:
-            self.native = NativeStep.create(self.model, self.cache)
+        if self.fast is not None:
+            self.native = self.model.fast_decoder(self.cache)  # type: ignore[operator]
         return logits[:, -1]
 
     def step(self, tokens: Tensor) -> Tensor:

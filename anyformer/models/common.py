@@ -6,14 +6,17 @@ Legend: `b` batch, `n` length, `m` key length, `d` width, `V` vocabulary.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..nn.attention import AttentionContext, as_4d, combine_masks, padding_mask
 from ..nn.attention.masks import split_user_mask
-from ..nn.kv_cache import ModelCache
-from ..nn.positional import PositionalEncoding
+from ..nn.kv_cache import CacheSpec, CrossKVCache, ModelCache
+from ..nn.positional import PositionalEncoding, uses_absolute_positions
+from ..protocol import DecodingInfo
+from ..registry import Registry
 
 
 def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> None:
@@ -33,14 +36,63 @@ def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> None:
         )
 
 
+EXPORTERS: Registry = Registry("exporter")
+
+
 class PretrainedIO:
     """`model.save_pretrained(dir)`: the Hugging Face layout (config.json + model.safetensors)
-    that `transformers` and `anyformer.from_pretrained` load; see anyformer.convert.pretrained."""
+    that `transformers` and `anyformer.from_pretrained` load; the exporter registers itself
+    under 'hf' (anyformer.convert.pretrained)."""
 
     def save_pretrained(self, path: "str | Path") -> "Path":
-        from ..convert.pretrained import save_pretrained
+        return EXPORTERS.get("hf")(self, path)
 
-        return save_pretrained(self, path)  # type: ignore[arg-type]
+
+class GenerativeModel:
+    """The model protocol of anyformer.protocol for models whose decoding runs one causal
+    stack; subclasses name that stack and its positional encoding in `_decoding_parts`."""
+
+    cross_attention = False  # the decoding stack's blocks attend to an encoded source
+
+    def _decoding_parts(self) -> tuple[nn.Module, PositionalEncoding]:
+        return self.stack, self.positional  # type: ignore[attr-defined]
+
+    def decoding_info(self) -> DecodingInfo:
+        """Protocol: what decoding needs to know about this model."""
+        _, positional = self._decoding_parts()
+        cfg = self.config  # type: ignore[attr-defined]
+        return DecodingInfo(
+            encoder_decoder=self.cross_attention, max_seq_len=cfg.max_seq_len,
+            absolute_positions=uses_absolute_positions(positional), positional=cfg.positional.kind,
+        )
+
+    def encode_source(self, src: Tensor, src_keep: Tensor) -> Any:
+        """Protocol: the encoded source of an encoder-decoder; decoder-only models have none."""
+        raise ValueError(f"{type(self).__name__} has no encoder; its prompts are decoder tokens")
+
+    def make_cache(
+        self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        window: int | None = None, sinks: int = 4,
+    ) -> ModelCache:
+        """Protocol: a decoding cache for `batch` sequences of up to `max_len` (default
+        max_seq_len) tokens; with `window`, a rolling cache of `sinks` first tokens plus the
+        `window` most recent ones (relative positional encodings only)."""
+        stack, positional = self._decoding_parts()
+        cfg = self.config  # type: ignore[attr-defined]
+        if window is not None and uses_absolute_positions(positional):
+            raise ValueError(
+                f"a rolling cache re-assigns positions, which needs a relative positional encoding "
+                f"(rope, alibi, t5, none); this model uses '{cfg.positional.kind}'. Drop `window`"
+            )
+        p = next(self.parameters())  # type: ignore[attr-defined]
+        spec = CacheSpec(batch, max_len or cfg.max_seq_len, dtype or p.dtype, device or p.device, window=window, sinks=sinks)
+        layers = stack.make_caches(spec)  # type: ignore[operator]
+        cross = [CrossKVCache() for _ in layers] if self.cross_attention else None
+        return spec.model_cache(layers, cross)
+
+    def fast_decoder(self, cache: Any) -> Callable[[Tensor], Tensor] | None:
+        """Protocol: a faster exact one-token step over `cache`, or None (none by default)."""
+        return None
 
 
 class Embeddings(nn.Module):
@@ -85,12 +137,17 @@ class Embeddings(nn.Module):
 
 
 class Stack(nn.Module):
-    """A sequence of blocks followed by an optional final norm."""
+    """A sequence of blocks followed by an optional final norm (the plain residual stream:
+    each block's output is the next block's input)."""
 
     def __init__(self, blocks: list[nn.Module], final_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = final_norm or nn.Identity()
+
+    def make_caches(self, spec: CacheSpec) -> list[nn.Module]:
+        """One decoding cache per block call, from `spec`."""
+        return [block.make_cache(spec) for block in self.blocks]
 
     def forward(self, x: Tensor, ctx: AttentionContext, caches: list | None = None, **cross: object) -> Tensor:
         """x (b, n, d) -> (b, n, d); `cross` holds memory/cross_ctx/cross caches for decoders."""

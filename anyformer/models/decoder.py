@@ -5,15 +5,21 @@ Legend: `b` batch, `n` length, `d` width, `V` vocabulary.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
+
+from typing import Any, Callable
+
+from torch import Tensor
 
 from ..config import ModelConfig
-from ..nn.kv_cache import ModelCache, make_layer_cache
+from ..nn.kv_cache import ModelCache
 from ..nn.positional import PositionalEncoding
-from .common import PretrainedIO, Embeddings, LMHead, Stack, self_attention_context
+from .common import Embeddings, GenerativeModel, LMHead, PretrainedIO, Stack, self_attention_context
+from .parts import Parts
+from .registry import ARCHITECTURES
 
 
-class DecoderLM(PretrainedIO, nn.Module):
+class DecoderLM(GenerativeModel, PretrainedIO, nn.Module):
     """Causal language model: embeddings -> causal blocks -> final norm -> LM head.
 
     Args:
@@ -77,15 +83,22 @@ class DecoderLM(PretrainedIO, nn.Module):
         x = self.embed(tokens, ctx.q_pos, self.positional)
         return self.stack(x, ctx, None if cache is None else list(cache.layers))
 
-    def make_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> ModelCache:  # type: ignore[no-untyped-def]
-        """A preallocated cache for `batch` sequences of up to `max_len` (default max_seq_len) tokens."""
-        cfg = self.config
-        p = next(self.parameters())
-        layers = [
-            make_layer_cache(
-                block.attn.sublayer, batch, max_len or cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim,
-                dtype=dtype or p.dtype, device=device or p.device,
-            )
-            for block in self.stack.blocks
-        ]
-        return ModelCache(layers)
+    def decode_step(
+        self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None
+    ) -> Tensor:
+        """Protocol (anyformer.protocol): (b, n) tokens through the cache -> logits (b, n, V)."""
+        return self(tokens, cache, positions, attention_mask=attention_mask)
+
+    def fast_decoder(self, cache: Any) -> Callable[[Tensor], Tensor] | None:
+        """Protocol: the whole one-token step in one native call, where it applies (see
+        models/native_step.py), else None."""
+        from .native_step import NativeStep
+
+        return NativeStep.create(self, cache)
+
+
+@ARCHITECTURES.register("decoder")
+def build_decoder(cfg: ModelConfig, parts: Parts) -> DecoderLM:
+    """A decoder-only causal language model."""
+    embed = parts.embeddings()
+    return DecoderLM(cfg, embed, parts.positional(causal=True), parts.stack(cfg.num_layers, causal=True), parts.lm_head(embed))

@@ -10,10 +10,9 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..nn.positional import PositionalEncoding
-from ..registry import Registry
-from .common import PretrainedIO, Embeddings, Stack, self_attention_context
-
-HEADS: Registry[type[nn.Module]] = Registry("encoder head")
+from .common import Embeddings, PretrainedIO, Stack, self_attention_context
+from .parts import Parts
+from .registry import ARCHITECTURES, HEADS
 
 
 def pool(hidden: Tensor, attention_mask: Tensor | None, kind: str) -> Tensor:
@@ -26,7 +25,6 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, kind: str) -> Tensor:
     return (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
 
 
-@HEADS.register("none")
 class NoHead(nn.Module):
     """Returns the final hidden states (b, n, d)."""
 
@@ -34,7 +32,6 @@ class NoHead(nn.Module):
         return hidden
 
 
-@HEADS.register("mlm")
 class MaskedLMHead(nn.Module):
     """BERT's masked-LM head: dense -> GELU -> norm -> tied unembedding + bias; (b, n, V)."""
 
@@ -62,7 +59,6 @@ class Pooler(nn.Module):
         return self.dense(pool(hidden, attention_mask, self.pooling))
 
 
-@HEADS.register("sequence_classification")
 class SequenceClassificationHead(nn.Module):
     """Pooled vector -> dropout -> linear; logits (b, c)."""
 
@@ -74,7 +70,6 @@ class SequenceClassificationHead(nn.Module):
         return self.classifier(self.dropout(self.pooler(hidden, attention_mask)))
 
 
-@HEADS.register("token_classification")
 class TokenClassificationHead(nn.Module):
     """A label per token; logits (b, n, c)."""
 
@@ -86,7 +81,6 @@ class TokenClassificationHead(nn.Module):
         return self.classifier(self.dropout(hidden))
 
 
-@HEADS.register("embedding")
 class EmbeddingHead(nn.Module):
     """Sentence embeddings (b, d): pooled (CLS or mean over real tokens), optionally L2-normalised."""
 
@@ -156,3 +150,44 @@ class EncoderModel(PretrainedIO, nn.Module):
         """Pooled sentence embeddings (b, d) from the final hidden states, whatever the head."""
         out = pool(self.hidden(tokens, attention_mask), attention_mask, pooling)
         return nn.functional.normalize(out, dim=-1) if normalize else out
+
+
+@HEADS.register("none")
+def build_no_head(parts: Parts, embed: Embeddings) -> nn.Module:
+    """The final hidden states themselves."""
+    return NoHead()
+
+
+@HEADS.register("mlm")
+def build_mlm_head(parts: Parts, embed: Embeddings) -> nn.Module:
+    """BERT's masked-LM head, tied to the token embedding when the config says so."""
+    cfg = parts.cfg
+    return MaskedLMHead(cfg.dim, cfg.vocab_size, norm=parts.norm(), tied=embed.tokens if cfg.tie_embeddings else None)
+
+
+@HEADS.register("sequence_classification")
+def build_sequence_classification_head(parts: Parts, embed: Embeddings) -> nn.Module:
+    """Pooled ([CLS] or mean) sequence classification."""
+    cfg, h = parts.cfg, parts.cfg.head
+    return SequenceClassificationHead(Pooler(cfg.dim, pooling=h.pooling, dense=h.pooler), cfg.dim, h.num_labels, dropout=cfg.dropout)
+
+
+@HEADS.register("token_classification")
+def build_token_classification_head(parts: Parts, embed: Embeddings) -> nn.Module:
+    """A label per token."""
+    return TokenClassificationHead(parts.cfg.dim, parts.cfg.head.num_labels, dropout=parts.cfg.dropout)
+
+
+@HEADS.register("embedding")
+def build_embedding_head(parts: Parts, embed: Embeddings) -> nn.Module:
+    """Pooled sentence embeddings."""
+    cfg, h = parts.cfg, parts.cfg.head
+    return EmbeddingHead(Pooler(cfg.dim, pooling=h.pooling, dense=h.pooler), normalize=h.normalize)
+
+
+@ARCHITECTURES.register("encoder")
+def build_encoder(cfg: ModelConfig, parts: Parts) -> EncoderModel:
+    """A bidirectional encoder (BERT) with the configured head."""
+    embed = parts.embeddings()
+    stack = parts.stack(cfg.num_layers, causal=False, name="encoder")
+    return EncoderModel(cfg, embed, parts.positional(causal=False), stack, parts.head(embed))

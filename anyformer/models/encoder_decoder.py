@@ -5,17 +5,21 @@ Legend: `b` batch, `s` source length, `n` target length, `d` width, `V` vocabula
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..nn.attention import AttentionContext, padding_mask
-from ..nn.kv_cache import CrossKVCache, ModelCache, make_layer_cache
+from ..nn.kv_cache import ModelCache
 from ..nn.positional import PositionalEncoding
-from .common import PretrainedIO, Embeddings, LMHead, Stack, self_attention_context
+from .common import Embeddings, GenerativeModel, LMHead, PretrainedIO, Stack, self_attention_context
+from .parts import Parts
+from .registry import ARCHITECTURES
 
 
-class EncoderDecoder(PretrainedIO, nn.Module):
+class EncoderDecoder(GenerativeModel, PretrainedIO, nn.Module):
     """Source tokens -> encoder; target tokens -> causal decoder with cross-attention -> logits.
 
     Args:
@@ -26,6 +30,7 @@ class EncoderDecoder(PretrainedIO, nn.Module):
     """
 
     causal = True
+    cross_attention = True
 
     def __init__(
         self,
@@ -110,16 +115,36 @@ class EncoderDecoder(PretrainedIO, nn.Module):
         memory = self.encode(src, src_mask, attn_store=attn_store)
         return self.decode(tgt, memory, src_mask, attention_mask=tgt_mask, attn_store=attn_store)
 
-    def make_cache(self, batch: int, max_len: int | None = None, *, dtype=None, device=None) -> ModelCache:  # type: ignore[no-untyped-def]
-        """A decoder cache (self-attention keys/values plus cross-attention memory keys/values)."""
-        cfg = self.config
-        p = next(self.parameters())
-        n = len(self.decoder.blocks)
-        layers = [
-            make_layer_cache(
-                block.attn.sublayer, batch, max_len or cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim,
-                dtype=dtype or p.dtype, device=device or p.device,
-            )
-            for block in self.decoder.blocks
-        ]
-        return ModelCache(layers, [CrossKVCache() for _ in range(n)])
+    def _decoding_parts(self) -> tuple[nn.Module, PositionalEncoding]:
+        return self.decoder, self.dec_positional
+
+    def encode_source(self, src: Tensor, src_keep: Tensor) -> Any:
+        """Protocol: the encoder's output and the source's key padding, for `decode_step`."""
+        if src.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"source of {src.shape[1]} tokens is longer than max_seq_len={self.config.max_seq_len}; shorten it")
+        return self.encode(src, src_keep), src_keep
+
+    def decode_step(
+        self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None
+    ) -> Tensor:
+        """Protocol: (b, n) decoder tokens through the cache, attending to `source` (from
+        `encode_source`) -> logits (b, n, V)."""
+        memory, src_keep = source
+        return self.decode(tokens, memory, src_keep, cache=cache, positions=positions, attention_mask=attention_mask)
+
+
+@ARCHITECTURES.register("encoder_decoder")
+def build_encoder_decoder(cfg: ModelConfig, parts: Parts) -> EncoderDecoder:
+    """An encoder-decoder (the original Transformer, T5): the decoder's blocks cross-attend."""
+    src = parts.embeddings()
+    tgt = src if cfg.share_embeddings else parts.embeddings()
+    return EncoderDecoder(
+        cfg,
+        src_embed=src,
+        tgt_embed=tgt,
+        enc_positional=parts.positional(causal=False),
+        dec_positional=parts.positional(causal=True),
+        encoder=parts.stack(cfg.num_layers, causal=False, name="encoder"),
+        decoder=parts.stack(cfg.num_decoder_layers or cfg.num_layers, causal=True, cross=True, name="decoder"),
+        lm_head=parts.lm_head(tgt),
+    )

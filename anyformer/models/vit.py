@@ -13,6 +13,8 @@ from ..config import ModelConfig
 from ..nn.attention import AttentionContext
 from ..nn.positional import PositionalEncoding
 from .common import Stack
+from .parts import Parts
+from .registry import ARCHITECTURES
 
 
 class PatchEmbedding(nn.Module):
@@ -70,3 +72,17 @@ class VisionTransformer(nn.Module):
     def forward(self, images: Tensor, *, attn_store: list | None = None) -> Tensor:
         """images (b, c, H, W) -> class logits (b, num_labels)."""
         return self.head(self.hidden(images, attn_store=attn_store))
+
+
+@ARCHITECTURES.register("vit")
+def build_vit(cfg: ModelConfig, parts: Parts) -> VisionTransformer:
+    """A Vision Transformer classifying images (the class token's final state when
+    head.kind is not sequence_classification)."""
+    v = cfg.vision
+    return VisionTransformer(
+        cfg,
+        PatchEmbedding(v.channels, v.patch_size, cfg.dim, v.image_size, dropout=cfg.dropout),
+        parts.positional(causal=False),
+        parts.stack(cfg.num_layers, causal=False, name="encoder"),
+        ImageClassificationHead(cfg.dim, cfg.head.num_labels if cfg.head.kind == "sequence_classification" else 0),
+    )

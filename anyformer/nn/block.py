@@ -58,12 +58,22 @@ class SandwichNorm(nn.Module):
         return x + maybe_dropout(self.dropout, self.out_norm(self.sublayer(self.norm(x), *args, **kwargs)))
 
 
+def attention_cache(attn: nn.Module, spec: Any) -> nn.Module:
+    """The decoding cache of a (possibly placement-wrapped) self-attention sublayer."""
+    inner = getattr(attn, "sublayer", attn)
+    return inner.make_cache(spec)
+
+
 class TransformerBlock(nn.Module):
     """Self-attention then feed-forward, each already wrapped in its residual placement."""
 
     def __init__(self, attn: nn.Module, ffn: nn.Module) -> None:
         super().__init__()
         self.attn, self.ffn = attn, ffn
+
+    def make_cache(self, spec: Any) -> nn.Module:
+        """This block's decoding cache (its self-attention's)."""
+        return attention_cache(self.attn, spec)
 
     def forward(self, x: Tensor, ctx: Any, *, cache: Any = None) -> Tensor:  # (b, n, d)
         return self.ffn(self.attn(x, ctx, cache=cache))
@@ -75,6 +85,10 @@ class CrossAttentionBlock(nn.Module):
     def __init__(self, attn: nn.Module, cross_attn: nn.Module, ffn: nn.Module) -> None:
         super().__init__()
         self.attn, self.cross_attn, self.ffn = attn, cross_attn, ffn
+
+    def make_cache(self, spec: Any) -> nn.Module:
+        """This block's self-attention decoding cache (cross-attention keeps its own)."""
+        return attention_cache(self.attn, spec)
 
     def forward(
         self, x: Tensor, ctx: Any, *, cache: Any = None, memory: Tensor, cross_ctx: Any, cross_cache: Any = None

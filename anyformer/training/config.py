@@ -111,6 +111,13 @@ class RunConfig:
             raise ConfigError("train.muon_lr must be positive and train.muon_momentum in [0, 1)")
         if t.keep_last < 1:
             raise ConfigError(f"train.keep_last must be at least 1, got {t.keep_last}")
+        if t.samples < 0:
+            raise ConfigError(f"train.samples must be >= 0 (0 = no samples), got {t.samples}")
+        if t.samples and (t.sample_tokens < 1 or t.temperature < 0 or (t.top_k is not None and t.top_k < 0)):
+            raise ConfigError(
+                f"train.sample_tokens must be >= 1, train.temperature >= 0 (0 = greedy) and train.top_k >= 0 or null; "
+                f"got {t.sample_tokens}, {t.temperature}, {t.top_k}"
+            )
         return self
 
 

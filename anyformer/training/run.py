@@ -37,6 +37,9 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> 
     if which not in ("best", "latest"):
         raise ValueError(f"checkpoint must be 'best' or 'latest', got {which!r}")
     cfg = load_yaml(RunConfig, run / "config.yaml")
+    if cfg.model.norm.kind == "rmsnorm" and cfg.model.norm.bias:
+        # written when RMSNorm silently ignored a bias: the weights have none, so this is the same model
+        cfg.model.norm.bias = False
     tokenizer = load_tokenizer(run / "tokenizer.json")
     folder = ckpt.find_checkpoint(run, which)
     state = ckpt.read_state(folder)

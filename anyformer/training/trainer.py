@@ -27,7 +27,6 @@ from .distributed import DistEnv, broadcast_float, mean_across, setup
 from ..models.summary import summarize
 from .metrics import MetricsLog, Progress, format_time, matmul_peak_flops, plot_losses, read_metrics
 from .optim import build_optimizer, lr_at, set_lr
-from .sampling import sample_stream
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EVAL_SEED = 20240601
@@ -313,26 +312,24 @@ class Trainer:
     def samples(self) -> list[str]:
         """`train.samples` continuations of `train.sample_prompt` from the current model,
         decoded with the KV cache (a rolling sink + window cache past the context when the
-        positions are relative)."""
-        from ..generation import generate
-        from ..generation.runner import uses_absolute_positions
+        positions are relative; past the context with absolute positions, the last
+        max_seq_len tokens are recomputed per step). Both sample through the same
+        anyformer.generation logit processing."""
+        from ..generation import GenerationConfig, generate
+        from ..generation.window import window_steps
 
         t = self.cfg.train
         tok = self.data.tokenizer
         ids = tok.encode(t.sample_prompt)
         context = self.cfg.model.max_seq_len
+        config = GenerationConfig(max_new_tokens=t.sample_tokens, do_sample=t.temperature > 0, temperature=t.temperature,
+                                  top_k=t.top_k or 0, seed=t.seed)
         self.model.eval()
-        if len(ids) + t.sample_tokens > context and uses_absolute_positions(self.model.positional):  # type: ignore[arg-type]
-            gen = torch.Generator(device=self.env.device).manual_seed(t.seed)
-            prompt = torch.tensor([ids] * t.samples, device=self.env.device)
-            steps = sample_stream(self.model, prompt, t.sample_tokens, context=context,
-                                  temperature=t.temperature, top_k=t.top_k, generator=gen)
-            new = torch.stack(list(steps), dim=1)  # (samples, sample_tokens)
+        if len(ids) + t.sample_tokens > context and self.model.decoding_info().absolute_positions:  # type: ignore[operator]
+            new = torch.stack(list(window_steps(self.model, [ids] * t.samples, config, context=context)), dim=1)  # (samples, sample_tokens)
         else:
             window = context - 4 if len(ids) + t.sample_tokens > context else None
-            out = generate(self.model, [ids] * t.samples, max_new_tokens=t.sample_tokens, do_sample=t.temperature > 0,
-                           temperature=t.temperature or 1.0, top_k=t.top_k or 0, seed=t.seed, window=window)
-            new = out[:, len(ids):]
+            new = generate(self.model, [ids] * t.samples, config, window=window)[:, len(ids):]
         self.model.train()
         return [t.sample_prompt + tok.decode(row.tolist()) for row in new]
 

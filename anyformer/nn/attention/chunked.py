@@ -17,13 +17,14 @@ Legend: `b` batch, `h` query heads, `g` key/value heads, `r = h / g`, `n` querie
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .kernels import KERNELS, attention_weights
+from .kernels import attention_weights
+from .native_kernels import native_softmax
+from .registry import KERNELS
 from .masks import as_4d, combine_masks
 from ..positional.bias import ALiBi
 from .block_bias import BlockBias, PositionalBlockBias
@@ -33,16 +34,6 @@ MASK_CACHE_ENTRIES = 64  # reused pattern-mask blocks kept per call, at most
 DEFAULT_Q_BLOCK = 256
 DEFAULT_K_BLOCK = 256
 LOG2E = 1.4426950408889634  # logits are kept in base 2: exp2 is much cheaper than exp on CPUs
-
-
-def native_softmax(device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
-    """The C++ online-softmax kernels (cpu_softmax.cpp: one pass per block row instead of nine
-    whole-block PyTorch ops) for fp32 blocks on a CPU with AVX-512, else None (PyTorch ops)."""
-    if device.type != "cpu" or dtype != torch.float32:
-        return None
-    from ...native import load
-
-    return load("anyformer_cpu_softmax", os.path.join(os.path.dirname(__file__), "cpu_softmax.cpp"))
 
 
 def _slice(t: Tensor | None, q0: int, q1: int, k0: int, k1: int) -> Tensor | None:

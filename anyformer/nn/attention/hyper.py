@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import AttentionConfig, ConfigError, parse_options
-from . import ATTENTIONS
-from .kernels import KERNELS, Kernel, repeat_kv
-from .linear import qk_norms
+from ..build_context import BuildContext
+from .kernels import Kernel, repeat_kv
 from .masks import causal_mask
-from .mha import MultiHeadAttention
+from .mha import head_dim_of, mha_from_config
+from .registry import ATTENTIONS, KERNELS
 
 
 class AngularLSH(nn.Module):
@@ -250,7 +250,7 @@ class HyperOptions:
 
 
 @ATTENTIONS.register("hyper")
-def build_hyper(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = False, kv_dim: int | None = None) -> nn.Module:
+def build_hyper(cfg: AttentionConfig, ctx: BuildContext) -> nn.Module:
     """Multi-head attention whose kernel is HyperAttention above `min_seq_len` keys."""
     opts = parse_options(HyperOptions, cfg.options, "model.attention.options (hyper)")
     if opts.block_size < 1 or opts.sample_size < 0 or opts.min_seq_len < 1 or not 1 <= opts.num_bits <= 20:
@@ -260,8 +260,7 @@ def build_hyper(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = F
         )
     if cfg.dropout:
         raise ConfigError("attention kind 'hyper' does not support attention dropout; set model.attention.dropout=0")
-    head_dim = cfg.head_dim or dim // cfg.num_heads
-    q_norm, k_norm = qk_norms(cfg, head_dim)
+    head_dim = head_dim_of(cfg, ctx.dim)
     kernel = HyperAttentionKernel(
         head_dim,
         exact=KERNELS.get(cfg.kernel),
@@ -270,16 +269,4 @@ def build_hyper(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = F
         sample_size=opts.sample_size,
         num_bits=opts.num_bits,
     )
-    return MultiHeadAttention(
-        dim,
-        cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=head_dim,
-        kernel=kernel,
-        kv_dim=kv_dim,
-        bias=cfg.bias,
-        out_bias=cfg.out_bias,
-        q_norm=q_norm,
-        k_norm=k_norm,
-        scale=cfg.scale,
-    )
+    return mha_from_config(cfg, ctx, kernel=kernel)

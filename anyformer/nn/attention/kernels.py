@@ -16,8 +16,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ...registry import Registry
 from .masks import causal_mask, combine_masks
+from .native_kernels import native_softmax
+from .registry import KERNELS
 
 
 class Kernel(Protocol):
@@ -35,9 +36,6 @@ class Kernel(Protocol):
     ) -> Tensor: ...
 
 
-KERNELS: Registry[Kernel] = Registry("attention kernel")
-
-
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
     """(b, g, m, d) -> (b, g * groups, m, d), each key/value head serving `groups` query heads."""
     if groups == 1:
@@ -51,7 +49,7 @@ def full_mask(mask: Tensor | None, causal: bool, n: int, m: int, device: torch.d
     return combine_masks(mask, causal_mask(n, m, device) if causal else None)
 
 
-def attention_weights(
+def attention_logits(
     q: Tensor,
     k: Tensor,
     *,
@@ -60,7 +58,8 @@ def attention_weights(
     causal: bool = False,
     scale: float | None = None,
 ) -> Tensor:
-    """Softmax attention probabilities (b, h, n, m), computed in fp32; fully masked rows are 0."""
+    """Scaled attention logits (b, h, n, m) in at least fp32, plus the bias, with -inf where the
+    mask (and causality) forbids a key."""
     h, n, d = q.shape[1], q.shape[2], q.shape[3]
     k = repeat_kv(k, h // k.shape[1])
     m = k.shape[2]
@@ -72,10 +71,28 @@ def attention_weights(
     allowed = full_mask(mask, causal, n, m, q.device)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if allowed is not None:
-        probs = probs.nan_to_num(0.0)  # rows with no visible key: -inf everywhere gives NaN
-    return probs
+    return logits
+
+
+def masked_softmax(logits: Tensor) -> Tensor:
+    """Softmax over the last dim; a row whose logits are all -inf (no visible key) gives zeros."""
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Softmax attention probabilities (b, h, n, m), computed in fp32; fully masked rows are 0."""
+    logits = attention_logits(q, k, mask=mask, bias=bias, causal=causal, scale=scale)
+    if mask is None and not causal:
+        return torch.softmax(logits, dim=-1)
+    return masked_softmax(logits)
 
 
 @KERNELS.register("eager")
@@ -105,8 +122,6 @@ def _native_decode(q: Tensor, k: Tensor, v: Tensor):  # type: ignore[no-untyped-
         return None
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
-    from .chunked import native_softmax
-
     return native_softmax(q.device, q.dtype)
 
 

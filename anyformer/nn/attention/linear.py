@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import AttentionConfig, ConfigError, parse_options
-from ..norm import NORMS
-from . import ATTENTIONS
+from ..build_context import BuildContext
+from ..kv_cache import CacheSpec
 from .context import AttentionContext
 from .kernels import repeat_kv
 from .masks import causal_mask, combine_masks
+from .mha import qk_norms
+from .registry import ATTENTIONS
 
 # --------------------------------------------------------------------------- pure math
 
@@ -296,10 +298,15 @@ class KernelizedAttention(nn.Module):
         self.chunk_size = chunk_size
         self.eps = eps
 
-    def make_cache(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None, device: torch.device | None = None) -> LinearAttentionCache:
-        """A constant-size recurrent state for decoding (kept in fp32; `dtype` is not used)."""
+    def make_cache(self, spec: CacheSpec) -> LinearAttentionCache:
+        """A constant-size recurrent state for decoding (kept in fp32; the spec's dtype is not used)."""
+        if spec.window is not None:
+            raise ValueError(
+                "kernelized attention decodes with a constant-size state and keeps every token in it; a rolling "
+                "(sink + window) cache does not apply. Drop `window`, or use an exact or sparse attention kind"
+            )
         f, r = self.features.num_features(self.head_dim)
-        return LinearAttentionCache(batch, self.num_heads, f, r, self.head_dim, max_len, device=device)
+        return LinearAttentionCache(spec.batch, self.num_heads, f, r, self.head_dim, spec.max_len, device=spec.device)
 
     def _heads(self, x: Tensor, proj: nn.Linear, heads: int) -> Tensor:
         b, n, _ = x.shape
@@ -384,13 +391,6 @@ def check_kernelized_config(cfg: AttentionConfig, kind: str, cross: bool) -> Non
         )
 
 
-def qk_norms(cfg: AttentionConfig, head_dim: int) -> tuple[nn.Module | None, nn.Module | None]:
-    """The configured per-head query and key norms, or (None, None)."""
-    if cfg.qk_norm == "none":
-        return None, None
-    return NORMS.get(cfg.qk_norm)(head_dim), NORMS.get(cfg.qk_norm)(head_dim)
-
-
 def kernelized_from_config(
     cfg: AttentionConfig, dim: int, features: nn.Module, *, chunk_size: int, eps: float
 ) -> KernelizedAttention:
@@ -405,12 +405,12 @@ def kernelized_from_config(
 
 
 @ATTENTIONS.register("linear")
-def build_linear(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = False, kv_dim: int | None = None) -> nn.Module:
+def build_linear(cfg: AttentionConfig, ctx: BuildContext) -> nn.Module:
     """Linear attention with elu + 1 features (Katharopoulos et al. 2020)."""
     opts = parse_options(LinearOptions, cfg.options, "model.attention.options (linear)")
-    check_kernelized_config(cfg, "linear", cross)
+    check_kernelized_config(cfg, "linear", ctx.cross)
     if cfg.scale is not None:
         raise ConfigError("attention kind 'linear' has no logit scale; leave model.attention.scale unset")
     if opts.chunk_size < 1:
         raise ConfigError(f"model.attention.options.chunk_size must be >= 1, got {opts.chunk_size}")
-    return kernelized_from_config(cfg, dim, EluFeatures(), chunk_size=opts.chunk_size, eps=opts.eps)
+    return kernelized_from_config(cfg, ctx.dim, EluFeatures(), chunk_size=opts.chunk_size, eps=opts.eps)

@@ -1,16 +1,51 @@
-"""Multi-head attention with grouped key/value heads (MHA, GQA, MQA), self or cross.
+"""Multi-head attention with grouped key/value heads (MHA, GQA, MQA), self or cross, built from
+injected parts, with the hook points attention variants override.
 
 Legend: `b` batch, `n` query length, `m` key length, `d_model` width, `h` query heads,
-`g` key/value heads, `d` head dim.
+`g` key/value heads, `d` head dim, `h'`/`e` heads and width of a variant's per-head output.
+
+The forward pass is
+
+    q, k, v = heads(x)           projections (injected modules), QK-norm
+    q, k, v = position + cache   the stack's positional encoding; this layer's cache
+    out = attend(q, k, v)        the kernel; or, when a variant changes logits or probabilities,
+                                 logits -> modify_logits -> softmax -> combine -> @ v
+    out = transform_heads(out)   a variant's per-head output transform
+    return o_proj(merge(out))
+
+so a variant subclasses `MultiHeadAttention` and overrides only the hook it changes:
+`modify_logits` (e.g. a selection score), `combine` (e.g. shaped attention), `attend` (e.g.
+several kernel calls, as differential attention makes) or `transform_heads` (e.g. a per-head
+norm). Overriding `modify_logits` or `combine` routes the layer through the explicit path
+(logits materialised); the other hooks keep the fused kernels.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..kv_cache import CrossKVCache, KVCache
+from ...config import AttentionConfig, ConfigError
+from ..build_context import BuildContext
+from ..kv_cache import CacheSpec, CrossKVCache, KVCache
+from ..norm import NORMS
 from .context import AttentionContext
-from .kernels import Kernel, attention_weights, eager_attention, repeat_kv
+from .kernels import Kernel, attention_logits, eager_attention, masked_softmax, repeat_kv
+from .masks import combine_masks
+from .registry import ATTENTIONS, KERNELS
+
+
+def projections(
+    dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *, kv_dim: int | None = None, bias: bool = False, out_bias: bool | None = None
+) -> dict[str, nn.Module]:
+    """The four linear projections of multi-head attention, as keyword arguments for
+    `MultiHeadAttention`: q (dim -> h*d), k and v (kv_dim -> g*d), o (h*d -> dim)."""
+    kv_dim = kv_dim or dim
+    return {
+        "q_proj": nn.Linear(dim, num_heads * head_dim, bias=bias),
+        "k_proj": nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias),
+        "v_proj": nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias),
+        "o_proj": nn.Linear(num_heads * head_dim, dim, bias=bias if out_bias is None else out_bias),
+    }
 
 
 class MultiHeadAttention(nn.Module):
@@ -19,13 +54,11 @@ class MultiHeadAttention(nn.Module):
     (Shazeer 2019) attention.
 
     Args:
-        dim: model width of the queries' input.
-        num_heads: query heads `h`.
-        num_kv_heads: key/value heads `g` (divides h); default h.
-        head_dim: per-head width `d`; default dim // h.
-        kernel: an exact kernel from KERNELS (eager, sdpa, ...).
-        kv_dim: width of the key/value input for cross-attention; default dim.
-        bias: biases on the q/k/v projections; out_bias on the output projection (default: bias).
+        q_proj, k_proj, v_proj, o_proj: the projections (any modules mapping the widths; see
+            `projections`); k/v read the memory for cross-attention.
+        num_heads: query heads `h`; num_kv_heads: key/value heads `g` (divides h; default h);
+        head_dim: per-head width `d`.
+        kernel: an exact kernel from KERNELS (eager, sdpa, chunked, ...).
         q_norm, k_norm: optional per-head norms of queries and keys (QK-norm).
         scale: logit scale; default d ** -0.5.
         dropout: attention-probability dropout in training.
@@ -33,15 +66,15 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(
         self,
-        dim: int,
-        num_heads: int,
         *,
+        q_proj: nn.Module,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        o_proj: nn.Module,
+        num_heads: int,
+        head_dim: int,
         num_kv_heads: int | None = None,
-        head_dim: int | None = None,
         kernel: Kernel = eager_attention,
-        kv_dim: int | None = None,
-        bias: bool = False,
-        out_bias: bool | None = None,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
         scale: float | None = None,
@@ -50,22 +83,37 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = head_dim or dim // num_heads
-        kv_dim = kv_dim or dim
-        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(kv_dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
+        self.head_dim = head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.q_norm = q_norm or nn.Identity()
         self.k_norm = k_norm or nn.Identity()
         self.kernel = kernel
         # kernels with `lazy_bias` take positional biases per block instead of a dense tensor
         self.lazy_bias = bool(getattr(kernel, "lazy_bias", False))
-        self.probs_fn = getattr(kernel, "weights", attention_weights)
         self.scale = scale
         self.dropout = dropout
+        cls = type(self)
+        self.explicit = cls.modify_logits is not MultiHeadAttention.modify_logits or cls.combine is not MultiHeadAttention.combine
 
-    def _heads(self, x: Tensor, proj: nn.Linear, heads: int) -> Tensor:
+    @classmethod
+    def standard(
+        cls, dim: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None, kv_dim: int | None = None,
+        bias: bool = False, out_bias: bool | None = None, **kwargs: object,
+    ) -> "MultiHeadAttention":
+        """Attention with plain linear projections of `dim` (and `kv_dim` for cross-attention);
+        other keyword arguments as the constructor."""
+        head_dim = head_dim or dim // num_heads
+        projs = projections(dim, num_heads, num_kv_heads or num_heads, head_dim, kv_dim=kv_dim, bias=bias, out_bias=out_bias)
+        return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, **projs, **kwargs)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ structure
+
+    def make_cache(self, spec: CacheSpec) -> nn.Module:
+        """This layer's decoding cache: keys and values of `num_kv_heads` heads (rolling when
+        the spec asks for a window)."""
+        return spec.kv_cache(self.num_kv_heads, self.head_dim)
+
+    def _heads(self, x: Tensor, proj: nn.Module, heads: int) -> Tensor:
         b, n, _ = x.shape
         return proj(x).view(b, n, heads, self.head_dim).transpose(1, 2)  # (b, heads, n, d)
 
@@ -73,6 +121,65 @@ class MultiHeadAttention(nn.Module):
         k = self.k_norm(self._heads(src, self.k_proj, self.num_kv_heads))  # (b, g, m, d)
         v = self._heads(src, self.v_proj, self.num_kv_heads)  # (b, g, m, d)
         return k, v
+
+    def qkv(self, x: Tensor, ctx: AttentionContext, *, memory: Tensor | None, cache: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (b, h, n, d) and all keys/values (b, g, m, d): projected, normed, positioned
+        and merged with the cache."""
+        q = self.q_norm(self._heads(x, self.q_proj, self.num_heads))  # (b, h, n, d)
+        if memory is None:
+            k, v = self._kv(x)
+            if cache is None:
+                q, k = ctx.positional.rotate(q, k, ctx.q_pos, ctx.q_pos)
+            else:
+                q, k, v = cache.store(q, k, v, ctx)  # type: ignore[operator]  # cached keys in front
+        elif cache is not None:
+            k, v = cache.get_or_compute(lambda: self._kv(memory))  # type: ignore[operator]
+        else:
+            k, v = self._kv(memory)
+        return q, k, v
+
+    # ------------------------------------------------------------------ hook points
+
+    def modify_logits(self, logits: Tensor, q: Tensor, k: Tensor, ctx: AttentionContext) -> Tensor:
+        """Hook: change the (b, h, n, m) fp32 logits (masked entries are -inf) before the softmax."""
+        return logits
+
+    def combine(self, probs: Tensor, ctx: AttentionContext) -> Tensor:
+        """Hook: change the (b, h, n, m) probabilities before they weight the values."""
+        return probs
+
+    def transform_heads(self, out: Tensor, ctx: AttentionContext) -> Tensor:
+        """Hook: a per-head transform of the attention output (b, h, n, d) -> (b, h', n, e)
+        before the heads are merged and projected."""
+        return out
+
+    def probabilities(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> Tensor:
+        """The (b, h, n, m) attention probabilities, in fp32, through the logit and probability
+        hooks; a kernel's sparsity pattern (if any) is applied as a mask."""
+        n, m = q.shape[2], k.shape[2]
+        mask = ctx.mask
+        pattern = getattr(self.kernel, "pattern", None)
+        if pattern is not None:
+            mask = combine_masks(mask, pattern.dense(n, m, q.device))
+        logits = attention_logits(q, k, mask=mask, bias=ctx.logit_bias(), causal=ctx.causal, scale=self.scale)
+        return self.combine(masked_softmax(self.modify_logits(logits, q, k, ctx)), ctx)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """Hook: the attention output (b, h, n, e) of q (b, h, n, d) over k, v (b, g, m, d/e).
+        The fused kernel unless the layer changes logits or probabilities or weights are stored."""
+        dropout = self.dropout if self.training else 0.0
+        if self.explicit or ctx.store is not None:
+            probs = self.probabilities(q, k, ctx)
+            if ctx.store is not None:
+                ctx.store.append(probs)
+            return nn.functional.dropout(probs, dropout).to(v.dtype) @ repeat_kv(v, q.shape[1] // v.shape[1])
+        if self.lazy_bias:
+            return self.kernel(
+                q, k, v, mask=ctx.mask, bias=ctx.bias, causal=ctx.causal, scale=self.scale, dropout=dropout, block_bias=ctx.block_bias(),
+            )
+        return self.kernel(q, k, v, mask=ctx.mask, bias=ctx.logit_bias(), causal=ctx.causal, scale=self.scale, dropout=dropout)
+
+    # ------------------------------------------------------------------ forward
 
     def forward(
         self,
@@ -85,30 +192,54 @@ class MultiHeadAttention(nn.Module):
         """x: (b, n, dim) -> (b, n, dim). `memory` (b, m, kv_dim) makes this cross-attention;
         `cache` holds earlier keys/values (self) or the memory's keys/values (cross)."""
         b, n, _ = x.shape
-        q = self.q_norm(self._heads(x, self.q_proj, self.num_heads))  # (b, h, n, d)
-        if memory is None:
-            k, v = self._kv(x)
-            if cache is None:
-                q, k = ctx.positional.rotate(q, k, ctx.q_pos, ctx.q_pos)
-            else:
-                q, k, v = cache.store(q, k, v, ctx)  # k, v: (b, g, m, d) with the cached keys in front
-        elif cache is not None:
-            k, v = cache.get_or_compute(lambda: self._kv(memory))
-        else:
-            k, v = self._kv(memory)
-        mask = ctx.mask
-        dropout = self.dropout if self.training else 0.0
-        if ctx.store is not None:
-            probs = self.probs_fn(q, k, mask=mask, bias=ctx.logit_bias(), causal=ctx.causal, scale=self.scale)
-            ctx.store.append(probs)
-            out = nn.functional.dropout(probs, dropout).to(v.dtype) @ repeat_kv(v, self.num_heads // self.num_kv_heads)
-        elif self.lazy_bias:
-            out = self.kernel(
-                q, k, v, mask=mask, bias=ctx.bias, causal=ctx.causal, scale=self.scale, dropout=dropout,
-                block_bias=ctx.block_bias(),
-            )
-        else:
-            out = self.kernel(q, k, v, mask=mask, bias=ctx.logit_bias(), causal=ctx.causal, scale=self.scale, dropout=dropout)
-        # (b, n, h*d), in x's dtype (a wider cache may have made the kernel work in fp32)
-        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim).to(x.dtype)
+        q, k, v = self.qkv(x, ctx, memory=memory, cache=cache)
+        out = self.transform_heads(self.attend(q, k, v, ctx), ctx)  # (b, h', n, e)
+        # (b, n, h'*e), in x's dtype (a wider cache may have made the kernel work in fp32)
+        out = out.transpose(1, 2).reshape(b, n, -1).to(x.dtype)
         return self.o_proj(out)
+
+
+def head_dim_of(cfg: AttentionConfig, dim: int) -> int:
+    """The per-head width of an attention config in a model of width `dim`."""
+    return cfg.head_dim or dim // cfg.num_heads
+
+
+def qk_norms(cfg: AttentionConfig, head_dim: int) -> tuple[nn.Module | None, nn.Module | None]:
+    """The configured per-head query and key norms, or (None, None)."""
+    if cfg.qk_norm == "none":
+        return None, None
+    return NORMS.get(cfg.qk_norm)(head_dim), NORMS.get(cfg.qk_norm)(head_dim)
+
+
+def mha_from_config(
+    cfg: AttentionConfig, ctx: BuildContext, *, kernel: Kernel | None = None, cls: type[MultiHeadAttention] = MultiHeadAttention, **extra: object
+) -> MultiHeadAttention:
+    """A `cls` (MultiHeadAttention or a subclass) with the config's heads, projections, QK-norm,
+    scale and dropout, around `kernel` (default: the configured exact kernel); `extra` goes to
+    the constructor of `cls`."""
+    head_dim = head_dim_of(cfg, ctx.dim)
+    num_kv_heads = cfg.num_kv_heads or cfg.num_heads
+    q_norm, k_norm = qk_norms(cfg, head_dim)
+    projs = projections(ctx.dim, cfg.num_heads, num_kv_heads, head_dim, kv_dim=ctx.kv_dim, bias=cfg.bias, out_bias=cfg.out_bias)
+    return cls(
+        **projs,  # type: ignore[arg-type]
+        num_heads=cfg.num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        kernel=kernel or KERNELS.get(cfg.kernel),
+        q_norm=q_norm,
+        k_norm=k_norm,
+        scale=cfg.scale,
+        dropout=cfg.dropout,
+        **extra,
+    )
+
+
+@ATTENTIONS.register("mha")
+def build_mha(cfg: AttentionConfig, ctx: BuildContext) -> nn.Module:
+    """Standard multi-head (GQA/MQA) attention with one of the exact kernels."""
+    if cfg.options:
+        raise ConfigError(
+            f"attention kind 'mha' takes no options, got {sorted(cfg.options)}; set them on model.attention directly"
+        )
+    return mha_from_config(cfg, ctx)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ...config import AttentionConfig, ConfigError, parse_options
-from . import ATTENTIONS
+from ..build_context import BuildContext
+from .registry import ATTENTIONS
 from .context import AttentionContext
 from .linear import LinearAttentionCache, check_kernelized_config, kernelized_from_config
 
@@ -127,17 +128,17 @@ class PerformerOptions:
 
 
 @ATTENTIONS.register("performer")
-def build_performer(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = False, kv_dim: int | None = None) -> nn.Module:
+def build_performer(cfg: AttentionConfig, ctx: BuildContext) -> nn.Module:
     """Performer attention with FAVOR+ positive orthogonal random features."""
     opts = parse_options(PerformerOptions, cfg.options, "model.attention.options (performer)")
-    check_kernelized_config(cfg, "performer", cross)
+    check_kernelized_config(cfg, "performer", ctx.cross)
     if opts.num_features < 1 or opts.chunk_size < 1 or opts.redraw_interval < 0:
         raise ConfigError(
             "model.attention.options: num_features and chunk_size must be >= 1 and redraw_interval >= 0 "
             f"(got {opts.num_features}, {opts.chunk_size}, {opts.redraw_interval})"
         )
-    head_dim = cfg.head_dim or dim // cfg.num_heads
+    head_dim = cfg.head_dim or ctx.dim // cfg.num_heads
     features = FavorFeatures(
         head_dim, opts.num_features, orthogonal=opts.orthogonal, redraw_interval=opts.redraw_interval, scale=cfg.scale
     )
-    return kernelized_from_config(cfg, dim, features, chunk_size=opts.chunk_size, eps=opts.eps)
+    return kernelized_from_config(cfg, ctx.dim, features, chunk_size=opts.chunk_size, eps=opts.eps)

@@ -19,9 +19,11 @@ from typing import Callable
 from torch import Tensor, nn
 
 from ...config import AttentionConfig, ConfigError, parse_options
-from . import ATTENTIONS, build_mha
+from ..build_context import BuildContext
 from .chunked import ChunkedKernel
-from .kernels import KERNELS, Kernel
+from .kernels import Kernel
+from .mha import mha_from_config
+from .registry import ATTENTIONS, KERNELS
 from .masks import combine_masks
 from .patterns import BlockLocal, Dilated, Fixed, LambdaShaped, Pattern, Strided, Window
 
@@ -137,14 +139,14 @@ class LambdaShapedOptions(SparseOptions):
 
 
 def _register(name: str, options_cls: type[SparseOptions], make: Callable[..., Pattern], doc: str) -> None:
-    def factory(cfg: AttentionConfig, *, dim: int, causal: bool, cross: bool = False, kv_dim: int | None = None) -> nn.Module:
+    def factory(cfg: AttentionConfig, ctx: BuildContext) -> nn.Module:
         opts = parse_options(options_cls, cfg.options, f"model.attention.options ({name})")
         pattern = make(opts)
         if opts.dense:
             kernel = DensePatternKernel(pattern, KERNELS.get(cfg.kernel))
         else:
             kernel = ChunkedKernel(pattern, q_block=opts.q_block, k_block=opts.k_block)
-        return build_mha(cfg, dim=dim, causal=causal, cross=cross, kv_dim=kv_dim, kernel=kernel)
+        return mha_from_config(cfg, ctx, kernel=kernel)
 
     factory.__name__ = f"build_{name}"
     factory.__doc__ = doc

@@ -58,3 +58,9 @@ class PositionalEncoding(nn.Module):
 @POSITIONALS.register("none")
 class NoPositional(PositionalEncoding):
     """No positional information: the encoder is then permutation-equivariant."""
+
+
+def uses_absolute_positions(positional: PositionalEncoding) -> bool:
+    """True when the encoding adds absolute position embeddings to the input (so cached
+    positions cannot be re-assigned, as a rolling cache does)."""
+    return type(positional).embed is not PositionalEncoding.embed

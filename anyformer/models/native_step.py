@@ -33,7 +33,7 @@ from ..nn.kv_cache import KVCache, ModelCache
 from ..nn.norm import LayerNorm, RMSNorm
 from ..nn.positional import PositionalEncoding
 from ..nn.positional.rope import RoPE, rope_angles
-from .fast import native_gemv
+from ..native import decode_kernels as native_gemv
 
 _ACTIVATION_INDEX = {fn: i for i, fn in enumerate(ACTIVATIONS[name] for name in ("gelu", "gelu_tanh", "relu", "silu"))}
 _EMPTY = torch.empty(0)

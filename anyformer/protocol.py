@@ -1,0 +1,57 @@
+"""The model protocol: what generation (and any other code that drives a model from outside)
+may call on a model. Nothing else of a model is read from outside it.
+
+A generative model (decoder LM, encoder-decoder, or any registered architecture that decodes)
+implements:
+
+- `decoding_info() -> DecodingInfo`: static facts decoding needs (is the prompt a source
+  sequence, the context length, whether positions are absolute).
+- `encode_source(src, src_keep) -> source`: encoder-decoders run the encoder once; the opaque
+  result goes back into every `decode_step` (decoder-only models return None).
+- `make_cache(batch, max_len=None, *, dtype=None, device=None, window=None, sinks=4) -> cache`:
+  a cache for `batch` sequences; with `window`, a rolling cache of `sinks` first tokens plus the
+  `window` most recent ones. Each layer decides what it stores (keys and values, a recurrent
+  state, ...). The cache offers `length`, `next_positions(keep)` and `reorder(index)` (beams).
+- `decode_step(tokens, cache, positions, *, attention_mask=None, source=None) -> logits`:
+  run (b, n) tokens at (b, n) positions through the cache (extending it) -> (b, n, V) logits.
+- `fast_decoder(cache) -> Callable[[Tensor], Tensor] | None`: optionally, a faster exact
+  one-token step over `cache` (tokens (1, 1) -> logits (1, V)), or None where it does not apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DecodingInfo:
+    """What decoding needs to know about a model.
+
+    encoder_decoder: prompts are source sequences and decoding starts from a start token;
+    max_seq_len: the longest sequence (prompt plus new tokens) a plain cache may hold;
+    absolute_positions: positions are added to the input embeddings (a rolling cache, which
+    re-assigns positions, cannot be used); positional: the positional kind, for messages.
+    """
+
+    encoder_decoder: bool
+    max_seq_len: int
+    absolute_positions: bool
+    positional: str
+
+
+@runtime_checkable
+class Decodable(Protocol):
+    """A model that generation can drive (see the module docstring)."""
+
+    def decoding_info(self) -> DecodingInfo: ...
+
+    def encode_source(self, src: Tensor, src_keep: Tensor) -> Any: ...
+
+    def make_cache(self, batch: int, max_len: int | None = None, **kwargs: Any) -> Any: ...
+
+    def decode_step(self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None) -> Tensor: ...
+
+    def fast_decoder(self, cache: Any) -> Callable[[Tensor], Tensor] | None: ...
