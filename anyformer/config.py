@@ -149,6 +149,15 @@ class ModelConfig:
     pad_token_id: int | None = None
     init_std: float = 0.02
 
+    def __post_init__(self) -> None:
+        # nested sections given as mappings in Python (ModelConfig(attention={...})) are checked
+        # and converted exactly as YAML loading does
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict) and _is_dataclass_type(hints[f.name]):
+                setattr(self, f.name, from_dict(hints[f.name], value, f"model.{f.name}"))
+
     @property
     def head_dim(self) -> int:
         """Per-head width: `attention.head_dim`, or `dim // num_heads`."""
