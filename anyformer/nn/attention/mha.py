@@ -29,7 +29,7 @@ from ..build_context import BuildContext
 from ..kv_cache import CacheSpec, CrossKVCache, KVCache
 from ..norm import NORMS
 from .context import AttentionContext
-from .kernels import Kernel, attention_logits, eager_attention, masked_softmax, repeat_kv
+from .kernels import Kernel, attention_logits, eager_attention, full_mask, masked_softmax, repeat_kv
 from .masks import combine_masks
 from .registry import ATTENTIONS, KERNELS
 
@@ -141,7 +141,8 @@ class MultiHeadAttention(nn.Module):
     # ------------------------------------------------------------------ hook points
 
     def modify_logits(self, logits: Tensor, q: Tensor, k: Tensor, ctx: AttentionContext) -> Tensor:
-        """Hook: change the (b, h, n, m) fp32 logits (masked entries are -inf) before the softmax."""
+        """Hook: change the (b, h, n, m) fp32 logits (scaled, biases added) before masking and
+        the softmax; the mask (padding, causality, patterns) is applied afterwards."""
         return logits
 
     def combine(self, probs: Tensor, ctx: AttentionContext) -> Tensor:
@@ -157,12 +158,14 @@ class MultiHeadAttention(nn.Module):
         """The (b, h, n, m) attention probabilities, in fp32, through the logit and probability
         hooks; a kernel's sparsity pattern (if any) is applied as a mask."""
         n, m = q.shape[2], k.shape[2]
-        mask = ctx.mask
+        mask = full_mask(ctx.mask, ctx.causal, n, m, q.device)
         pattern = getattr(self.kernel, "pattern", None)
         if pattern is not None:
             mask = combine_masks(mask, pattern.dense(n, m, q.device))
-        logits = attention_logits(q, k, mask=mask, bias=ctx.logit_bias(), causal=ctx.causal, scale=self.scale)
-        return self.combine(masked_softmax(self.modify_logits(logits, q, k, ctx)), ctx)
+        logits = self.modify_logits(attention_logits(q, k, bias=ctx.logit_bias(), scale=self.scale), q, k, ctx)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return self.combine(masked_softmax(logits), ctx)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         """Hook: the attention output (b, h, n, e) of q (b, h, n, d) over k, v (b, g, m, d/e).
