@@ -7,7 +7,11 @@ this CPU has the instructions the kernel was written for (AVX-512, with BF16 dot
 
 Where a kernel cannot be built (no C++ compiler, missing headers) or the CPU lacks those
 instructions, `load` returns None after one warning, and every caller keeps a pure PyTorch
-path that computes the same thing.
+path that computes the same thing. A failed build is remembered across processes (a marker
+file under $ANYFORMER_CACHE, default ~/.cache/anyformer/native, named after the source's
+hash): later processes take the PyTorch path at once, without retrying the build or warning
+again. Delete the marker (its path is in the warning) to retry, e.g. after installing a
+compiler; a changed source has a new hash and is tried afresh.
 """
 
 from __future__ import annotations
@@ -39,6 +43,23 @@ def _fingerprint(source: str) -> str:
     return digest.hexdigest()[:10]
 
 
+def failure_marker(build_name: str) -> str:
+    """The file that records a failed build of `build_name` (name plus source hash)."""
+    root = os.environ.get("ANYFORMER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "anyformer")
+    return os.path.join(root, "native", f"{build_name}.failed")
+
+
+def _remember_failure(build_name: str, err: BaseException) -> str | None:
+    marker = failure_marker(build_name)
+    try:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(f"{type(err).__name__}: {err}\n")
+        return marker
+    except OSError:  # a read-only home: the failure is remembered for this process only
+        return None
+
+
 def load(name: str, source: str) -> Any | None:
     """The compiled module `name` built from `source` (a path), or None where it cannot run here.
     Built once per process; later calls return the same module (or None) at once."""
@@ -47,15 +68,21 @@ def load(name: str, source: str) -> Any | None:
         if os.environ.get("ANYFORMER_NO_NATIVE"):  # lets users (and tests) force the PyTorch paths
             _MODULES[name] = None
             return None
+        build_name = f"{name}_{_fingerprint(source)}"
+        if os.path.exists(failure_marker(build_name)):  # failed in an earlier process: do not retry
+            _MODULES[name] = None
+            return None
         try:
             from torch.utils import cpp_extension
 
-            module = cpp_extension.load(name=f"{name}_{_fingerprint(source)}", sources=[source], extra_cflags=["-O3", "-fopenmp"],
+            module = cpp_extension.load(name=build_name, sources=[source], extra_cflags=["-O3", "-fopenmp"],
                                         extra_ldflags=["-fopenmp"], verbose=False)
             if not module.supported():
                 module = None
         except Exception as err:  # no toolchain / headers: the caller's PyTorch path takes over
-            warnings.warn(f"C++ kernel {name} unavailable ({type(err).__name__}: {str(err)[:200]}); using the PyTorch path")
+            marker = _remember_failure(build_name, err)
+            where = f"; remembered in {marker} (delete it to retry)" if marker else ""
+            warnings.warn(f"C++ kernel {name} unavailable ({type(err).__name__}: {str(err)[:200]}); using the PyTorch path{where}")
             module = None
         _MODULES[name] = module
     return _MODULES[name]

@@ -204,6 +204,43 @@ def test_compiled_encoder_decoder_generation_equals_plain_generation() -> None:
     torch.manual_seed(0)
     model = build_model(preset("t5-tiny", ffn={"kind": "swiglu"}, attention={"num_heads": 4, "num_kv_heads": 2})).eval()
     src = torch.randint(2, 200, (1, 9))
-    plain = generate(model, src, max_new_tokens=10)
+    plain = generate(model, src, max_new_tokens=10, compile=False)
     fast = generate(model, src, max_new_tokens=10, compile=True)
     assert torch.equal(plain, fast)
+
+
+def test_failed_native_build_is_remembered_across_processes(tmp_path, monkeypatch) -> None:
+    """A kernel that fails to build warns once, leaves a marker, and a later process (a fresh
+    module table) takes the PyTorch path without trying to build again or warning."""
+    import warnings
+
+    from torch.utils import cpp_extension
+
+    from anyformer import native
+
+    monkeypatch.setenv("ANYFORMER_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "broken.cpp"
+    src.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "_MODULES", {})
+    calls = []
+
+    def failing_build(**kwargs):  # stands in for the compiler, which would fail on this source
+        calls.append(kwargs["name"])
+        raise RuntimeError("Error building extension 'broken'")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_build)
+    with pytest.warns(UserWarning, match="delete it to retry"):
+        assert native.load("anyformer_test_broken", str(src)) is None
+    assert len(calls) == 1
+    marker = native.failure_marker(calls[0])
+    assert open(marker).read().startswith("RuntimeError")
+    monkeypatch.setattr(native, "_MODULES", {})  # a new process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load("anyformer_test_broken", str(src)) is None
+    assert len(calls) == 1  # not retried
+    src.write_text("still not C++, but changed\n")  # a changed source is tried afresh
+    monkeypatch.setattr(native, "_MODULES", {})
+    with pytest.warns(UserWarning):
+        assert native.load("anyformer_test_broken", str(src)) is None
+    assert len(calls) == 2

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AttentionConfig
-from ..nn.attention import ATTENTIONS, KERNELS, AttentionContext, MultiHeadAttention
+from ..nn.attention import ATTENTIONS, KERNELS, AttentionContext, mha_from_config
 from ..nn.attention.block_bias import PositionalBlockBias
 from ..nn.attention.patterns import Window
+from ..nn.build_context import BuildContext
 from ..nn.positional import POSITIONALS, PositionalContext
 
 
@@ -36,24 +37,29 @@ def projections_only(q: Tensor, k: Tensor, v: Tensor, **_: object) -> Tensor:
     return q
 
 
-def build_method(method: str, *, num_heads: int, head_dim: int, causal: bool, window: int) -> tuple[nn.Module, Tensor | None]:
-    """The attention module a method name stands for, and a dense mask it is given (or None).
+def build_method(method: str, *, num_heads: int, head_dim: int, causal: bool, window: int) -> tuple[nn.Module, int | None]:
+    """The attention module a method name stands for, and the window of a dense sliding-window
+    mask it is given (or None).
 
     Names: `mha[KERNEL]` (multi-head attention with an exact kernel), `sdpa+dense-window` (sdpa
     given the materialised sliding-window mask), `projections` (no attention), or any
     registered attention kind with its default options (`window` for windowed kinds).
     """
     dim = num_heads * head_dim
+
+    def context(cfg: AttentionConfig) -> BuildContext:
+        return BuildContext.standalone(cfg, dim=dim, causal=causal)
+
     if method.startswith("mha[") and method.endswith("]"):
         cfg = AttentionConfig(kind="mha", kernel=method[4:-1], num_heads=num_heads, head_dim=head_dim)
-        return ATTENTIONS.get("mha")(cfg, dim=dim, causal=causal), None
-    if method == "sdpa+dense-window":
-        return MultiHeadAttention(dim, num_heads, head_dim=head_dim, kernel=KERNELS.get("sdpa")), window
-    if method == "projections":
-        return MultiHeadAttention(dim, num_heads, head_dim=head_dim, kernel=projections_only), None
+        return ATTENTIONS.get("mha")(cfg, context(cfg)), None
+    if method in ("sdpa+dense-window", "projections"):
+        cfg = AttentionConfig(kind="mha", num_heads=num_heads, head_dim=head_dim)
+        kernel = KERNELS.get("sdpa") if method == "sdpa+dense-window" else projections_only
+        return mha_from_config(cfg, context(cfg), kernel=kernel), window if method == "sdpa+dense-window" else None
     options = {"window": window} if method in ("sliding_window", "lambda_shaped") else {}
     cfg = AttentionConfig(kind=method, num_heads=num_heads, head_dim=head_dim, options=options)
-    return ATTENTIONS.get(method)(cfg, dim=dim, causal=causal), None
+    return ATTENTIONS.get(method)(cfg, context(cfg)), None
 
 
 def peak_rss_bytes() -> int:

@@ -10,12 +10,10 @@ import time
 from typing import TYPE_CHECKING
 
 from ..pretrained.chat import add_model_arguments
+from ._sampling import sampling_config
 
 if TYPE_CHECKING:
     from ..generation import GenerationConfig
-
-FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `generate` subcommand."""
@@ -45,22 +43,6 @@ def run(args: argparse.Namespace) -> int:
     if args.chat or args.system is not None:
         raise ValueError("--chat and --system apply to pretrained checkpoints (--model); a trained run has no chat template")
     return run_from_run_dir(args, config=config)
-
-
-def sampling_config(args: argparse.Namespace) -> "GenerationConfig":
-    """The validated GenerationConfig of the sampling options (--max-new-tokens, --temperature
-    (0 = greedy), --top-k, --top-p, --seed); ValueError naming the bad option otherwise."""
-    from ..generation import GenerationConfig
-
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
-        top_k=0 if args.top_k is None else args.top_k, top_p=args.top_p, seed=args.seed,
-    )
-    try:
-        return config.validate()
-    except ValueError as e:
-        field, _, rest = str(e).partition(" ")
-        raise ValueError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(e)) from None
 
 
 def run_from_run_dir(args: argparse.Namespace, out=None, *, config: "GenerationConfig | None" = None) -> int:  # type: ignore[no-untyped-def]

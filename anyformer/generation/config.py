@@ -23,9 +23,11 @@ class GenerationConfig:
     decoder_start_token_id: first decoder token of an encoder-decoder (default: pad_token_id).
     window: when set, a rolling cache of `sink_tokens` first tokens plus the `window` most
       recent ones (StreamingLLM, Xiao et al. 2023) lets generation run past max_seq_len.
-    compile: run one-row linear layers of each decoding step as a compiled fused GEMV
-      (`torch.compile`; a few seconds of compiling on first use, falls back to eager if it
-      cannot compile). Faster batch-1 decoding on CPU; off by default.
+    compile: the fast exact decoding path (on by default): on CPU, one-row linear layers of
+      each step run as native GEMVs (sibling q/k/v and gate/up fused), a bf16 model keeps its
+      keys/values in an fp32 cache, and a model that offers a whole native step
+      (`fast_decoder`) uses it. Where the native kernels are unavailable (no compiler, other
+      CPUs, GPUs) decoding takes the plain module path; False forces the plain path.
     """
 
     max_new_tokens: int = 32
@@ -45,7 +47,7 @@ class GenerationConfig:
     decoder_start_token_id: int | None = None
     window: int | None = None
     sink_tokens: int = 4
-    compile: bool = False
+    compile: bool = True
 
     def validate(self) -> "GenerationConfig":
         """Raise ValueError naming the bad setting and its valid range; return self."""

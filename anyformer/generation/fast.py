@@ -50,6 +50,16 @@ def native_gemv() -> Any | None:
     return decode_kernels()
 
 
+def fast_path_available(model: nn.Module) -> bool:
+    """True when the fast decoding path applies to `model`: float32 or bfloat16 weights on a
+    CPU where the native kernels run (else decoding keeps the plain module path, so the fast
+    path never costs a compile of its own)."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return native_gemv() is not None
+
+
 def fast_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`gemv` through the fastest available path: the C++ kernel for contiguous fp32/bf16 CPU
     tensors of one dtype, else the compiled reduction."""

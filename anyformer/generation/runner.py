@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import GenerationConfig
-from .fast import FastLinears
+from .fast import FastLinears, fast_path_available
 
 Prompt = Tensor | Sequence[int] | Sequence[Sequence[int]]
 
@@ -63,7 +63,7 @@ class Runner:
         self.max_seq_len = info.max_seq_len
         self.source = model.encode_source(src, src_keep) if self.seq2seq else None  # type: ignore[operator]
         self.cache: Any = None
-        self.fast = FastLinears(model) if config.compile else None
+        self.fast = FastLinears(model) if config.compile and fast_path_available(model) else None
         self.native: Callable[[Tensor], Tensor] | None = None  # the model's own fast step, where it has one
 
     def start_tokens(self, batch: int, device: torch.device) -> Tensor:
@@ -91,7 +91,7 @@ class Runner:
             )
         # the fast CPU decoding path keeps a bf16/fp16 model's keys/values in fp32: exact (every
         # bf16 value is an fp32 value), and one-query attention runs much faster in fp32 on CPU
-        wide = c.compile and p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
+        wide = self.fast is not None and p.dtype in (torch.bfloat16, torch.float16)
         return self.model.make_cache(batch, total, dtype=torch.float32 if wide else None)  # type: ignore[operator]
 
     def _forward(self, tokens: Tensor, keep: Tensor | None) -> Tensor:

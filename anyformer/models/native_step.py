@@ -117,14 +117,14 @@ def _parts(model: nn.Module, cache: ModelCache | None) -> _Parts | str:
     blocks = list(model.stack.blocks)
     if not blocks:
         return "the model has no blocks"
-    heads = {(blk.attn.sublayer.num_heads, blk.attn.sublayer.num_kv_heads, blk.attn.sublayer.head_dim, blk.attn.sublayer.scale)
-             for blk in blocks if hasattr(getattr(blk, "attn", None), "sublayer")}
-    if len(heads) != 1:
-        return "all blocks must share head counts and scale"
     parts = [_block(blk, p.dtype) for blk in blocks]
     for part in parts:
         if isinstance(part, str):
             return part
+    heads = {(blk.attn.sublayer.num_heads, blk.attn.sublayer.num_kv_heads, blk.attn.sublayer.head_dim, blk.attn.sublayer.scale)
+             for blk in blocks}
+    if len(heads) != 1:
+        return "all blocks must share head counts and scale"
     if len({part[2] for part in parts}) != 1:  # type: ignore[index]
         return "all blocks must share one activation"
     final = _norm(model.stack.final_norm, p.dtype)

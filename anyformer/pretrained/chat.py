@@ -52,7 +52,7 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, *, config:
     """
     import torch
 
-    from ..commands.generate import sampling_config
+    from ..commands._sampling import sampling_config
     from ..generation import stream
     from .loading import load_pretrained
 
@@ -61,7 +61,7 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, *, config:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     start = time.perf_counter()
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
-    if not hasattr(model, "make_cache") or hasattr(model, "encode"):
+    if not hasattr(model, "decoding_info") or model.decoding_info().encoder_decoder:
         raise ValueError(f"{args.model!r} is not a decoder language model ({type(model).__name__}); `generate --model` needs one (GPT-2, Llama)")
     ids = prompt_ids(tokenizer, args.prompt, chat=args.chat, system=args.system)
     if not ids:
