@@ -7,7 +7,10 @@ transformers' LlamaForCausalLM on the same weights, in the same run. Prints a ta
 
 Prefill: one forward over a prompt of n tokens (batch 1), tokens/s = n / time.
 Decode: greedy, one token per step through each library's KV cache after a 32-token prompt,
-tokens/s = new tokens / time; on CPU also "decode-fast", anyformer's `generate(compile=True)`. Each figure is the best of --repeats runs after a warm-up.
+tokens/s = new tokens / time; on CPU also "decode-fast", anyformer's `generate()` (its default fast
+path). End-to-end: a --e2e-prompt-token prompt and --e2e-new new tokens through `generate()` (what
+`anyformer generate --model` runs) against transformers' `generate`, new tokens / whole time.
+Each figure is the best of --repeats runs after a warm-up.
 Not a test: figures vary with the machine and its load.
 """
 
@@ -68,6 +71,8 @@ def main() -> None:
     ap.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--e2e-prompt", type=int, default=700, help="prompt tokens of the end-to-end generate row (0: skip it)")
+    ap.add_argument("--e2e-new", type=int, default=100, help="new tokens of the end-to-end generate row")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default="bench_pretrained.json")
     args = ap.parse_args()
@@ -119,20 +124,39 @@ def main() -> None:
     a = args.new_tokens / best_time(lambda: (ours_decode(ours, prompt, args.new_tokens), sync()), args.repeats)
     b = args.new_tokens / best_time(lambda: (hf_decode(hf, prompt, args.new_tokens), sync()), args.repeats)
     rows.append(dict(phase="decode", tokens=args.new_tokens, anyformer_tok_s=a, transformers_tok_s=b, ratio=a / b, same_tokens=same))
-    if args.device == "cpu":  # `generate(..., compile=True)`: the fast one-row path (native GEMVs, fused siblings)
-        from anyformer.generation import generate
+    from anyformer.generation import generate
+
+    if args.device == "cpu":  # `generate(...)`'s default fast path (native GEMVs, fused siblings, whole-step kernel)
 
         def ours_fast() -> list[int]:
-            return generate(ours, prompt, max_new_tokens=args.new_tokens, compile=True)[0, prompt.shape[1]:].tolist()
+            return generate(ours, prompt, max_new_tokens=args.new_tokens)[0, prompt.shape[1]:].tolist()
 
         same_fast = ours_fast() == hf_decode(hf, prompt, args.new_tokens)
         c = args.new_tokens / best_time(ours_fast, args.repeats)
         rows.append(dict(phase="decode-fast", tokens=args.new_tokens, anyformer_tok_s=c, transformers_tok_s=b, ratio=c / b,
                          same_tokens=same_fast))
 
-    print(f"{'phase':8} {'tokens':>6} {'anyformer tok/s':>16} {'transformers tok/s':>19} {'ratio':>6}")
+    if args.e2e_prompt > 0:  # prefill + decode through `generate` (what `anyformer generate --model` runs) vs HF generate
+        long = torch.randint(0, 49152, (1, args.e2e_prompt), generator=g).to(args.device)
+        new = args.e2e_new
+
+        def ours_e2e() -> list[int]:
+            return generate(ours, long, max_new_tokens=new)[0, long.shape[1]:].tolist()
+
+        def hf_e2e() -> list[int]:
+            with torch.no_grad():
+                out = hf.generate(long, attention_mask=torch.ones_like(long), do_sample=False, max_new_tokens=new,
+                                  min_new_tokens=new, eos_token_id=None, pad_token_id=0)
+            return out[0, long.shape[1]:].tolist()
+
+        same_e2e = ours_e2e() == hf_e2e()
+        a, b = new / best_time(ours_e2e, args.repeats), new / best_time(hf_e2e, args.repeats)
+        rows.append(dict(phase="end-to-end", tokens=new, prompt_tokens=args.e2e_prompt, anyformer_tok_s=a, transformers_tok_s=b,
+                         ratio=a / b, same_tokens=same_e2e))
+
+    print(f"{'phase':10} {'tokens':>6} {'anyformer tok/s':>16} {'transformers tok/s':>19} {'ratio':>6}")
     for r in rows:
-        print(f"{r['phase']:8} {r['tokens']:6d} {r['anyformer_tok_s']:16.1f} {r['transformers_tok_s']:19.1f} {r['ratio']:6.2f}")
+        print(f"{r['phase']:10} {r['tokens']:6d} {r['anyformer_tok_s']:16.1f} {r['transformers_tok_s']:19.1f} {r['ratio']:6.2f}")
     print("greedy decode token-identical: " + ", ".join(f"{r['phase']} {r['same_tokens']}" for r in rows if "same_tokens" in r))
     result = dict(
         model=path.name, device=args.device, dtype=args.dtype, torch=torch.__version__, transformers=transformers.__version__,
