@@ -15,6 +15,7 @@ from ._sampling import sampling_config
 if TYPE_CHECKING:
     from ..generation import GenerationConfig
 
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `generate` subcommand."""
     p = subparsers.add_parser("generate", help="stream text from a trained run or a pretrained checkpoint")

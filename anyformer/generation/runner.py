@@ -58,7 +58,6 @@ class Runner:
     def __init__(self, model: nn.Module, src: Tensor, src_keep: Tensor, config: GenerationConfig) -> None:
         self.model, self.config = model, config
         info = model.decoding_info()  # type: ignore[operator]
-        self.info = info
         self.seq2seq = info.encoder_decoder
         self.max_seq_len = info.max_seq_len
         self.source = model.encode_source(src, src_keep) if self.seq2seq else None  # type: ignore[operator]

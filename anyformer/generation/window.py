@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import GenerationConfig
-from .decode import pick_tokens, process_logits
+from .logits import pick_tokens, process_logits
 from .runner import Prompt, as_batch
 
 

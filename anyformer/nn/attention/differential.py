@@ -38,11 +38,10 @@ def lambda_init_schedule(layer_index: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
 
 
-def value_halves(v: Tensor) -> tuple[Tensor, Tensor]:
-    """The two halves of the value heads (b, g, m, d), each repeated to g heads, so that query
-    head i reads its group's first-half and second-half values: ((b, g, m, d), (b, g, m, d))."""
+def swap_halves(v: Tensor) -> Tensor:
+    """The value heads (b, g, m, d) with their two halves exchanged (one copy)."""
     half = v.shape[1] // 2
-    return v[:, :half].repeat(1, 2, 1, 1), v[:, half:].repeat(1, 2, 1, 1)
+    return torch.cat([v[:, half:], v[:, :half]], 1)
 
 
 class DifferentialAttention(MultiHeadAttention):
@@ -81,15 +80,22 @@ class DifferentialAttention(MultiHeadAttention):
         return l1 - l2 + self.lambda_init
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-        """Both halves of the values through every head's softmax: (b, h, n, 2d)."""
-        v1, v2 = value_halves(v)
+        """Every head's softmax over both value halves: (b, h, n, 2d), the first-half values
+        first. Query head i reads key/value head j = i // (h/g); its partner half is j +- g/2,
+        so one kernel call over v (own half) and one over v with its halves swapped (partner
+        half) give both without copying the cache twice."""
+        half = q.shape[1] // 2
         if ctx.store is not None:  # inspection: store the differential maps (b, h/2, n, m)
             probs = self.probabilities(q, k, ctx)
-            half = probs.shape[1] // 2
             ctx.store.append(probs[:, :half] - self.lam() * probs[:, half:])
-            vv = repeat_kv(torch.cat([v1, v2], -1), q.shape[1] // v.shape[1])  # (b, h, m, 2d)
-            return probs.to(vv.dtype) @ vv
-        return torch.cat([super().attend(q, k, v1, ctx), super().attend(q, k, v2, ctx)], -1)
+            groups = q.shape[1] // v.shape[1]
+            own = probs.to(v.dtype) @ repeat_kv(v, groups)
+            other = probs.to(v.dtype) @ repeat_kv(swap_halves(v), groups)
+        else:
+            own, other = super().attend(q, k, v, ctx), super().attend(q, k, swap_halves(v), ctx)  # (b, h, n, d) each
+        first = torch.cat([own[:, :half], other[:, :half]], -1)  # heads i < h/2: own half is the first half
+        second = torch.cat([other[:, half:], own[:, half:]], -1)  # heads i >= h/2: own half is the second half
+        return torch.cat([first, second], 1)
 
     def transform_heads(self, out: Tensor, ctx: AttentionContext) -> Tensor:
         """(b, h, n, 2d) -> (b, h/2, n, 2d): first-half maps minus lambda times second-half maps,

@@ -89,10 +89,7 @@ def attention_weights(
     scale: float | None = None,
 ) -> Tensor:
     """Softmax attention probabilities (b, h, n, m), computed in fp32; fully masked rows are 0."""
-    logits = attention_logits(q, k, mask=mask, bias=bias, causal=causal, scale=scale)
-    if mask is None and not causal:
-        return torch.softmax(logits, dim=-1)
-    return masked_softmax(logits)
+    return masked_softmax(attention_logits(q, k, mask=mask, bias=bias, causal=causal, scale=scale))
 
 
 @KERNELS.register("eager")
