@@ -34,6 +34,7 @@ from ..nn.norm import LayerNorm, RMSNorm
 from ..nn.positional import PositionalEncoding
 from ..nn.positional.rope import RoPE, rope_angles
 from ..native import decode_kernels as native_gemv
+from .common import Stack
 
 _ACTIVATION_INDEX = {fn: i for i, fn in enumerate(ACTIVATIONS[name] for name in ("gelu", "gelu_tanh", "relu", "silu"))}
 _EMPTY = torch.empty(0)
@@ -114,6 +115,8 @@ def _parts(model: nn.Module, cache: ModelCache | None) -> _Parts | str:
     positional = model.positional
     if not (_input_positions_only(positional) or type(positional) is RoPE):
         return f"positional encoding {type(positional).__name__} acts on the logits"
+    if type(model.stack) is not Stack:
+        return f"depth wiring {type(model.stack).__name__} is not the plain residual stack"
     blocks = list(model.stack.blocks)
     if not blocks:
         return "the model has no blocks"
