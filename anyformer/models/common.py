@@ -125,11 +125,12 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, tokens: Tensor, positions: Tensor, positional: PositionalEncoding, token_types: Tensor | None = None
-    ) -> Tensor:  # (b, n) -> (b, n, d)
+        self, tokens: Tensor, positions: Tensor, positional: PositionalEncoding, token_types: Tensor | None = None,
+        *, graph: Tensor | None = None,
+    ) -> Tensor:  # (b, n) -> (b, n, d); graph: the user's attention mask, for graph positional encodings
         check_tokens(tokens, self.vocab_size)
         x = self.tokens(tokens) * self.scale
-        x = positional.embed(x, positions)
+        x = positional.embed_graph(x, positions, graph)
         if self.token_types is not None:
             types = torch.zeros_like(tokens) if token_types is None else token_types
             x = x + self.token_types(types)

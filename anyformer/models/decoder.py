@@ -80,7 +80,7 @@ class DecoderLM(GenerativeModel, PretrainedIO, nn.Module):
             cache=cache,
             store=attn_store,
         )
-        x = self.embed(tokens, ctx.q_pos, self.positional)
+        x = self.embed(tokens, ctx.q_pos, self.positional, graph=attn_mask)
         return self.stack(x, ctx, None if cache is None else list(cache.layers))
 
     def decode_step(

@@ -142,7 +142,7 @@ class EncoderModel(PretrainedIO, nn.Module):
             attn_mask=attn_mask,
             store=attn_store,
         )
-        x = self.embed(tokens, ctx.q_pos, self.positional, token_types)
+        x = self.embed(tokens, ctx.q_pos, self.positional, token_types, graph=attn_mask)
         return self.stack(x, ctx)
 
     @torch.no_grad()

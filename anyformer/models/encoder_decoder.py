@@ -63,7 +63,7 @@ class EncoderDecoder(GenerativeModel, PretrainedIO, nn.Module):
             attn_mask=attn_mask,
             store=attn_store,
         )
-        return self.encoder(self.src_embed(src, ctx.q_pos, self.enc_positional), ctx)
+        return self.encoder(self.src_embed(src, ctx.q_pos, self.enc_positional, graph=attn_mask), ctx)
 
     def decode(
         self,

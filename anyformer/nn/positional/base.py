@@ -46,6 +46,12 @@ class PositionalEncoding(nn.Module):
         """Input side: (b, n, d) embeddings and (b, n) positions -> (b, n, d)."""
         return x
 
+    def embed_graph(self, x: Tensor, positions: Tensor, graph: Tensor | None) -> Tensor:
+        """Input side, for encodings of a graph over the tokens: `graph` is the user's attention
+        mask (bool, True = query i attends key j, broadcastable to (b, h, n, n)) or None.
+        Encodings that do not read the graph ignore it (the default calls `embed`)."""
+        return self.embed(x, positions)
+
     def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
         """Query/key side: (b, h, n, d) and (b, h_kv, m, d) with their positions."""
         return q, k
