@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from anyformer.config import ModelConfig, from_dict
@@ -36,3 +37,12 @@ def build(arch: str = "decoder", seed: int = 0, **overrides: Any) -> torch.nn.Mo
     """A tiny model with deterministic random weights, in eval mode."""
     torch.manual_seed(seed)
     return build_model(tiny_config(arch, **overrides)).eval()
+
+
+def skip_if_needs_graph(kind: str) -> None:
+    """Skip positional kinds that exist only for a graph given as attn_mask (they refuse plain
+    sequences and do not decode incrementally)."""
+    from anyformer.nn.positional import POSITIONALS
+
+    if getattr(POSITIONALS.get(kind), "needs_graph", False):
+        pytest.skip(f"positional kind '{kind}' encodes a graph given as attn_mask; tests/test_positional_magnetic.py covers it")

@@ -164,7 +164,9 @@ def run(cfg: BenchConfig, out_dir: Path, log=print) -> list[dict]:  # type: igno
                         row["pass"] = pass_
                         rows[key] = row
                         t_pred, m_pred = _predict(hist["times"], n), _predict(hist["mems"], n)
-                        if hist["stop"]:
+                        if not causal and method in ATTENTIONS and getattr(ATTENTIONS.get(method), "causal_only", False):
+                            row["skipped"] = "causal-only attention kind"
+                        elif hist["stop"]:
                             row["skipped"] = hist["stop"]
                         elif t_pred > cfg.max_seconds:
                             row["skipped"] = f"predicted {t_pred:.1f} s > budget {cfg.max_seconds:.0f} s"
