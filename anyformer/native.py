@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 _MODULES: dict[str, Any] = {}
+_MISSING = object()
 
 
 def _fingerprint(source: str) -> str:
@@ -88,7 +89,17 @@ def load(name: str, source: str) -> Any | None:
     return _MODULES[name]
 
 
+def loaded(name: str, source: str) -> Any | None:
+    """`load(name, source)`, with a plain dictionary lookup once the module is loaded (for
+    callers on a per-step path)."""
+    module = _MODULES.get(name, _MISSING)
+    return load(name, source) if module is _MISSING else module
+
+
+_DECODE_SOURCE = os.path.join(os.path.dirname(__file__), "generation", "cpu_decode.cpp")
+
+
 def decode_kernels() -> Any | None:
     """The decoding kernels (cpu_decode.cpp: `gemv`, `gemv_multi`, `Decoder`), built on first
-    use; None where they cannot run here."""
-    return load("anyformer_cpu_decode", os.path.join(os.path.dirname(__file__), "generation", "cpu_decode.cpp"))
+    use; None where they cannot run here. Called per decoding step: a dictionary lookup once loaded."""
+    return loaded("anyformer_cpu_decode", _DECODE_SOURCE)

@@ -9,11 +9,14 @@ from typing import Any
 import torch
 
 
+_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_softmax.cpp")
+
+
 def native_softmax(device: torch.device, dtype: torch.dtype) -> Any | None:
     """The C++ online-softmax kernels (one pass per block row instead of nine whole-block
     PyTorch ops) for fp32 blocks on a CPU with AVX-512, else None (PyTorch ops)."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
-    from ...native import load
+    from ...native import loaded
 
-    return load("anyformer_cpu_softmax", os.path.join(os.path.dirname(__file__), "cpu_softmax.cpp"))
+    return loaded("anyformer_cpu_softmax", _SOURCE)
