@@ -28,7 +28,7 @@ from ..kv_cache import CacheSpec
 from .context import AttentionContext
 from .kernels import repeat_kv
 from .masks import causal_mask, combine_masks
-from .mha import qk_norms
+from .mha import head_dim_of, projections, qk_norms
 from .registry import ATTENTIONS
 
 # --------------------------------------------------------------------------- pure math
@@ -262,36 +262,35 @@ class KernelizedAttention(nn.Module):
     Performer). Causal stacks run the chunked form, or the recurrent state with a cache.
 
     Args:
-        dim: model width; num_heads / num_kv_heads / head_dim: as in MultiHeadAttention.
+        q_proj, k_proj, v_proj, o_proj: the projections (injected, as in MultiHeadAttention;
+            see `mha.projections`); num_heads / num_kv_heads / head_dim: as in MultiHeadAttention.
         features: the feature map module (EluFeatures, FavorFeatures, ...).
         chunk_size: chunk length of the causal form.
         eps: added to the normaliser.
-        bias, out_bias: projection biases; q_norm, k_norm: optional QK-norms.
+        q_norm, k_norm: optional QK-norms.
     """
 
     def __init__(
         self,
-        dim: int,
-        num_heads: int,
         *,
+        q_proj: nn.Module,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        o_proj: nn.Module,
+        num_heads: int,
+        head_dim: int,
         features: nn.Module,
         num_kv_heads: int | None = None,
-        head_dim: int | None = None,
         chunk_size: int = 64,
         eps: float = 1e-6,
-        bias: bool = False,
-        out_bias: bool | None = None,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = head_dim or dim // num_heads
-        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias if out_bias is None else out_bias)
+        self.head_dim = head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.q_norm = q_norm or nn.Identity()
         self.k_norm = k_norm or nn.Identity()
         self.features = features
@@ -394,13 +393,16 @@ def check_kernelized_config(cfg: AttentionConfig, kind: str, cross: bool) -> Non
 def kernelized_from_config(
     cfg: AttentionConfig, dim: int, features: nn.Module, *, chunk_size: int, eps: float
 ) -> KernelizedAttention:
-    """A KernelizedAttention with the config's heads, biases and q/k norms around a built
+    """A KernelizedAttention with the config's heads, projections and q/k norms around a built
     feature map (shared by the 'linear' and 'performer' kinds)."""
-    head_dim = cfg.head_dim or dim // cfg.num_heads
+    head_dim = head_dim_of(cfg, dim)
+    num_kv_heads = cfg.num_kv_heads or cfg.num_heads
     q_norm, k_norm = qk_norms(cfg, head_dim)
+    projs = projections(dim, cfg.num_heads, num_kv_heads, head_dim, bias=cfg.bias, out_bias=cfg.out_bias)
     return KernelizedAttention(
-        dim, cfg.num_heads, features=features, num_kv_heads=cfg.num_kv_heads, head_dim=head_dim,
-        chunk_size=chunk_size, eps=eps, bias=cfg.bias, out_bias=cfg.out_bias, q_norm=q_norm, k_norm=k_norm,
+        **projs,  # type: ignore[arg-type]
+        num_heads=cfg.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, features=features,
+        chunk_size=chunk_size, eps=eps, q_norm=q_norm, k_norm=k_norm,
     )
 
 
