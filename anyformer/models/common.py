@@ -150,16 +150,21 @@ class Stack(nn.Module):
         """One decoding cache per block call, from `spec`."""
         return [block.make_cache(spec) for block in self.blocks]
 
+    def call_block(self, block: nn.Module, i: int, x: Tensor, ctx: AttentionContext, caches: list | None, cross: dict) -> Tensor:
+        """Run `block` as the i-th block call of this forward (its cache is caches[i]); `cross`
+        holds memory/cross_ctx and the cross-attention caches of encoder-decoder blocks.
+        Depth wirings that subclass Stack call blocks through this."""
+        cache = None if caches is None else caches[i]
+        if not cross:
+            return block(x, ctx, cache=cache)
+        cross_caches = cross.get("cross_caches")
+        rest = {k: v for k, v in cross.items() if k != "cross_caches"}
+        return block(x, ctx, cache=cache, cross_cache=None if cross_caches is None else cross_caches[i], **rest)
+
     def forward(self, x: Tensor, ctx: AttentionContext, caches: list | None = None, **cross: object) -> Tensor:
         """x (b, n, d) -> (b, n, d); `cross` holds memory/cross_ctx/cross caches for decoders."""
-        cross_caches = cross.pop("cross_caches", None)
         for i, block in enumerate(self.blocks):
-            cache = None if caches is None else caches[i]
-            if cross:
-                cc = None if cross_caches is None else cross_caches[i]
-                x = block(x, ctx, cache=cache, cross_cache=cc, **cross)
-            else:
-                x = block(x, ctx, cache=cache)
+            x = self.call_block(block, i, x, ctx, caches, cross)
         return self.final_norm(x)
 
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from ..config import ModelConfig, parse_options
+from ..config import ConfigError, ModelConfig, parse_options
 from ..nn.attention import ATTENTIONS
 from ..nn.block import PLACEMENTS
 from ..nn.build_context import BuildContext
@@ -76,6 +76,18 @@ class Parts:
         placement = PLACEMENTS.get(cfg.norm.placement)
         out_norm = self.norm() if cfg.norm.placement == "sandwich" else None
         return placement(sublayer, self.norm(), out_norm=out_norm, dropout=cfg.dropout)
+
+    def require_pre_norm_self_attention(self, ctx: BuildContext, kind: str) -> None:
+        """Raise ConfigError unless block kind `kind` can be built here: no cross-attention
+        (encoder-decoder decoders) and pre-norm placement (for blocks that normalise the input
+        of parallel sublayers themselves)."""
+        if ctx.cross:
+            raise ConfigError(f"block kind '{kind}' has no cross-attention; encoder-decoder models use block kind 'sequential'")
+        if self.cfg.norm.placement != "pre":
+            raise ConfigError(
+                f"block kind '{kind}' normalises the input of both sublayers (pre-norm); got model.norm.placement="
+                f"'{self.cfg.norm.placement}'. Set it to 'pre'"
+            )
 
     def block(self, ctx: BuildContext) -> nn.Module:
         """One block of the configured kind."""

@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...config import ConfigError
 from ...nn.block import attention_cache, maybe_dropout
 from ...nn.build_context import BuildContext
 from ..parts import Parts
@@ -57,13 +56,7 @@ class ParallelBlock(nn.Module):
 def build_parallel(parts: Parts, ctx: BuildContext) -> nn.Module:
     """A parallel attention + feed-forward block (pre-norm placement only)."""
     opts = parts.options(ParallelOptions, parts.cfg.block.options, "model.block.options (parallel)")
-    if ctx.cross:
-        raise ConfigError("block kind 'parallel' has no cross-attention; encoder-decoder models use block kind 'sequential'")
-    if parts.cfg.norm.placement != "pre":
-        raise ConfigError(
-            f"block kind 'parallel' normalises the input of both sublayers (pre-norm); got model.norm.placement="
-            f"'{parts.cfg.norm.placement}'. Set it to 'pre'"
-        )
+    parts.require_pre_norm_self_attention(ctx, "parallel")
     return ParallelBlock(
         parts.attention(ctx), parts.feedforward(ctx), parts.norm(), None if opts.shared_norm else parts.norm(), dropout=parts.cfg.dropout
     )

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...config import ConfigError
 from ...nn.block import attention_cache, maybe_dropout
 from ...nn.build_context import BuildContext
 from ..parts import Parts
@@ -101,13 +100,7 @@ def build_simplified(parts: Parts, ctx: BuildContext) -> nn.Module:
     """The SAS-P block: parallel attention and feed-forward on one pre-norm, no skip connection
     by default (He & Hofmann 2023); use with attention kind 'shaped'."""
     opts = parts.options(SimplifiedOptions, parts.cfg.block.options, "model.block.options (simplified)")
-    if ctx.cross:
-        raise ConfigError("block kind 'simplified' has no cross-attention; encoder-decoder models use block kind 'sequential'")
-    if parts.cfg.norm.placement != "pre":
-        raise ConfigError(
-            f"block kind 'simplified' normalises the input of both sublayers (pre-norm); got model.norm.placement="
-            f"'{parts.cfg.norm.placement}'. Set it to 'pre'"
-        )
+    parts.require_pre_norm_self_attention(ctx, "simplified")
     return SimplifiedBlock(
         parts.attention(ctx), parts.feedforward(ctx), parts.norm(),
         skip_gain=opts.skip_gain, attn_gain=opts.attn_gain, ffn_gain=opts.ffn_gain, trainable_gains=opts.trainable_gains,

@@ -72,16 +72,10 @@ class DenseFormerStack(Stack):
 
     def forward(self, x: Tensor, ctx: object, caches: list | None = None, **cross: object) -> Tensor:
         """x (b, n, d) embeddings -> (b, n, d) after the blocks, the averages and the final norm."""
-        cross_caches = cross.pop("cross_caches", None)
         outputs = [x]  # X_0, X_1, ...: raw block outputs (the averages only feed the next block)
         which = {t: i for i, t in enumerate(self.averaged)}
         for i, block in enumerate(self.blocks):
-            cache = None if caches is None else caches[i]
-            if cross:
-                cc = None if cross_caches is None else cross_caches[i]
-                x = block(x, ctx, cache=cache, cross_cache=cc, **cross)
-            else:
-                x = block(x, ctx, cache=cache)
+            x = self.call_block(block, i, x, ctx, caches, cross)  # type: ignore[arg-type]
             outputs.append(x)
             t = i + 1
             if t in which:

@@ -73,7 +73,6 @@ class LoopedStack(Stack):
                 f"the cache holds {len(caches)} layer caches but {loops} loops over {len(self.blocks)} blocks need "
                 f"{loops * len(self.blocks)}; make the cache in the mode you decode in (model.eval() before make_cache)"
             )
-        cross_caches = cross.pop("cross_caches", None)
         x0 = x
         i = 0
         for t in range(loops):
@@ -82,12 +81,7 @@ class LoopedStack(Stack):
             if self.input_injection and t > 0:
                 x = x + x0
             for block in self.blocks:
-                cache = None if caches is None else caches[i]
-                if cross:
-                    cc = None if cross_caches is None else cross_caches[i]
-                    x = block(x, ctx, cache=cache, cross_cache=cc, **cross)
-                else:
-                    x = block(x, ctx, cache=cache)
+                x = self.call_block(block, i, x, ctx, caches, cross)  # type: ignore[arg-type]
                 i += 1
         return self.final_norm(x)
 
