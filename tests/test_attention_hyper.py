@@ -133,3 +133,56 @@ def test_gradients_stay_finite_when_some_rows_have_no_sampled_key():
     assert torch.isfinite(out).all()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def mean_row_error(out, exact):
+    return float(((out - exact).norm(dim=-1) / exact.norm(dim=-1)).mean())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_error_against_exact_attention_falls_as_blocks_and_samples_grow(causal):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 512, 16).unbind(0)
+    q, k = q * 1.5, k * 1.5  # peaked rows: the sampled estimate matters
+    exact = eager_attention(q, k, v, causal=causal)
+    errors = []
+    for size in (8, 32, 128, 512):
+        runs = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            kernel = HyperAttentionKernel(16, exact=eager_attention, min_seq_len=32, block_size=size, sample_size=size, num_bits=5)
+            runs.append(mean_row_error(kernel(q, k, v, causal=causal), exact))
+        errors.append(sum(runs) / len(runs))
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    if causal:  # one block of 512 covers each off-diagonal part: exact
+        assert errors[-1] < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_inference_path_equals_the_differentiable_path(causal):
+    """Without gradients the fused kernel runs; with them, the explicit fp32 form. With the same
+    samples both give the same function, also where left padding leaves rows with no visible key."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 300, 16)
+    k, v = torch.randn(2, 2, 2, 300, 16).unbind(0)  # grouped keys: 2 query heads per key head
+    keep = torch.ones(2, 1, 1, 300, dtype=torch.bool)
+    keep[1, ..., :90] = False
+    kernel = HyperAttentionKernel(16, exact=eager_attention, min_seq_len=40, block_size=32, sample_size=24, num_bits=4)
+    torch.manual_seed(5)
+    fast = kernel(q, k, v, mask=keep, causal=causal)
+    torch.manual_seed(5)
+    slow = kernel(q.requires_grad_(), k, v, mask=keep, causal=causal)
+    torch.testing.assert_close(fast, slow.detach(), atol=2e-5, rtol=2e-5)
+    assert fast.isfinite().all()
+
+
+def test_bfloat16_inputs_follow_float32():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 256, 32).unbind(0)
+    kernel = HyperAttentionKernel(32, exact=eager_attention, min_seq_len=32, block_size=32, sample_size=32, num_bits=5)
+    torch.manual_seed(1)
+    ref = kernel(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), causal=True)  # same LSH buckets
+    torch.manual_seed(1)
+    half = kernel(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    assert half.dtype == torch.bfloat16
+    assert rel_error(half.float(), ref) < 0.03

@@ -34,6 +34,18 @@ def test_measure_one_configuration(mode):
         assert res["time_s"] > 0 and res["peak_bytes"] >= 0 and res["runs"] == 2
 
 
+def test_approximate_methods_report_their_error_against_exact_attention():
+    def spec(method, n):
+        return dict(method=method, mode="kernel", n=n, causal=True, backward=False, positional="none", num_heads=2,
+                    head_dim=16, window=16, dtype="float32", device="cpu", threads=1, min_time=0.0, repeats=1)
+
+    assert "rel_error" not in measure(spec("mha[sdpa]", 64))
+    assert measure(spec("hyper", 64))["rel_error"] < 1e-5  # below min_seq_len hyper is exact attention
+    approx = measure(spec("hyper", 4096))["rel_error"]  # parts above 1024 keys sampled: random q, k give large errors
+    performer = measure(spec("performer", 256))["rel_error"]
+    assert 1e-3 < approx < 10 and 1e-3 < performer < 10
+
+
 def test_projections_need_module_mode():
     assert "projections" not in all_methods("kernel")
     spec = dict(method="projections", mode="kernel", n=8, causal=True, backward=False, positional="none", num_heads=1,
@@ -49,7 +61,7 @@ def test_ratio_table_divides_by_the_matching_sdpa_row():
         dict(method="mha[chunked]", n=8, causal=True, time_s=4.0, peak_bytes=100, **{"pass": "forward"}),
     ]
     line = next(l for l in ratio_table(rows) if l.startswith("mha[chunked]"))
-    assert line.split()[-4:] == ["0.50", "4.0", "-", "-"]
+    assert line.split()[-5:] == ["0.50", "4.0", "-", "-", "-"]  # no error column for an exact kernel
 
 
 def test_sweep_interleaves_methods_per_length_and_keeps_the_best_round(tmp_path, monkeypatch):

@@ -197,7 +197,8 @@ def run(cfg: BenchConfig, out_dir: Path, log=print) -> list[dict]:  # type: igno
                         row["round_times_s"].append(res["time_s"])
                         row["time_s"] = min(row["time_s"], res["time_s"])
                         row["peak_bytes"] = max(row["peak_bytes"], res["peak_bytes"])
-                    log(f"{where}  {res['time_s'] * 1e3:10.1f} ms  {res['peak_bytes'] / 2**20:9.1f} MiB   (elapsed {elapsed:.0f} s)")
+                    err = f"  error vs exact {res['rel_error']:.3g}" if "rel_error" in res else ""
+                    log(f"{where}  {res['time_s'] * 1e3:10.1f} ms  {res['peak_bytes'] / 2**20:9.1f} MiB{err}   (elapsed {elapsed:.0f} s)")
                     save()
     results = list(rows.values())
     save()
@@ -213,10 +214,12 @@ REFERENCES = ("mha[sdpa]", "sdpa+dense-window")
 def ratio_table(results: list[dict]) -> list[str]:
     """Lines of a table: each measured row's time and peak memory, and for each reference
     (sdpa; sdpa given the dense window mask) measured at the same length, causality and pass,
-    the speed-up (reference time / time) and memory saving (reference peak / peak)."""
+    the speed-up (reference time / time) and memory saving (reference peak / peak); and, for
+    methods that approximate softmax attention, the mean relative error of their output."""
     ref = {(r["method"], r["n"], r["causal"], r["pass"]): r for r in results if "time_s" in r and r["method"] in REFERENCES}
     head = f"{'method':22s} {'pass':8s} {'causal':6s} {'n':>6s} {'time ms':>10s} {'peak MiB':>9s}"
     head += "".join(f"  {'x faster than ' + name:>28s} {'x less memory':>13s}" for name in REFERENCES)
+    head += f"  {'rel error':>9s}"
     lines = [head]
     for r in sorted((r for r in results if "time_s" in r), key=lambda r: (r["pass"], r["causal"], r["n"], r["method"])):
         line = f"{r['method']:22s} {r['pass']:8s} {r['causal']!s:6s} {r['n']:6d} {r['time_s'] * 1e3:10.1f} {r['peak_bytes'] / 2**20:9.1f}"
@@ -227,6 +230,7 @@ def ratio_table(results: list[dict]) -> list[str]:
             else:
                 mem = other["peak_bytes"] / r["peak_bytes"] if r["peak_bytes"] > 0 else float("inf")
                 line += f"  {other['time_s'] / r['time_s']:28.2f} {mem:13.1f}"
+        line += f"  {r['rel_error']:9.3g}" if "rel_error" in r else f"  {'-':>9s}"
         lines.append(line)
     return lines
 

@@ -115,6 +115,18 @@ def _kernel_step(spec: dict, module: nn.Module, window: int | None, positional: 
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
+        def error() -> float | None:
+            """Mean over rows of |out - exact| / |exact|, exact being SDPA on the same q, k, v
+            (methods that approximate softmax attention, without a mask or bias, only)."""
+            approximate = getattr(kernel, "approximates_softmax", False) or getattr(getattr(module, "features", None), "approximates_softmax", False)
+            if not approximate or mask is not None or extra.get("bias") is not None or extra.get("block_bias") is not None:
+                return None
+            with torch.no_grad():
+                out = kernel(q, k, v, causal=causal).float()
+                exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).float()
+                return float(((out - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-30)).mean())
+
+        step.error = error  # type: ignore[attr-defined]
         return step
 
     return setup
@@ -207,7 +219,11 @@ def measure(spec: dict) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     best = min(times[1:]) if len(times) > 1 else times[0]
-    return {"time_s": best, "peak_bytes": max(peak, 0), "runs": len(times), "mode": mode, "call_times_s": [round(t, 6) for t in times]}
+    result = {"time_s": best, "peak_bytes": max(peak, 0), "runs": len(times), "mode": mode, "call_times_s": [round(t, 6) for t in times]}
+    error = getattr(step, "error", None)
+    if error is not None and not spec["backward"] and (value := error()) is not None:
+        result["rel_error"] = value  # measured after the peak and the times: it counts in neither
+    return result
 
 
 if __name__ == "__main__":

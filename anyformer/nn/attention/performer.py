@@ -72,6 +72,8 @@ class FavorFeatures(nn.Module):
     The drawn W is a persistent buffer, so a checkpoint reproduces the model exactly.
     """
 
+    approximates_softmax = True  # benchmarks print its error against exact attention
+
     def __init__(self, head_dim: int, num_features: int, *, orthogonal: bool = True, redraw_interval: int = 0, scale: float | None = None) -> None:
         super().__init__()
         self.head_dim, self.m, self.orthogonal = head_dim, num_features, orthogonal
