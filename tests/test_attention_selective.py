@@ -204,3 +204,40 @@ def test_a_tiny_model_trains() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("positional", ["rope", "alibi"])
+def test_pruned_cache_holds_fewer_keys_and_still_equals_full_recompute(positional: str) -> None:
+    """Left-padded rows of a batch prune different keys; the compacted cache addresses keys by
+    slot, so positions (RoPE, ALiBi) and padding must follow the keys it kept."""
+    torch.manual_seed(0)
+    cfg = model_config(options={"prune_threshold": 0.3, "head": 3})  # ALiBi's gentlest head: positive logits
+    cfg.positional.kind = positional
+    model = sharpened(build_model(cfg).eval())
+    rows = [[5] * 6 + list(range(1, 31)), [7, 8, 9] + list(range(10, 28))]
+    tokens = torch.tensor([[0] * (36 - len(r)) + r for r in rows])
+    keep = tokens != 0
+    with torch.no_grad():
+        cache = model.make_cache(2, 48)
+        outs = [model(tokens[:, :10], cache, cache.next_positions(keep[:, :10]), attention_mask=keep[:, :10])]
+        for i in range(10, 36, 3):  # chunks of 3 tokens, then compaction after each
+            outs.append(model(tokens[:, i : i + 3], cache, cache.next_positions(keep[:, i : i + 3]), attention_mask=keep[:, i : i + 3]))
+        cached = torch.cat(outs, 1)
+        for i, row in enumerate(rows):  # each row alone, uncached: the mask does the pruning
+            torch.testing.assert_close(cached[i, 36 - len(row) :], model(torch.tensor([row]))[0], atol=1e-5, rtol=1e-5)
+    layers = list(cache.layers)
+    assert all(c.dropped > 0 and c.start < 36 and c.peak_slots < 36 for c in layers)
+    assert all(0 < c.pruned_fraction() < 1 for c in layers)
+    assert generate(model, rows, max_new_tokens=6, pad_token_id=0)[1, -6:].tolist() == generate(model, rows[1], max_new_tokens=6)[0, -6:].tolist()
+
+
+def test_selective_cache_grows_on_demand_and_refuses_past_max_len() -> None:
+    cache = SelectiveKVCache(1, 2, 600, 4, dtype=torch.float32)
+    assert cache.capacity == SelectiveKVCache.initial_capacity and cache.max_len == 600
+    k = torch.randn(1, 2, 300, 4)
+    out_k, _ = cache.update(k, k)
+    assert cache.capacity == 300 and torch.equal(out_k, k)  # doubling 64 falls short: exactly what is needed
+    out_k, _ = cache.update(k, k)
+    assert cache.capacity == 600 and torch.equal(out_k[:, :, 300:], k)
+    with pytest.raises(ValueError, match="holds 600 positions"):
+        cache.update(k[:, :, :1], k[:, :, :1])

@@ -198,6 +198,7 @@ def run(cfg: BenchConfig, out_dir: Path, log=print) -> list[dict]:  # type: igno
                         row["time_s"] = min(row["time_s"], res["time_s"])
                         row["peak_bytes"] = max(row["peak_bytes"], res["peak_bytes"])
                     err = f"  error vs exact {res['rel_error']:.3g}" if "rel_error" in res else ""
+                    err += "  (timed as a whole module)" if res.get("mode") != spec["mode"] else ""
                     log(f"{where}  {res['time_s'] * 1e3:10.1f} ms  {res['peak_bytes'] / 2**20:9.1f} MiB{err}   (elapsed {elapsed:.0f} s)")
                     save()
     results = list(rows.values())
@@ -215,14 +216,18 @@ def ratio_table(results: list[dict]) -> list[str]:
     """Lines of a table: each measured row's time and peak memory, and for each reference
     (sdpa; sdpa given the dense window mask) measured at the same length, causality and pass,
     the speed-up (reference time / time) and memory saving (reference peak / peak); and, for
-    methods that approximate softmax attention, the mean relative error of their output."""
+    methods that approximate softmax attention, the mean relative error of their output. A row
+    timed in another mode than the reference (a kind whose math lives in its layer hooks, timed
+    as a whole module) is marked [module]."""
     ref = {(r["method"], r["n"], r["causal"], r["pass"]): r for r in results if "time_s" in r and r["method"] in REFERENCES}
     head = f"{'method':22s} {'pass':8s} {'causal':6s} {'n':>6s} {'time ms':>10s} {'peak MiB':>9s}"
     head += "".join(f"  {'x faster than ' + name:>28s} {'x less memory':>13s}" for name in REFERENCES)
     head += f"  {'rel error':>9s}"
     lines = [head]
     for r in sorted((r for r in results if "time_s" in r), key=lambda r: (r["pass"], r["causal"], r["n"], r["method"])):
-        line = f"{r['method']:22s} {r['pass']:8s} {r['causal']!s:6s} {r['n']:6d} {r['time_s'] * 1e3:10.1f} {r['peak_bytes'] / 2**20:9.1f}"
+        ours = ref.get((REFERENCES[0], r["n"], r["causal"], r["pass"]))
+        name = r["method"] + (" [module]" if ours is not None and r.get("mode") != ours.get("mode") else "")
+        line = f"{name:22s} {r['pass']:8s} {r['causal']!s:6s} {r['n']:6d} {r['time_s'] * 1e3:10.1f} {r['peak_bytes'] / 2**20:9.1f}"
         for name in REFERENCES:
             other = ref.get((name, r["n"], r["causal"], r["pass"]))
             if other is None:
