@@ -12,6 +12,28 @@ from .convert import save_pretrained
 from .pretrained import from_pretrained
 from .models import DecoderLM, EncoderDecoder, EncoderModel, build_model, count_parameters, preset
 
+
+def _bind_config_names() -> None:
+    """Configs built in Python check their registry names (every registry is filled by now)."""
+    from . import config as c
+    from .models.registry import ARCHITECTURES, BLOCKS, DEPTHS, HEADS
+    from .nn.attention import ATTENTIONS, KERNELS
+    from .nn.block import PLACEMENTS
+    from .nn.feedforward import FEEDFORWARDS
+    from .nn.norm import NORMS
+    from .nn.positional import POSITIONALS
+
+    for cls, name, registry in [
+        (c.ModelConfig, "arch", ARCHITECTURES), (c.AttentionConfig, "kind", ATTENTIONS), (c.AttentionConfig, "kernel", KERNELS),
+        (c.PositionalConfig, "kind", POSITIONALS), (c.NormConfig, "kind", NORMS), (c.NormConfig, "placement", PLACEMENTS),
+        (c.FeedForwardConfig, "kind", FEEDFORWARDS), (c.BlockConfig, "kind", BLOCKS), (c.DepthConfig, "kind", DEPTHS),
+        (c.HeadConfig, "kind", HEADS),
+    ]:
+        c.bind_names(cls, name, registry)
+
+
+_bind_config_names()
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -8,8 +8,10 @@ mapping that the variant itself validates against its own small options dataclas
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -23,10 +25,59 @@ class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type, inconsistent sizes."""
 
 
+# --------------------------------------------------------------------------- strict dataclasses
+
+# (config class, field) -> the registry whose names the field must hold; bound once every
+# registry is filled (anyformer/__init__.py), so a config built in Python is checked like one
+# read from YAML and then built
+_NAMED_FIELDS: dict[tuple[type, str], Any] = {}
+
+
+def bind_names(cls: type, field_name: str, registry: Any) -> None:
+    """Make `cls(...)` check that `field_name` holds a name of `registry` (anything with
+    `__contains__`, `names()` and `family`)."""
+    _NAMED_FIELDS[(cls, field_name)] = registry
+
+
+def config_dataclass(section: str):  # type: ignore[no-untyped-def]
+    """`@dataclass` for configs built in Python: unknown keyword arguments, wrong types and
+    unknown registry names raise ConfigError naming `section.key` (and the valid keys or names),
+    and nested sections given as mappings are converted, as loading a YAML file does."""
+
+    def wrap(cls: type[C]) -> type[C]:
+        cls = dataclass(cls)
+        init = cls.__init__
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        prefix = f"{section}." if section else ""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            unknown = [k for k in kwargs if k not in names]
+            if unknown:
+                raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(names)}")
+            if len(args) > len(names):
+                raise ConfigError(f"{cls.__name__} takes at most {len(names)} values ({', '.join(names)}), got {len(args)}")
+            init(self, *args, **kwargs)
+            hints = typing.get_type_hints(cls)
+            for name in names:
+                where = f"{prefix}{name}"
+                value = _coerce(getattr(self, name), hints[name], where)
+                registry = _NAMED_FIELDS.get((cls, name))
+                if registry is not None and value not in registry:
+                    raise ConfigError(f"{where}: unknown {registry.family} {value!r}; valid names: {', '.join(registry.names())}")
+                object.__setattr__(self, name, value)
+
+        __init__.__doc__ = init.__doc__
+        __init__.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        return cls
+
+    return wrap
+
+
 # --------------------------------------------------------------------------- model configs
 
 
-@dataclass
+@config_dataclass("model.attention")
 class AttentionConfig:
     """Attention: which module kind, which exact kernel, heads and projections."""
 
@@ -43,7 +94,7 @@ class AttentionConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@config_dataclass("model.positional")
 class PositionalConfig:
     """Positional encoding: its registered kind and that kind's own options."""
 
@@ -51,7 +102,7 @@ class PositionalConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@config_dataclass("model.norm")
 class NormConfig:
     """Normalisation layers and where they sit around each sublayer."""
 
@@ -61,7 +112,7 @@ class NormConfig:
     placement: Literal["pre", "post", "sandwich"] = "pre"
 
 
-@dataclass
+@config_dataclass("model.ffn")
 class FeedForwardConfig:
     """Position-wise feed-forward: kind, activation, hidden size."""
 
@@ -74,7 +125,7 @@ class FeedForwardConfig:
     dropout: float = 0.0
 
 
-@dataclass
+@config_dataclass("model.block")
 class BlockConfig:
     """Block kind (a registered name: 'sequential' attention then feed-forward, 'parallel'
     attention and feed-forward side by side, ...) and that kind's own options."""
@@ -83,7 +134,7 @@ class BlockConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@config_dataclass("model.depth")
 class DepthConfig:
     """Depth wiring: how block outputs combine across layers (a registered name: 'plain'
     residual stream, ...) and its own options."""
@@ -92,7 +143,7 @@ class DepthConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@config_dataclass("model.head")
 class HeadConfig:
     """Output head of an encoder model (a registered name: none, mlm,
     sequence_classification, token_classification, embedding, ...)."""
@@ -104,7 +155,7 @@ class HeadConfig:
     pooler: bool = False
 
 
-@dataclass
+@config_dataclass("model.vision")
 class VisionConfig:
     """Image input of a vision Transformer: square images cut into square patches."""
 
@@ -117,7 +168,7 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-@dataclass
+@config_dataclass("model")
 class ModelConfig:
     """A whole Transformer: architecture, sizes and the variant of every part.
 
@@ -148,15 +199,6 @@ class ModelConfig:
     dropout: float = 0.0
     pad_token_id: int | None = None
     init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        # nested sections given as mappings in Python (ModelConfig(attention={...})) are checked
-        # and converted exactly as YAML loading does
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, dict) and _is_dataclass_type(hints[f.name]):
-                setattr(self, f.name, from_dict(hints[f.name], value, f"model.{f.name}"))
 
     @property
     def head_dim(self) -> int:
@@ -289,9 +331,8 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     unknown = [k for k in data if k not in names]
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(names)}"
-        )
+        valid = f"valid keys here: {', '.join(names)}" if names else "it takes no keys (leave it empty)"
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; {valid}")
     kwargs = {}
     for key, value in data.items():
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
@@ -318,10 +359,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw != "" else ""
 
 
+def _drop_stale_options(node: dict[str, Any], new_kind: Any, where: str) -> None:
+    """A section switched to kind `new_kind` without new options: the previous kind's options
+    do not apply to it; drop them, saying so."""
+    if node.get("kind") != new_kind and node.get("options"):
+        warnings.warn(
+            f"{where}.kind changed from {node.get('kind')!r} to {new_kind!r}: dropping the options of "
+            f"{node.get('kind')!r} ({', '.join(sorted(node['options']))}); give {where}.options to set the new kind's",
+            stacklevel=3,
+        )
+        node["options"] = {}
+
+
+def merge_sections(base: dict[str, Any], overrides: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """`base` (nested plain dicts) with `overrides` merged in: a section given as a mapping
+    updates only the keys it names (free-form `options` mappings are replaced whole); a
+    section that switches `kind` without giving `options` loses the previous kind's options."""
+    out = dict(base)
+    for key, value in overrides.items():
+        here = f"{where}.{key}" if where else key
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and key != "options":
+            merged = dict(old)
+            if "kind" in value and "options" not in value and "options" in merged:
+                _drop_stale_options(merged, value["kind"], here)
+            out[key] = merge_sections(merged, value, here)
+        else:
+            out[key] = value
+    return out
+
+
 def apply_overrides(cfg: C, overrides: list[str] | dict[str, Any]) -> C:
-    """A copy of `cfg` with dotted overrides applied; every key must already exist."""
+    """A copy of `cfg` with dotted overrides applied; every key must already exist. An
+    override of a section's `kind` without one of its `options` drops the old kind's options."""
     data = to_dict(cfg)
-    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    items = list(overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides))
+    given = {dotted for dotted, _ in items}
     for dotted, value in items:
         node: Any = data
         parts = dotted.split(".")
@@ -339,6 +412,9 @@ def apply_overrides(cfg: C, overrides: list[str] | dict[str, Any]) -> C:
             where = ".".join(parts[:-1]) or "the top level"
             valid = ", ".join(node) if isinstance(node, dict) else "none"
             raise ConfigError(f"unknown config key '{dotted}': no '{last}' in {where} (valid: {valid})")
+        section = ".".join(parts[:-1])
+        if last == "kind" and "options" in node and not any(g.startswith(f"{section}.options") for g in given):
+            _drop_stale_options(node, value, section)
         node[last] = value
     return from_dict(type(cfg), data)
 

@@ -33,13 +33,15 @@ class DecodingInfo:
     encoder_decoder: prompts are source sequences and decoding starts from a start token;
     max_seq_len: the longest sequence (prompt plus new tokens) a plain cache may hold;
     absolute_positions: positions are added to the input embeddings (a rolling cache, which
-    re-assigns positions, cannot be used); positional: the positional kind, for messages.
+    re-assigns positions, cannot be used); positional: the positional kind, for messages;
+    decoder_start_token_id: an encoder-decoder's first decoder token, when the model knows it.
     """
 
     encoder_decoder: bool
     max_seq_len: int
     absolute_positions: bool
     positional: str
+    decoder_start_token_id: int | None = None
 
 
 @runtime_checkable

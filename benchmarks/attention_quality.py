@@ -10,6 +10,7 @@ Markdown table and a JSON file.
 
     PYTHONPATH=. python benchmarks/attention_quality.py            # full table (~40 min on one core)
     PYTHONPATH=. python benchmarks/attention_quality.py --quick    # ~5 min
+    PYTHONPATH=. python benchmarks/attention_quality.py --kinds mha --variants depth=looped   # one more part
 
 Kinds that need options to run at these lengths get them from KIND_OPTIONS; a kind that cannot
 be built or trained is listed with the reason instead of a score.
@@ -83,14 +84,29 @@ def make_task(name: str, quick: bool, pairs: int | None = None, num_keys: int = 
     return (lambda b, g: copy_batch(b, length, 32, g)), 32, 2 * length + 1
 
 
+# Variants that are not attention kinds: multi-head attention with one other part changed
+# (selected with --variants; a row's name is the variant's)
+VARIANTS: dict[str, dict] = {
+    "block=simplified": {"block": {"kind": "simplified"}, "attention": {"kind": "shaped"}},
+    "block=parallel": {"block": {"kind": "parallel"}},
+    "depth=denseformer": {"depth": {"kind": "denseformer"}},
+    "depth=looped": {"depth": {"kind": "looped", "options": {"loops": 2}}},
+    "positional=learnable_sinusoidal": {"positional": {"kind": "learnable_sinusoidal"}},
+}
+
+
 def model_config(kind: str, vocab: int, seq_len: int, dim: int = 64) -> ModelConfig:
-    """A 2-layer decoder (width 64 unless told) with RoPE; only the attention kind differs between runs."""
+    """A 2-layer decoder (width 64 unless told) with RoPE; only the attention kind (or, for a
+    name in VARIANTS, that one part) differs between runs."""
+    variant = VARIANTS.get(kind, {})
+    attn_kind = variant.get("attention", {}).get("kind", "mha" if kind in VARIANTS else kind)
     return from_dict(
         ModelConfig,
         dict(
             arch="decoder", vocab_size=vocab, dim=dim, num_layers=2, max_seq_len=seq_len,
-            attention=dict(kind=kind, num_heads=4, options=KIND_OPTIONS.get(kind, {})),
-            positional=dict(kind="rope"), ffn=dict(kind="swiglu", hidden_mult=2.0),
+            attention=dict(kind=attn_kind, num_heads=4, options=KIND_OPTIONS.get(attn_kind, {})),
+            positional=variant.get("positional", dict(kind="rope")), ffn=dict(kind="swiglu", hidden_mult=2.0),
+            **{k: v for k, v in variant.items() if k in ("block", "depth")},
         ),
     ).validate()
 
@@ -182,6 +198,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter tasks and fewer steps (~1-2 min)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 2000, quick 300)")
     parser.add_argument("--kinds", nargs="*", default=None, help="attention kinds (default: every registered kind)")
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                        help="other variants (block kinds, depth wirings, positions) on multi-head attention")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="*", default=["mqar", "copy"], choices=["mqar", "copy"])
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (warmup 50 steps, cosine to 0)")
@@ -203,7 +221,7 @@ def main() -> None:
         print(f"table: {args.table} ({len(rows)} rows), JSON: {args.json}")
         return
     torch.set_num_threads(args.threads)
-    kinds = args.kinds or ATTENTIONS.names()
+    kinds = (args.kinds if args.kinds is not None else [] if args.variants else ATTENTIONS.names()) + args.variants
     rows, t0 = [], time.perf_counter()
     todo = [(k, t) for k in kinds for t in args.tasks]
     for i, (kind, task) in enumerate(todo):

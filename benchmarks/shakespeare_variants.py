@@ -28,6 +28,7 @@ VARIANTS: dict[str, list[str]] = {
     "parallel block": ["--model.block.kind=parallel"],
     "denseformer 1x1": ["--model.depth.kind=denseformer"],
     "learnable sinusoidal positions": ["--model.positional.kind=learnable_sinusoidal"],
+    "looped depth (3 blocks x 2)": ["--model.num_layers=3", "--model.depth.kind=looped", "--model.depth.options.loops=2"],
 }
 
 

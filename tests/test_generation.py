@@ -73,9 +73,9 @@ def test_batched_encoder_decoder_equals_one_by_one() -> None:
     model = _seq2seq("t5", 2)
     sources = [[3, 4, 5, 6, 7, 8], [10, 11], [12, 13, 14]]
     for beams in (1, 3):
-        batched = generate(model, sources, max_new_tokens=8, num_beams=beams)
+        batched = generate(model, sources, max_new_tokens=8, num_beams=beams, decoder_start_token_id=0)
         for row, s in zip(batched, sources):
-            alone = generate(model, s, max_new_tokens=8, num_beams=beams)[0]
+            alone = generate(model, s, max_new_tokens=8, num_beams=beams, decoder_start_token_id=0)[0]
             assert torch.equal(row[: alone.shape[0]], alone)
             assert (row[alone.shape[0] :] == 0).all()
 

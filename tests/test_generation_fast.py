@@ -204,8 +204,8 @@ def test_compiled_encoder_decoder_generation_equals_plain_generation() -> None:
     torch.manual_seed(0)
     model = build_model(preset("t5-tiny", ffn={"kind": "swiglu"}, attention={"num_heads": 4, "num_kv_heads": 2})).eval()
     src = torch.randint(2, 200, (1, 9))
-    plain = generate(model, src, max_new_tokens=10, compile=False)
-    fast = generate(model, src, max_new_tokens=10, compile=True)
+    plain = generate(model, src, max_new_tokens=10, compile=False, decoder_start_token_id=0)
+    fast = generate(model, src, max_new_tokens=10, compile=True, decoder_start_token_id=0)
     assert torch.equal(plain, fast)
 
 

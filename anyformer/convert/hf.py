@@ -292,6 +292,9 @@ def model_from_hf(hf_config: dict, hf_sd: dict[str, Tensor]) -> torch.nn.Module:
         sd = state_dict_from_hf(family, hf_sd, cfg)
     model = build_model(cfg)
     model.load_state_dict(sd, strict=True)
+    if hf_config.get("is_encoder_decoder"):  # T5 starts decoding from its pad id, others their own
+        start = hf_config.get("decoder_start_token_id")
+        model.decoder_start_token_id = start if start is not None else hf_config.get("pad_token_id")
     return model.eval()
 
 

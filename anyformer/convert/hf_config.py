@@ -255,8 +255,18 @@ def family_of(cfg: ModelConfig) -> str:
     raise ConfigError("this model has no Hugging Face equivalent among the supported families:\n  " + "\n  ".join(reasons))
 
 
+# what every written family needs: the plain form of each registered part (an attention kind,
+# block kind or depth wiring that a Hugging Face family cannot express is refused by name)
+_PLAIN: dict[str, tuple[Any, ...]] = {
+    "attention.kind": ("mha",), "attention.options": ({},), "block.kind": ("sequential",), "block.options": ({},),
+    "depth.kind": ("plain",), "depth.options": ({},),
+}
+
+
 def _family_mismatches(cfg: ModelConfig, family: str) -> list[str]:
-    want = dict(_NEEDS[family])
+    want = {**_PLAIN, **_NEEDS[family]}
+    if family != "t5":
+        want["num_decoder_layers"] = (None,)
     if family == "t5":
         want["attention.num_kv_heads"] = (None, cfg.attention.num_heads)
     bad = _mismatches(cfg, want)
@@ -268,7 +278,7 @@ def _family_mismatches(cfg: ModelConfig, family: str) -> list[str]:
             bad.append(f"model.attention.head_dim={a.head_dim} (needs dim // num_heads)")
     if family == "llama":
         o = cfg.positional.options
-        if o.get("fraction", 1.0) != 1.0 or o.get("interleaved", False):
+        if o.get("fraction", 1.0) != 1.0 or o.get("interleaved", False) or set(o) - {"base", "fraction", "interleaved"}:
             bad.append(f"model.positional.options={o} (needs full, non-interleaved RoPE)")
         if a.out_bias not in (None, a.bias):
             bad.append(f"model.attention.out_bias={a.out_bias} (needs the same as attention.bias)")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .logits import process_logits
-from .runner import Prompt, Runner, as_batch
+from .runner import Prompt, Runner, as_batch, decoding_info
 
 if TYPE_CHECKING:
     from .config import GenerationConfig
@@ -39,7 +39,7 @@ def beam_search(model: nn.Module, prompts: Prompt, config: "GenerationConfig", *
     for an EncoderDecoder; positions after a sequence's end hold pad_token_id."""
     k, pad = config.num_beams, config.pad_token_id
     device = next(model.parameters()).device
-    seq2seq = model.decoding_info().encoder_decoder  # type: ignore[operator]
+    seq2seq = decoding_info(model).encoder_decoder
     src, src_keep = as_batch(prompts, attention_mask, pad, device, left=not seq2seq)
     b = src.shape[0]
     runner = Runner(model, src.repeat_interleave(k, 0), src_keep.repeat_interleave(k, 0), config)

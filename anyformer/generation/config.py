@@ -20,7 +20,8 @@ class GenerationConfig:
     seed: seeds a torch.Generator for reproducible sampling (None: the global RNG).
     num_beams: > 1 for beam search; length_penalty: beam scores are divided by length ** this.
     pad_token_id: fills the output after a sequence has stopped, and the left padding.
-    decoder_start_token_id: first decoder token of an encoder-decoder (default: pad_token_id).
+    decoder_start_token_id: first decoder token of an encoder-decoder (default: the one the
+      model knows, e.g. from its Hugging Face config; an error when neither says).
     window: when set, a rolling cache of `sink_tokens` first tokens plus the `window` most
       recent ones (StreamingLLM, Xiao et al. 2023) lets generation run past max_seq_len.
     compile: the fast exact decoding path (on by default): on CPU, one-row linear layers of

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .beam import beam_search
 from .config import GenerationConfig
 from .logits import pick_tokens, process_logits
-from .runner import Prompt, Runner, as_batch
+from .runner import Prompt, Runner, as_batch, decoding_info
 
 Decode = Callable[[list[int]], str]
 
@@ -75,7 +75,7 @@ def _token_steps(model: nn.Module, prompts: Prompt, config: GenerationConfig, at
 
 
 def _is_seq2seq(model: nn.Module) -> bool:
-    return bool(model.decoding_info().encoder_decoder)  # type: ignore[operator]
+    return decoding_info(model).encoder_decoder
 
 
 @torch.inference_mode()

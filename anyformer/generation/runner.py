@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..protocol import DecodingInfo
 from .config import GenerationConfig
 from .fast import FastLinears, fast_path_available
 
@@ -50,6 +51,18 @@ def as_batch(
     return tokens.long(), keep
 
 
+def decoding_info(model: nn.Module) -> DecodingInfo:
+    """The model's DecodingInfo; a model that generation cannot drive gets a clear error."""
+    if not callable(getattr(model, "decoding_info", None)):
+        arch = getattr(getattr(model, "config", None), "arch", None)
+        what = f"{type(model).__name__}" + (f" (arch '{arch}')" if arch else "")
+        raise ValueError(
+            f"generate needs a model that decodes (a decoder-only or encoder-decoder model); {what} does not. "
+            "Encoders are used through their heads: fill-mask, classify, embed"
+        )
+    return model.decoding_info()  # type: ignore[no-any-return]
+
+
 class Runner:
     """Drives any model of the protocol (anyformer.protocol) as prefill(tokens, keep) ->
     logits and step(tokens) -> logits over one cache; an encoder-decoder's source is encoded
@@ -57,7 +70,7 @@ class Runner:
 
     def __init__(self, model: nn.Module, src: Tensor, src_keep: Tensor, config: GenerationConfig) -> None:
         self.model, self.config = model, config
-        info = model.decoding_info()  # type: ignore[operator]
+        info = self.info = decoding_info(model)
         self.seq2seq = info.encoder_decoder
         self.max_seq_len = info.max_seq_len
         self.source = model.encode_source(src, src_keep) if self.seq2seq else None  # type: ignore[operator]
@@ -67,8 +80,13 @@ class Runner:
 
     def start_tokens(self, batch: int, device: torch.device) -> Tensor:
         """The decoder's first input (b, 1) of an encoder-decoder."""
-        c = self.config
-        start = c.pad_token_id if c.decoder_start_token_id is None else c.decoder_start_token_id
+        start = self.config.decoder_start_token_id
+        start = self.info.decoder_start_token_id if start is None else start
+        if start is None:
+            raise ValueError(
+                "this encoder-decoder does not know its first decoder token: pass decoder_start_token_id= "
+                "(the id the model was trained to start from; T5 uses its pad id 0)"
+            )
         return torch.full((batch, 1), start, dtype=torch.long, device=device)
 
     def make_cache(self, batch: int, prompt_len: int) -> Any:

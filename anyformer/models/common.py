@@ -22,7 +22,8 @@ from ..registry import Registry
 def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> None:
     """Raise a clear error for token ids that are not integers in [0, vocab_size)."""
     if tokens.dim() != 2:
-        raise ValueError(f"{name} must have shape (batch, length), got {tuple(tokens.shape)}")
+        hint = f"; for one sequence add a batch dimension ({name}[None])" if tokens.dim() == 1 else ""
+        raise ValueError(f"{name} must have shape (batch, length), got {tuple(tokens.shape)}{hint}")
     if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
     if tokens.shape[1] == 0:
@@ -64,6 +65,7 @@ class GenerativeModel:
         return DecodingInfo(
             encoder_decoder=self.cross_attention, max_seq_len=cfg.max_seq_len,
             absolute_positions=uses_absolute_positions(positional), positional=cfg.positional.kind,
+            decoder_start_token_id=getattr(self, "decoder_start_token_id", None),
         )
 
     def encode_source(self, src: Tensor, src_keep: Tensor) -> Any:
@@ -215,6 +217,8 @@ def self_attention_context(
     attention_mask: (b, n) key padding of these tokens (True/1 = real token).
     attn_mask: bool or additive float, broadcastable to (b, h, n, m) over all keys.
     """
+    if tokens.dim() != 2:
+        check_tokens(tokens, 1)  # raises the shape error
     b, n = tokens.shape
     start = cache.length if cache is not None else 0
     q_pos = make_positions(tokens, start, positions)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..config import ConfigError, ModelConfig, from_dict
+from ..config import ConfigError, ModelConfig, from_dict, merge_sections, to_dict
 from ..registry import Registry
 
 PRESETS: Registry[Callable[[], dict[str, Any]]] = Registry("model preset")
@@ -99,10 +99,13 @@ for _name, _fn in _SIZES.items():
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of a named preset, with top-level fields overridden by keyword."""
+    """The ModelConfig of a named preset with fields overridden by keyword; a section given as
+    a mapping (`attention={"kind": "linear"}`) updates only the keys it names, and a `kind`
+    switched without `options` drops the previous kind's options (with a warning)."""
     try:
         data = PRESETS.get(name)()
     except KeyError as e:
         raise ConfigError(str(e)) from None
-    data.update(overrides)
-    return from_dict(ModelConfig, data).validate()
+    data = to_dict(from_dict(ModelConfig, data))  # every field, so that overrides merge into defaults too
+    overrides = {k: to_dict(v) for k, v in overrides.items()}
+    return from_dict(ModelConfig, merge_sections(data, overrides, "model"), "model").validate()

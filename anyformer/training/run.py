@@ -28,20 +28,29 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> LoadedRun:
-    """Load the `best` or `latest` checkpoint of the run in `run_dir`, checksums verified."""
+    """Load the `best` or `latest` checkpoint of the run in `run_dir` (or `run_dir` is one
+    checkpoint folder of a run, `RUN/checkpoints/step_...`), checksums verified."""
     run = Path(run_dir)
+    if run.parent.name == "checkpoints" and (run / "state.json").is_file():  # one checkpoint of a run
+        return _load(run.parent.parent, run, device)
+    if which not in ("best", "latest"):
+        raise ValueError(f"checkpoint must be 'best' or 'latest', got {which!r}")
+    if run.is_dir() and (run / "config.yaml").is_file():
+        return _load(run, ckpt.find_checkpoint(run, which), device)
+    return _load(run, None, device)
+
+
+def _load(run: Path, folder: Path | None, device: str) -> LoadedRun:
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {str(run)!r} does not exist; give a folder written by `anyformer train`")
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run)!r} has no config.yaml; it is not a run folder written by `anyformer train`")
-    if which not in ("best", "latest"):
-        raise ValueError(f"checkpoint must be 'best' or 'latest', got {which!r}")
     cfg = load_yaml(RunConfig, run / "config.yaml")
     if cfg.model.norm.kind == "rmsnorm" and cfg.model.norm.bias:
         # written when RMSNorm silently ignored a bias: the weights have none, so this is the same model
         cfg.model.norm.bias = False
     tokenizer = load_tokenizer(run / "tokenizer.json")
-    folder = ckpt.find_checkpoint(run, which)
+    assert folder is not None
     state = ckpt.read_state(folder)
     model = build_model(cfg.model)
     ckpt.load_weights(model, folder)
