@@ -152,11 +152,19 @@ def test_keeps_last_k_and_best(tmp_path) -> None:
     assert torch.equal(tied.embed.tokens.weight, trainer.model.embed.tokens.weight)
 
 
-def test_wall_clock_budget_stops_the_run(tmp_path) -> None:
-    cfg = tiny_config(tmp_path, "--train.max_steps=1000000", "--train.max_minutes=0.1", "--train.eval_every=25")
+def test_wall_clock_budget_stops_the_run_after_warmup_with_several_evaluations(tmp_path) -> None:
+    """A budget far shorter than warmup_steps and eval_every (the situation of a one-minute run
+    of a model whose steps take a second): the plan caps the warmup and the evaluation interval,
+    so the run reaches its peak learning rate and records several validation points."""
+    cfg = tiny_config(tmp_path, "--train.max_steps=1000000", "--train.max_minutes=0.1", "--train.warmup_steps=1000000",
+                      "--train.eval_every=1000000", "--train.lr=0.001")
     trainer = Trainer(cfg, run_dir=tmp_path / "run", verbose=False)
     trainer.start_time = time.perf_counter()  # count the budget from here (data preparation excluded)
     result = trainer.fit()
     assert 0 < result.step < 1000000  # stopped by the clock, not by max_steps
-    assert result.seconds < 0.1 * 60 + 20  # near the budget, evaluation included (slack for a busy machine)
     assert (tmp_path / "run" / "checkpoints" / f"step_{result.step:07d}").is_dir()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert max(lrs) > 0.95 * 0.001  # warmup ended: about the peak learning rate was reached (the plan moves it a little)
+    assert lrs[-1] < max(lrs)  # and the cosine decay began
+    assert len([r for r in records if r["kind"] == "eval"]) >= 3

@@ -38,9 +38,11 @@ class TrainConfig:
 
     batch_size is the global number of sequences per optimizer step (split over processes and
     `grad_accum` micro-steps); seq_len the context length trained on. The learning rate warms
-    up linearly for `warmup_steps`, then follows a cosine down to `lr * min_lr_ratio` at the
+    up linearly for `warmup_steps` (at most 20% of the planned steps: a short run leaves
+    warmup; the run says so), then follows a cosine down to `lr * min_lr_ratio` at the
     horizon: `max_steps`, or, when `max_minutes` is set, the number of steps expected to fit in
-    that wall-clock budget (the whole command, evaluation and samples included).
+    that wall-clock budget (the whole command, evaluation and samples included). A timed run
+    planned to fewer than 4 x `eval_every` steps evaluates about 4 times instead.
 
     optimizer: `adamw`, or `muon` (Muon on the hidden weight matrices at `muon_lr` with
     `muon_momentum`, AdamW at `lr` for embeddings, norms and biases; both follow the schedule).

@@ -159,12 +159,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
+WARMUP_FRACTION = 0.2  # warmup never takes more than this share of the planned steps
+
+
+def warmup_of(cfg: TrainConfig, horizon: int) -> int:
+    """Warmup steps of a run planned to `horizon` steps: `warmup_steps`, capped at
+    WARMUP_FRACTION of the horizon so that a short run leaves warmup."""
+    return max(1, min(cfg.warmup_steps, int(WARMUP_FRACTION * horizon))) if cfg.warmup_steps > 0 else 0
+
+
 def lr_at(step: int, cfg: TrainConfig, horizon: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to
-    lr * min_lr_ratio at step `horizon` (and flat after it)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, horizon - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    """Learning rate of optimizer step `step` (0-based): linear warmup (see `warmup_of`), then
+    cosine to lr * min_lr_ratio at step `horizon` (and flat after it)."""
+    warmup = warmup_of(cfg, horizon)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, horizon - warmup)
+    progress = min(1.0, (step - warmup) / span)
     low = cfg.lr * cfg.min_lr_ratio
     return low + 0.5 * (cfg.lr - low) * (1.0 + math.cos(math.pi * progress))

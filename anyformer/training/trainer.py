@@ -26,7 +26,7 @@ from .config import RunConfig, TrainConfig
 from .distributed import DistEnv, broadcast_float, mean_across, setup
 from ..models.summary import summarize
 from .metrics import MetricsLog, Progress, format_time, matmul_peak_flops, plot_losses, read_metrics
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import WARMUP_FRACTION, build_optimizer, lr_at, set_lr, warmup_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EVAL_SEED = 20240601
@@ -129,6 +129,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         self.sampler = WindowSampler(self.data.train, t.seq_len, seed=t.seed)
         self.step, self.horizon = 0, t.max_steps
+        self._noticed: set[str] = set()
         self.best_val, self.elapsed_before = math.inf, 0.0
         self.run_dir = Path(run_dir or t.out_dir)
         if resume:
@@ -230,10 +231,32 @@ class Trainer:
         if t.max_minutes is None:
             return
         left = t.max_minutes * 60 - self._elapsed() - self._final_reserve(step_time, eval_time)
-        per_step = step_time + eval_time / t.eval_every
+        per_step = step_time + eval_time / self.eval_interval()
         horizon = self.step + max(0, int(left / per_step))
         # rank 0 decides, so that every process stops at the same step
         self.horizon = int(broadcast_float(float(min(horizon, t.max_steps)), self.env))
+
+    def eval_interval(self) -> int:
+        """Steps between evaluations: train.eval_every; in a wall-clock budgeted run planned to
+        fewer than 4 x eval_every steps, less, so that it still evaluates about 4 times (the
+        last step always does). A step-budgeted run evaluates as configured."""
+        t = self.cfg.train
+        return t.eval_every if t.max_minutes is None else max(1, min(t.eval_every, self.horizon // 4))
+
+    def _notice_schedule(self) -> None:
+        """Say once when the plan shortened the warmup or the evaluation interval."""
+        t = self.cfg.train
+        warmup, interval = warmup_of(t, self.horizon), self.eval_interval()
+        changes = []
+        if warmup < t.warmup_steps and "warmup" not in self._noticed:
+            changes.append(f"warmup {warmup} steps instead of train.warmup_steps={t.warmup_steps} "
+                           f"(at most {WARMUP_FRACTION:.0%} of the ~{self.horizon} planned)")
+            self._noticed.add("warmup")
+        if interval < t.eval_every and "eval" not in self._noticed:
+            changes.append(f"evaluating every {interval} steps instead of train.eval_every={t.eval_every}, to get several validation points")
+            self._noticed.add("eval")
+        if changes:
+            self._say("short run: " + "; ".join(changes))
 
     def save(self, val_loss: float | None = None) -> None:
         """Write a checkpoint (rank 0); `val_loss` decides whether it is the best so far."""
@@ -279,7 +302,7 @@ class Trainer:
             if env.is_main:
                 self.metrics.write(kind="train", step=self.step, loss=loss, lr=lr_at(self.step - 1, t, self.horizon), time=round(self._elapsed(), 3))
             done = self.step >= self.horizon
-            if self.step % t.eval_every == 0 or done:
+            if self.step % self.eval_interval() == 0 or done:
                 e0 = time.perf_counter()
                 val_loss = evaluate(self.model, self.data.val, t, env)
                 last_eval = self.step
@@ -291,6 +314,7 @@ class Trainer:
                 window_t0, window_steps = time.perf_counter(), 0
             if step_time is not None and (self.step % t.log_every == 0 or self.step == 5):
                 self._update_horizon(step_time, eval_time)
+                self._notice_schedule()
             if self.verbose and (self.step % t.log_every == 0 or done) and window_steps:
                 rate = window_steps * tokens_per_step / (time.perf_counter() - window_t0)
                 eta = (self.horizon - self.step) * (step_time or 0.0)
