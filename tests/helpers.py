@@ -46,3 +46,9 @@ def skip_if_needs_graph(kind: str) -> None:
 
     if getattr(POSITIONALS.get(kind), "needs_graph", False):
         pytest.skip(f"positional kind '{kind}' encodes a graph given as attn_mask; tests/test_positional_magnetic.py covers it")
+
+
+def reference_causal_mask(n: int, m: int) -> torch.Tensor:
+    """(n, m) bool, written independently of the library: the n queries are the last n of m
+    positions, and query i sees keys j <= i + (m - n)."""
+    return torch.ones(n, m, dtype=torch.bool).tril(diagonal=m - n)

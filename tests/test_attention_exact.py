@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from anyformer.nn.attention import KERNELS, causal_mask
+from anyformer.nn.attention import KERNELS
 from anyformer.nn.attention.chunked import PositionalBlockBias, _schedule, chunked_attention
 from anyformer.nn.attention.kernels import eager_attention
 from anyformer.nn.attention.patterns import NONE, BlockLayout, Causal, Window
 from anyformer.nn.positional import POSITIONALS, PositionalContext
-from tests.helpers import build
+from tests.helpers import build, reference_causal_mask
 
 B, H, D = 2, 4, 16
 TOL = 1e-5
@@ -169,7 +169,7 @@ def test_causal_reference_mask_convention():
     # the kernel's causal convention is the library's: query i sees keys j <= i + (m - n)
     q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     a = chunked_attention(q, k, v, causal=True, q_block=2, k_block=2)
-    b = eager_attention(q, k, v, mask=causal_mask(3, 5))
+    b = eager_attention(q, k, v, mask=reference_causal_mask(3, 5))
     torch.testing.assert_close(a, b, atol=TOL, rtol=0)
 
 
@@ -283,7 +283,7 @@ def test_native_chunked_forward_equals_float64_softmax(n, m, g, blocks, causal, 
         dist = (torch.arange(n)[:, None] + m - n - torch.arange(m)[None, :]).abs().double()
         logits = logits - slopes.double()[:, None, None] * dist
     if causal:
-        logits = logits.masked_fill(~causal_mask(n, m), float("-inf"))
+        logits = logits.masked_fill(~reference_causal_mask(n, m), float("-inf"))
     seen = torch.isfinite(logits).any(-1, keepdim=True)
     want = torch.where(seen, torch.softmax(logits, -1).nan_to_num(0.0) @ vv, 0.0)
     want_lse = torch.where(seen, torch.logsumexp(logits, -1, keepdim=True) / math.log(2), float("inf"))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from anyformer.nn.attention import KERNELS, causal_mask
+from tests.helpers import reference_causal_mask
 from anyformer.nn.attention.kernels import attention_weights
 
 B, H, G, N, M, D = 2, 4, 2, 5, 7, 8
@@ -55,7 +56,7 @@ def test_kernel_matches_naive(kernel, case, kv_heads):
     if spec["mask"] is not None:
         allowed = allowed & spec["mask"]
     if spec["causal"]:
-        allowed = allowed & causal_mask(N, M)
+        allowed = allowed & reference_causal_mask(N, M)
     want = naive(q, k, v, allowed, spec["bias"], D**-0.5)
     got = KERNELS.get(kernel)(q, k, v, mask=spec["mask"], bias=spec["bias"], causal=spec["causal"])
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
@@ -87,3 +88,13 @@ def test_attention_weights_rows_sum_to_one_or_zero():
     torch.testing.assert_close(sums[..., [0, 2, 3]], torch.ones(1, 2, 3))
     # causal with 4 queries over 6 keys: query 0 is position 2 and sees keys 0..2 only
     assert (w[..., 0, 3:] == 0).all() and (w[..., 0, :3] > 0).all()
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (3, 3), (3, 7), (1, 9), (5, 6)])
+def test_causal_mask_puts_the_queries_at_the_end_of_the_keys(n: int, m: int) -> None:
+    """With a cache, the n queries are the last n of m positions: query i sees key j iff
+    j <= i + (m - n). Written as loops."""
+    got = causal_mask(n, m)
+    for i in range(n):
+        for j in range(m):
+            assert bool(got[i, j]) == (j <= i + m - n), (i, j)
