@@ -88,3 +88,17 @@ def test_bad_input_raises_a_library_error_naming_the_problem(name, call, fragmen
 
 def test_the_table_covers_at_least_25_inputs() -> None:
     assert len(CASES) >= 25
+
+
+def test_preset_section_overrides_merge_and_a_switched_kind_drops_its_options() -> None:
+    base = preset("llama-tiny")
+    linear = preset("llama-tiny", attention={"kind": "linear"})
+    assert linear.attention.kind == "linear"
+    assert (linear.attention.num_heads, linear.attention.num_kv_heads) == (base.attention.num_heads, base.attention.num_kv_heads)
+    assert linear.positional == base.positional and linear.ffn == base.ffn
+    hyper = preset("llama-tiny", attention={"kind": "hyper", "options": {"block_size": 8}})
+    with pytest.warns(UserWarning, match="dropping the options of 'hyper' \\(block_size\\)"):
+        back = apply_overrides(hyper, ["--attention.kind=mha"])
+    assert back.attention.options == {} and back.attention.num_kv_heads == base.attention.num_kv_heads
+    kept = apply_overrides(hyper, ["--attention.kind=hyper", "--attention.options.block_size=16"])  # options given: kept
+    assert kept.attention.options == {"block_size": 16}
