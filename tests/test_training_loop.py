@@ -168,3 +168,24 @@ def test_wall_clock_budget_stops_the_run_after_warmup_with_several_evaluations(t
     assert max(lrs) > 0.95 * 0.001  # warmup ended: about the peak learning rate was reached (the plan moves it a little)
     assert lrs[-1] < max(lrs)  # and the cosine decay began
     assert len([r for r in records if r["kind"] == "eval"]) >= 3
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path) -> None:
+    cfg = tiny_config(tmp_path)
+    run = tmp_path / "run"
+    Trainer(cfg, run_dir=run, verbose=False).fit()
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = Trainer(cfg, run_dir=run, resume=True, verbose=False)
+    assert again.finished
+    result = again.fit()
+    assert result.step == 8 and result.losses == []
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # no new evaluation record, checkpoint or file
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_learning_rate_is_refused(tmp_path, value: str) -> None:
+    from anyformer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr must be a finite number"):
+        tiny_config(tmp_path, f"--train.lr={value}").validate()

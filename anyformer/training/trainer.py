@@ -1,5 +1,6 @@
-"""The training loop of a causal language model: data, optimiser, schedule, evaluation,
-checkpoints, data-parallel processes, progress and metrics.
+"""The training loop, one for every task (anyformer/tasks): optimiser, schedule, evaluation,
+checkpoints, data-parallel processes, progress and metrics; the task brings data, loss and
+metrics.
 
 Legend: `b` batch, `n` length, `V` vocabulary.
 """
@@ -12,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from ..config import save_yaml
 from ..data import TokenData, WindowSampler, prepare_tokens
 from ..models.builders import build_model, count_parameters
+from ..tasks import TASKS
 from ..tokenizers import save_tokenizer
 from . import checkpoint as ckpt
 from .config import RunConfig, TrainConfig
@@ -81,14 +84,14 @@ def _unique_dir(path: Path) -> Path:
     return Path(f"{path}-{i}")
 
 
-def _rng_state(sampler: WindowSampler, device: torch.device) -> dict[str, Tensor]:
+def _rng_state(sampler: Any, device: torch.device) -> dict[str, Tensor]:
     state = {"torch": torch.get_rng_state(), "data": sampler.state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Tensor], sampler: WindowSampler, device: torch.device) -> None:
+def _set_rng_state(state: dict[str, Tensor], sampler: Any, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     sampler.set_state(state["data"])
     if device.type == "cuda" and "cuda" in state:
@@ -117,8 +120,10 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.verbose = verbose and self.env.is_main
         self.progress = Progress()
-        self.data = self._prepare_data(cfg)
-        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size))
+        self.task = TASKS.get(cfg.task.kind)(cfg)
+        self.data = self._prepare_data()
+        self.cfg = dataclasses.replace(cfg, model=self.task.model_config(cfg.model, self.data))
+        self.task.cfg = self.cfg
         if t.batch_size % (self.env.world * t.grad_accum):
             raise ValueError(
                 f"train.batch_size={t.batch_size} must be divisible by processes x grad_accum = "
@@ -127,9 +132,10 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(self.cfg.model).to(self.env.device)
         self.optimizer = build_optimizer(self.model, t)
-        self.sampler = WindowSampler(self.data.train, t.seq_len, seed=t.seed)
+        self.sampler = self.task.sampler(self.data, t.seed)
         self.step, self.horizon = 0, t.max_steps
         self._noticed: set[str] = set()
+        self.finished, self.final_val = False, None  # a resumed run that had already reached its end
         self.best_val, self.elapsed_before = math.inf, 0.0
         self.run_dir = Path(run_dir or t.out_dir)
         if resume:
@@ -142,19 +148,17 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
 
-    def _prepare_data(self, cfg: RunConfig) -> TokenData:
-        d = cfg.data
-        kwargs = dict(path=d.path, tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction, cache_dir=d.cache_dir)
-        if self.env.distributed:  # rank 0 builds the cache first; the others then read it
+    def _prepare_data(self) -> Any:
+        if self.env.distributed:  # rank 0 builds the data cache first; the others then read it
             import torch.distributed as dist
 
             if self.env.is_main:
-                data = prepare_tokens(d.corpus, **kwargs)
+                data = self.task.prepare(self.env)
             dist.barrier()
             if not self.env.is_main:
-                data = prepare_tokens(d.corpus, **kwargs)
+                data = self.task.prepare(self.env)
             return data
-        return prepare_tokens(d.corpus, **kwargs)
+        return self.task.prepare(self.env)
 
     def _wrap_model(self) -> nn.Module:
         fwd: nn.Module = self.model
@@ -178,6 +182,15 @@ class Trainer:
         self.horizon = int(state["horizon"]) if self.cfg.train.max_minutes else self.cfg.train.max_steps
         self.best_val = float(state.get("best_val_loss", math.inf))
         self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.final_val = state.get("val_loss")
+        t = self.cfg.train
+        if self.step >= self.horizon and t.max_minutes is not None and self.elapsed_before < t.max_minutes * 60 - 10:
+            self.horizon = t.max_steps  # a larger time budget than the run had: plan again from the clock
+        self.finished = self.step >= self.horizon
+        if self.finished:  # nothing to train: leave the folder exactly as it is
+            self._say(f"{self.run_dir} already finished at step {self.step} (of {self.horizon}); nothing to do. "
+                      "Raise train.max_steps (or train.max_minutes) to train further")
+            return
         metrics = self.run_dir / "metrics.jsonl"
         if self.env.is_main and metrics.is_file():  # drop records logged after this checkpoint
             keep = [r for r in read_metrics(metrics) if r.get("step", 0) <= self.step]
@@ -194,14 +207,14 @@ class Trainer:
         """One optimizer step on one global batch; returns the batch's mean loss."""
         t, env = self.cfg.train, self.env
         per = t.batch_size // env.world
-        starts = self.sampler.starts(t.batch_size)[env.rank * per : (env.rank + 1) * per]
+        indices = self.sampler.draw(t.batch_size)[env.rank * per : (env.rank + 1) * per]
         total = torch.zeros((), device=env.device)
         dtype = DTYPES[t.dtype]
-        for i, part in enumerate(starts.chunk(t.grad_accum)):
-            x, y = (a.to(env.device, non_blocking=True) for a in self.sampler.windows(part))
+        for i, part in enumerate(indices.chunk(t.grad_accum)):
+            batch = tuple(a.to(env.device, non_blocking=True) for a in self.sampler.batch(part))
             sync = i == t.grad_accum - 1 or not env.distributed
             with contextlib.nullcontext() if sync else self.forward.no_sync():  # type: ignore[operator]
-                loss = lm_loss(self.forward, x, y, dtype) / t.grad_accum
+                loss = self.task.loss(self.forward, batch, dtype) / t.grad_accum
                 loss.backward()
             total += loss.detach()
         if t.grad_clip > 0:
@@ -273,6 +286,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until the horizon (or the time budget), evaluating and checkpointing on the way."""
         t, env = self.cfg.train, self.env
+        if self.finished:
+            val = float(self.final_val) if self.final_val is not None else math.nan
+            return TrainResult(self.run_dir, self.step, val, self.best_val, [], self.elapsed_before, [])
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.cfg, self.run_dir / "config.yaml")
@@ -282,8 +298,8 @@ class Trainer:
         peak = matmul_peak_flops(env.device, DTYPES[t.dtype]) * env.world
         tokens_per_step = t.batch_size * t.seq_len
         self._say(
-            f"model {n_params / 1e6:.2f}M parameters | data {len(self.data.train):,} train / {len(self.data.val):,} val tokens "
-            f"({'cached' if self.data.cached else 'tokenized'} in {self.data.folder}) | {env.world} process(es) on {env.device} | "
+            f"model {n_params / 1e6:.2f}M parameters | task {self.cfg.task.kind} | {self.task.describe(self.data)} | "
+            f"{env.world} process(es) on {env.device} | "
             f"matmul peak {peak / 1e9:.0f} GFLOP/s ({t.dtype})"
         )
         self.model.train()
@@ -304,12 +320,13 @@ class Trainer:
             done = self.step >= self.horizon
             if self.step % self.eval_interval() == 0 or done:
                 e0 = time.perf_counter()
-                val_loss = evaluate(self.model, self.data.val, t, env)
+                scores = self.task.evaluate(self.model, self.data, env)
+                val_loss = scores["val_loss"]
                 last_eval = self.step
                 eval_time = time.perf_counter() - e0
                 self.save(val_loss)
                 if env.is_main:
-                    self.metrics.write(kind="eval", step=self.step, val_loss=val_loss, time=round(self._elapsed(), 3))
+                    self.metrics.write(kind="eval", step=self.step, **scores, time=round(self._elapsed(), 3))
                 self._say(f"step {self.step}: val loss {val_loss:.4f} (best {self.best_val:.4f}) | eval {eval_time:.1f}s")
                 window_t0, window_steps = time.perf_counter(), 0
             if step_time is not None and (self.step % t.log_every == 0 or self.step == 5):
@@ -324,38 +341,19 @@ class Trainer:
                     f"{rate:,.0f} tok/s | MFU {100 * mfu:.1f}% | elapsed {format_time(self._elapsed())} | ETA {format_time(eta)}"
                 )
         if last_eval != self.step:  # the clock moved the horizon below this step: evaluate the end state
-            val_loss = evaluate(self.model, self.data.val, t, env)
+            scores = self.task.evaluate(self.model, self.data, env)
+            val_loss = scores["val_loss"]
             self.save(val_loss)
             if env.is_main:
-                self.metrics.write(kind="eval", step=self.step, val_loss=val_loss, time=round(self._elapsed(), 3))
+                self.metrics.write(kind="eval", step=self.step, **scores, time=round(self._elapsed(), 3))
         samples = self.samples() if t.samples and env.is_main else []
         if env.is_main and (self.run_dir / "metrics.jsonl").is_file():
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         return TrainResult(self.run_dir, self.step, val_loss, self.best_val, losses, self._elapsed(), samples)
 
     def samples(self) -> list[str]:
-        """`train.samples` continuations of `train.sample_prompt` from the current model,
-        decoded with the KV cache (a rolling sink + window cache past the context when the
-        positions are relative; past the context with absolute positions, the last
-        max_seq_len tokens are recomputed per step). Both sample through the same
-        anyformer.generation logit processing."""
-        from ..generation import GenerationConfig, generate
-        from ..generation.window import window_steps
-
-        t = self.cfg.train
-        tok = self.data.tokenizer
-        ids = tok.encode(t.sample_prompt)
-        context = self.cfg.model.max_seq_len
-        config = GenerationConfig(max_new_tokens=t.sample_tokens, do_sample=t.temperature > 0, temperature=t.temperature,
-                                  top_k=t.top_k or 0, seed=t.seed)
-        self.model.eval()
-        if len(ids) + t.sample_tokens > context and self.model.decoding_info().absolute_positions:  # type: ignore[operator]
-            new = torch.stack(list(window_steps(self.model, [ids] * t.samples, config, context=context)), dim=1)  # (samples, sample_tokens)
-        else:
-            window = context - 4 if len(ids) + t.sample_tokens > context else None
-            new = generate(self.model, [ids] * t.samples, config, window=window)[:, len(ids):]
-        self.model.train()
-        return [t.sample_prompt + tok.decode(row.tolist()) for row in new]
+        """The task's end-of-run samples (continuations of train.sample_prompt for a causal LM)."""
+        return self.task.samples(self.model, self.data)
 
 
 def broadcast_path(path: str, env: DistEnv) -> str:

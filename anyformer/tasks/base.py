@@ -1,0 +1,85 @@
+"""The task protocol the trainer drives, and the registry of tasks.
+
+A task is built from the run config (`Task(cfg)`), checks that the architecture fits it,
+prepares its data (an object with a `tokenizer` saved beside the run), gives the model config
+its vocabulary and head, draws training batches through a sampler whose state resumes exactly,
+computes the loss of a batch, and evaluates (a dict of metrics holding `val_loss`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError, ModelConfig
+from ..registry import Registry
+
+RunConfig = Any  # anyformer.training.config.RunConfig (not imported: training imports tasks)
+DistEnv = Any  # anyformer.training.distributed.DistEnv
+
+TASKS: Registry[type["Task"]] = Registry("task")
+
+
+class Sampler(Protocol):
+    """Training batches in a resumable random order."""
+
+    def draw(self, batch: int) -> Tensor:
+        """(b,) indices of the next global batch (advancing the random state)."""
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, ...]:
+        """The tensors of the examples at `indices` (a process's share of a draw)."""
+
+    def state(self) -> Tensor:
+        """The random state, for checkpoints."""
+
+    def set_state(self, state: Tensor) -> None:
+        """Restore a state from `state()`."""
+
+
+class Task:
+    """Base class of tasks; subclasses set `architectures` and implement the methods."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Raise ConfigError when the run's architecture does not fit this task."""
+        name = cfg.task.kind
+        if cfg.model.arch not in cls.architectures:
+            raise ConfigError(
+                f"task '{name}' trains model.arch {' or '.join(repr(a) for a in cls.architectures)}; this run has "
+                f"model.arch={cfg.model.arch!r}. Set model.arch, or pick the task that fits it"
+            )
+
+    def prepare(self, env: DistEnv) -> Any:
+        """The task's data: an object with a `tokenizer` (saved as the run's tokenizer.json)."""
+        raise NotImplementedError
+
+    def describe(self, data: Any) -> str:
+        """One line about the data, for the run's first message."""
+        return ""
+
+    def model_config(self, model: ModelConfig, data: Any) -> ModelConfig:
+        """The model config with what the data decides (vocabulary size, head)."""
+        raise NotImplementedError
+
+    def sampler(self, data: Any, seed: int) -> Sampler:
+        """The training sampler."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        """The mean loss of one (part of a) batch, forward under autocast to `dtype`."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data: Any, env: DistEnv, batches: int | None = None) -> dict[str, float]:
+        """Validation metrics on fixed held-out batches; `val_loss` is the one checkpoints rank by."""
+        raise NotImplementedError
+
+    def samples(self, model: nn.Module, data: Any) -> list[str]:
+        """Texts to show at the end of a run (none by default)."""
+        return []
