@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from anyformer.data.proteins import ESM_TOKENS, ProteinTokenizer, held_out, pack
 from anyformer.tasks.masked_lm import ProteinSampler, mask_tokens
 from anyformer.training import Trainer
 from anyformer.training.config import default_run_config
+from tests.training_helpers import interrupted_copy
 
 
 def mlm_config(tmp: Path, *extra: str):
@@ -86,10 +86,7 @@ def test_masked_lm_trains_and_resumes_exactly(tmp_path) -> None:
     cfg = mlm_config(tmp_path)
     full = Trainer(cfg, run_dir=tmp_path / "full", verbose=False).fit()
     assert len(full.losses) == 8 and full.losses[-1] < full.losses[0]
-    part = tmp_path / "part"
-    shutil.copytree(tmp_path / "full", part)
-    shutil.rmtree(part / "checkpoints" / "step_0000008")
-    (part / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": "step_0000004", "step": 4}))
+    part = interrupted_copy(tmp_path / "full", tmp_path / "part")
     resumed = Trainer(cfg, run_dir=part, resume=True, verbose=False).fit()
     assert resumed.losses == pytest.approx(full.losses[4:], abs=1e-6)
     evals = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
@@ -136,3 +133,19 @@ def test_task_and_architecture_mismatches_are_clear(tmp_path) -> None:
         mlm_config(tmp_path, "--task.kind=mlm").validate()
     with pytest.raises(ConfigError, match="mask_prob"):
         Trainer(mlm_config(tmp_path, "--task.options.mask_prob=1.5"), run_dir=tmp_path / "r", verbose=False)
+
+
+def test_eval_and_fill_mask_commands_use_the_task(tmp_path, capsys) -> None:
+    from anyformer.cli import main
+
+    Trainer(mlm_config(tmp_path), run_dir=tmp_path / "run", verbose=False).fit()
+    assert main(["eval", str(tmp_path / "run"), "--batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "task masked_lm" in out and "unigram_perplexity" in out and "accuracy" in out
+    assert main(["fill-mask", str(tmp_path / "run"), "MKT<mask>AYIAK<mask>R", "--top", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("position    4:") and lines[1].startswith("position   10:")
+    filled = lines[-1].split()[-1]
+    assert len(filled) == 11 and filled[:3] == "MKT" and filled[4:9] == "AYIAK" and "<" not in filled
+    with pytest.raises(ValueError, match="no <mask>"):
+        main(["fill-mask", str(tmp_path / "run"), "MKTAYIAKQR"])

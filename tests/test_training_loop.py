@@ -21,7 +21,7 @@ from anyformer.config import save_yaml
 from anyformer.training import Trainer
 from anyformer.training import checkpoint as ckpt
 from anyformer.training.run import load_run
-from tests.training_helpers import tiny_config
+from tests.training_helpers import interrupted_copy, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +33,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, optimizer: str) -> None:
     full = Trainer(cfg, run_dir=tmp_path / "full", verbose=False).fit()
     assert len(full.losses) == 8 and full.losses[-1] < full.losses[0]
     # the same run, interrupted after its step-4 checkpoint
-    part = tmp_path / "part"
-    shutil.copytree(tmp_path / "full", part)
-    shutil.rmtree(part / "checkpoints" / "step_0000008")
-    (part / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": "step_0000004", "step": 4}))
+    part = interrupted_copy(tmp_path / "full", tmp_path / "part")
     resumed = Trainer(cfg, run_dir=part, resume=True, verbose=False).fit()
     assert resumed.step == 8
     assert resumed.losses == pytest.approx(full.losses[4:], abs=1e-6)

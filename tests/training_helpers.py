@@ -37,3 +37,15 @@ def tiny_config(tmp: Path, *extra: str) -> RunConfig:
 def base_config() -> RunConfig:
     """The default run config (for tests that only read it)."""
     return RunConfig()
+
+
+def interrupted_copy(full: Path, part: Path, *, at: int = 4, end: int = 8) -> Path:
+    """A copy of the finished run `full` as if it had been stopped right after its step-`at`
+    checkpoint (the step-`end` checkpoint removed, `latest` pointing at step `at`)."""
+    import json
+    import shutil
+
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / f"step_{end:07d}")
+    (part / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": f"step_{at:07d}", "step": at}))
+    return part

@@ -1,4 +1,6 @@
-"""`anyformer eval RUN_DIR`: validation loss, perplexity and bits per character of a run."""
+"""`anyformer eval RUN_DIR`: a run's held-out metrics (a causal LM: loss, perplexity, bits per
+character; other tasks: their own metrics, e.g. a masked LM's perplexity, accuracy and unigram
+baseline)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training.trainer import evaluate
 
     r = load_run(args.run_dir, args.checkpoint, args.device)
+    if r.cfg.task.kind != "causal_lm":
+        return _run_task(args, r)
     d = r.cfg.data
     data = prepare_tokens(d.corpus, path=d.path, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
                           val_fraction=d.val_fraction, cache_dir=d.cache_dir)
@@ -41,4 +45,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"loss           {loss:.4f} nats/token")
     print(f"perplexity     {math.exp(loss):.3f} (per token)")
     print(f"bits/char      {bpc:.4f} ({chars_per_token:.3f} characters per token)")
+    return 0
+
+
+def _run_task(args: argparse.Namespace, r) -> int:  # type: ignore[no-untyped-def]
+    """Any other task: its own evaluation on its held-out data, every metric printed."""
+    from ..tasks import TASKS
+    from ..training.distributed import DistEnv
+
+    task = TASKS.get(r.cfg.task.kind)(r.cfg)
+    device = next(r.model.parameters()).device
+    env = DistEnv(0, 1, 0, device)
+    data = task.prepare(env)
+    if data.tokenizer.to_json() != r.tokenizer.to_json():
+        raise ValueError(f"the data now tokenizes differently from the run's tokenizer.json; the data of {args.run_dir} changed")
+    batches = args.batches or 4 * r.cfg.train.eval_batches
+    scores = task.evaluate(r.model, data, env, batches=batches)
+    print(f"run            {args.run_dir} ({r.checkpoint.name}, step {r.state['step']}, task {r.cfg.task.kind})")
+    print(f"validation     {batches} batches of {r.cfg.train.batch_size} from the held-out split ({task.describe(data)})")
+    for name, value in scores.items():
+        print(f"{name:<14} {value:.4f}")
     return 0

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"\ndone: {result.step} steps in {result.seconds / 60:.1f} min | val loss {result.val_loss:.4f} nats/token "
             f"(best {result.best_val_loss:.4f})\nfiles: {d}/config.yaml, tokenizer.json, metrics.jsonl, loss.png, "
-            f"checkpoints/ (latest and best)\nnext: anyformer eval {d} | anyformer generate {d} --prompt \"ROMEO:\""
+            f"checkpoints/ (latest and best)\nnext: anyformer eval {d}"
+            + (f" | anyformer generate {d} --prompt \"ROMEO:\"" if cfg.task.kind == "causal_lm" else "")
         )
     return 0
