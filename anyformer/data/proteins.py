@@ -59,11 +59,15 @@ def packaged_proteins() -> Path:
     return path
 
 
+def hash_fraction(name: str) -> float:
+    """A number in [0, 1) fixed by `name` alone (from its SHA-1)."""
+    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
+
+
 def held_out(name: str, fraction: float) -> bool:
     """Whether the record `name` is in the validation split: a hash of the id, so the split
     does not depend on the file's order or on the other records."""
-    h = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
-    return h < fraction
+    return hash_fraction(name) < fraction
 
 
 @TOKENIZERS.register("protein")

