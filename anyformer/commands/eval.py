@@ -62,7 +62,7 @@ def _run_task(args: argparse.Namespace, r) -> int:  # type: ignore[no-untyped-de
     batches = args.batches or 4 * r.cfg.train.eval_batches
     scores = task.evaluate(r.model, data, env, batches=batches)
     print(f"run            {args.run_dir} ({r.checkpoint.name}, step {r.state['step']}, task {r.cfg.task.kind})")
-    print(f"validation     {batches} batches of {r.cfg.train.batch_size} from the held-out split ({task.describe(data)})")
+    print(f"validation     the held-out split ({task.describe(data)})")
     for name, value in scores.items():
         print(f"{name:<14} {value:.4f}")
     return 0
