@@ -21,7 +21,7 @@ from anyformer.config import save_yaml
 from anyformer.training import Trainer
 from anyformer.training import checkpoint as ckpt
 from anyformer.training.run import load_run
-from tests.training_helpers import interrupted_copy, tiny_config
+from tests.training_helpers import ddp_losses, interrupted_copy, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,32 +42,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, optimizer: str) -> None:
     assert steps == list(range(1, 9))  # records after the checkpoint were replaced, not duplicated
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    from anyformer.config import load_yaml
-    from anyformer.training.config import RunConfig
-    from anyformer.training.distributed import teardown
-
-    cfg = load_yaml(RunConfig, cfg_path)
-    result = Trainer(cfg, run_dir=Path(out) / "run", verbose=False).fit()
-    Path(out, f"losses{rank}.json").write_text(json.dumps(result.losses))
-    teardown()
-
-
 def test_two_process_ddp_matches_one_process(tmp_path) -> None:
     cfg = tiny_config(tmp_path, "--train.max_steps=5", "--train.eval_every=5")
     single = Trainer(cfg, run_dir=tmp_path / "single", verbose=False).fit()
-    cfg_path = tmp_path / "cfg.yaml"
-    save_yaml(cfg, cfg_path)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(cfg_path), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        losses = json.loads((tmp_path / f"losses{rank}.json").read_text())
+    for losses in ddp_losses(cfg, tmp_path):
         assert losses == pytest.approx(single.losses, abs=1e-5)
     assert (tmp_path / "run" / "checkpoints" / "step_0000005").is_dir()
     assert not Path(str(tmp_path / "run") + "-2").exists()  # only rank 0 wrote files
@@ -153,7 +131,7 @@ def test_wall_clock_budget_stops_the_run_after_warmup_with_several_evaluations(t
     """A budget far shorter than warmup_steps and eval_every (the situation of a one-minute run
     of a model whose steps take a second): the plan caps the warmup and the evaluation interval,
     so the run reaches its peak learning rate and records several validation points."""
-    cfg = tiny_config(tmp_path, "--train.max_steps=1000000", "--train.max_minutes=0.1", "--train.warmup_steps=1000000",
+    cfg = tiny_config(tmp_path, "--train.max_steps=1000000", "--train.max_minutes=0.2", "--train.warmup_steps=1000000",
                       "--train.eval_every=1000000", "--train.lr=0.001")
     trainer = Trainer(cfg, run_dir=tmp_path / "run", verbose=False)
     trainer.start_time = time.perf_counter()  # count the budget from here (data preparation excluded)

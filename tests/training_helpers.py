@@ -49,3 +49,41 @@ def interrupted_copy(full: Path, part: Path, *, at: int = 4, end: int = 8) -> Pa
     shutil.rmtree(part / "checkpoints" / f"step_{end:07d}")
     (part / "checkpoints" / "latest.json").write_text(json.dumps({"checkpoint": f"step_{at:07d}", "step": at}))
     return part
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str) -> None:
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from anyformer.config import load_yaml
+    from anyformer.training import Trainer
+    from anyformer.training.config import RunConfig
+    from anyformer.training.distributed import teardown
+
+    cfg = load_yaml(RunConfig, cfg_path)
+    result = Trainer(cfg, run_dir=Path(out) / "run", verbose=False).fit()
+    Path(out, f"losses{rank}.json").write_text(json.dumps(result.losses))
+    teardown()
+
+
+def ddp_losses(cfg: RunConfig, out: Path, world: int = 2) -> list[list[float]]:
+    """Train `cfg` with `world` gloo processes into `out/run`; each rank's training losses."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from anyformer.config import save_yaml
+
+    cfg_path = out / "cfg.yaml"
+    save_yaml(cfg, cfg_path)
+    mp.spawn(_ddp_worker, args=(world, _free_port(), str(cfg_path), str(out)), nprocs=world, join=True)
+    return [json.loads((out / f"losses{rank}.json").read_text()) for rank in range(world)]

@@ -76,6 +76,11 @@ class Task:
         """The mean loss of one (part of a) batch, forward under autocast to `dtype`."""
         raise NotImplementedError
 
+    def count(self, batch: tuple[Tensor, ...]) -> Tensor | None:
+        """The number of predictions in a batch when it varies between batches (the loss is
+        then weighted by it); None when every example weighs the same."""
+        return None
+
     def evaluate(self, model: nn.Module, data: Any, env: DistEnv, batches: int | None = None) -> dict[str, float]:
         """Validation metrics on fixed held-out batches; `val_loss` is the one checkpoints rank by."""
         raise NotImplementedError

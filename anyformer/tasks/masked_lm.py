@@ -164,6 +164,10 @@ class MaskedLM(Task):
             logits = model(inputs, keep)  # (b, n, V)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
+    def count(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """Masked positions in the batch: the loss is their mean over the whole global batch."""
+        return (batch[2] != -100).sum()
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: ProteinData, env: Any, batches: int | None = None) -> dict[str, float]:
         """Masked-residue loss, perplexity and accuracy on fixed held-out examples (the same at

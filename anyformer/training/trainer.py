@@ -210,11 +210,19 @@ class Trainer:
         indices = self.sampler.draw(t.batch_size)[env.rank * per : (env.rank + 1) * per]
         total = torch.zeros((), device=env.device)
         dtype = DTYPES[t.dtype]
-        for i, part in enumerate(indices.chunk(t.grad_accum)):
-            batch = tuple(a.to(env.device, non_blocking=True) for a in self.sampler.batch(part))
+        batches = [tuple(a.to(env.device, non_blocking=True) for a in self.sampler.batch(part)) for part in indices.chunk(t.grad_accum)]
+        # a task whose batches hold different numbers of predictions (masked positions) weights
+        # each chunk by its count over the global total, so that any split over processes and
+        # micro-steps gives the loss of the whole batch; otherwise chunks weigh the same
+        counts = [self.task.count(b) for b in batches]
+        weighted = counts[0] is not None
+        if weighted:
+            global_count = mean_across(torch.stack(counts).sum().double(), env) * env.world
+        for i, batch in enumerate(batches):
             sync = i == t.grad_accum - 1 or not env.distributed
             with contextlib.nullcontext() if sync else self.forward.no_sync():  # type: ignore[operator]
-                loss = self.task.loss(self.forward, batch, dtype) / t.grad_accum
+                loss = self.task.loss(self.forward, batch, dtype)
+                loss = loss * (counts[i] * env.world / global_count).float() if weighted else loss / t.grad_accum
                 loss.backward()
             total += loss.detach()
         if t.grad_clip > 0:
