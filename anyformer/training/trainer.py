@@ -314,6 +314,7 @@ class Trainer:
         losses: list[float] = []
         step_time, eval_time = None, 0.0
         val_loss, last_eval = math.nan, -1
+        evaluated_at = self.step  # a resumed run's checkpoint was written at an evaluation
         window_t0, window_steps = time.perf_counter(), 0
         while self.step < self.horizon:
             t0 = time.perf_counter()
@@ -326,7 +327,10 @@ class Trainer:
             if env.is_main:
                 self.metrics.write(kind="train", step=self.step, loss=loss, lr=lr_at(self.step - 1, t, self.horizon), time=round(self._elapsed(), 3))
             done = self.step >= self.horizon
-            if self.step % self.eval_interval() == 0 or done:
+            # evaluate every eval_interval() steps since the last evaluation (the interval of a
+            # timed run shrinks as its plan firms up; a multiple of it could be skipped)
+            if self.step - evaluated_at >= self.eval_interval() or done:
+                evaluated_at = self.step
                 e0 = time.perf_counter()
                 scores = self.task.evaluate(self.model, self.data, env)
                 val_loss = scores["val_loss"]
