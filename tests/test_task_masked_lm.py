@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from anyformer.config import ConfigError, apply_overrides
-from anyformer.data.proteins import ESM_TOKENS, ProteinTokenizer, held_out, packaged_proteins, read_fasta
+from anyformer.data.proteins import ESM_TOKENS, ProteinTokenizer, packaged_proteins, read_fasta
+from anyformer.data.split import held_out
 from anyformer.tasks.masked_lm import ProteinSampler, mask_tokens
 from anyformer.training import Trainer
 from anyformer.training.config import default_run_config

@@ -1,5 +1,5 @@
-"""Protein sequences: FASTA reading, a hash-based held-out split, and the ESM amino-acid
-tokenizer.
+"""Protein sequences: FASTA reading and the ESM amino-acid tokenizer (the held-out split is
+by a hash of each id, data/split.py).
 
 The corpus `proteins` is the 2,100 bacterial proteins shipped in `pyhmmer`'s test data
 (`pip install pyhmmer==0.12.3`); any FASTA file works through `data.path`.
@@ -7,7 +7,6 @@ The corpus `proteins` is the 2,100 bacterial proteins shipped in `pyhmmer`'s tes
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +56,6 @@ def packaged_proteins() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed pyhmmer; install pyhmmer==0.12.3")
     return path
-
-
-def hash_fraction(name: str) -> float:
-    """A number in [0, 1) fixed by `name` alone (from its SHA-1)."""
-    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
-
-
-def held_out(name: str, fraction: float) -> bool:
-    """Whether the record `name` is in the validation split: a hash of the id, so the split
-    does not depend on the file's order or on the other records."""
-    return hash_fraction(name) < fraction
 
 
 @TOKENIZERS.register("protein")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
-from ..data.proteins import ProteinTokenizer, held_out, packaged_proteins, read_fasta
+from ..data.proteins import ProteinTokenizer, packaged_proteins, read_fasta
+from ..data.split import held_out
 from .base import TASKS, Task
 
 EVAL_SEED = 20240601

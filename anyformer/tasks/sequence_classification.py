@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
-from ..data.proteins import hash_fraction
+from ..data.split import hash_fraction
 from ..data.text import shakespeare_plays
 from ..tokenizers import ByteTokenizer
 from .base import TASKS, Task

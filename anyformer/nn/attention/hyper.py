@@ -86,25 +86,28 @@ def _lse(shift: Tensor, total: Tensor) -> Tensor:
     return torch.where(total > 0, shift + _positive_or_one(total).log(), torch.full_like(total, float("-inf")))
 
 
-def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
-    """Combine two softmax attentions over disjoint key sets into the one over their union
-    (rows empty in both stay 0 with lse -inf, and their gradients stay finite)."""
+def _merge_weights(lse1: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The weights of two softmax attentions over disjoint key sets in the one over their
+    union, and its log-sum-exp (rows empty in both: weights 0, lse -inf, finite gradients)."""
     shift = _finite_or_zero(torch.maximum(lse1, lse2).detach())
     e1, e2 = (lse1 - shift).exp(), (lse2 - shift).exp()
     total = e1 + e2
     safe = _positive_or_one(total)
-    return o1 * (e1 / safe) + o2 * (e2 / safe), _lse(shift, total)
+    return e1 / safe, e2 / safe, _lse(shift, total)
+
+
+def merge_attention(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine two softmax attentions over disjoint key sets into the one over their union."""
+    w1, w2, lse = _merge_weights(lse1, lse2)
+    return o1 * w1 + o2 * w2, lse
 
 
 def _merge_into(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> None:
     """merge_attention written into o1 and lse1 in place (no gradient), without temporaries
     the size of the outputs."""
-    shift = _finite_or_zero(torch.maximum(lse1, lse2))
-    e1, e2 = (lse1 - shift).exp(), (lse2 - shift).exp()
-    total = e1 + e2
-    safe = _positive_or_one(total)
-    o1.mul_(e1 / safe).addcmul_(o2, e2 / safe)
-    lse1.copy_(_lse(shift, total))
+    w1, w2, lse = _merge_weights(lse1, lse2)
+    o1.mul_(w1).addcmul_(o2, w2)
+    lse1.copy_(lse)
 
 
 def _gather(x: Tensor, idx: Tensor) -> Tensor:
