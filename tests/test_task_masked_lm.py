@@ -16,7 +16,7 @@ from anyformer.data.split import held_out
 from anyformer.tasks.masked_lm import ProteinSampler, mask_tokens
 from anyformer.training import Trainer
 from anyformer.training.config import default_run_config
-from tests.training_helpers import interrupted_copy
+from tests.training_helpers import check_ddp_matches_one_process, interrupted_copy
 
 
 def mlm_config(tmp: Path, *extra: str):
@@ -155,16 +155,5 @@ def test_eval_and_fill_mask_commands_use_the_task(tmp_path, capsys) -> None:
 def test_two_process_ddp_matches_one_process(tmp_path) -> None:
     """Each process builds its share of the same draws (examples carry their own seeds), and
     the evaluation combines sums over processes: losses and metrics equal one process's."""
-    from tests.training_helpers import ddp_losses
-
     cfg = mlm_config(tmp_path, "--train.max_steps=5", "--train.eval_every=5")
-    single = Trainer(cfg, run_dir=tmp_path / "single", verbose=False).fit()
-    for losses in ddp_losses(cfg, tmp_path):
-        assert losses == pytest.approx(single.losses, abs=1e-5)
-
-    def last_eval(run: Path) -> dict:
-        return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in l][-1]
-
-    one, two = last_eval(tmp_path / "single"), last_eval(tmp_path / "run")
-    for key in ("val_loss", "accuracy", "unigram_loss"):
-        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    check_ddp_matches_one_process(cfg, tmp_path, ("val_loss", "accuracy", "unigram_loss"))

@@ -12,7 +12,7 @@ from anyformer.config import ConfigError, apply_overrides
 from anyformer.tasks.sequence_classification import EVAL_SEED, PassageSampler
 from anyformer.training import Trainer
 from anyformer.training.config import default_run_config
-from tests.training_helpers import interrupted_copy
+from tests.training_helpers import check_ddp_matches_one_process, interrupted_copy
 
 
 def cls_config(tmp: Path, *extra: str):
@@ -87,3 +87,10 @@ def test_classify_command_prints_every_label(tmp_path, capsys) -> None:
     lines = capsys.readouterr().out.strip().splitlines()
     assert sorted(line.split()[0] for line in lines) == ["comedies", "histories", "tragedies"]
     assert sum(float(line.split()[1]) for line in lines) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_two_process_ddp_matches_one_process(tmp_path) -> None:
+    """Every example carries its own window seed and the evaluation sums over processes, so
+    two processes give the losses and metrics of one."""
+    cfg = cls_config(tmp_path, "--train.max_steps=4", "--train.eval_every=4")
+    check_ddp_matches_one_process(cfg, tmp_path, ("val_loss", "accuracy", "majority_accuracy"))

@@ -87,3 +87,24 @@ def ddp_losses(cfg: RunConfig, out: Path, world: int = 2) -> list[list[float]]:
     save_yaml(cfg, cfg_path)
     mp.spawn(_ddp_worker, args=(world, _free_port(), str(cfg_path), str(out)), nprocs=world, join=True)
     return [json.loads((out / f"losses{rank}.json").read_text()) for rank in range(world)]
+
+
+def check_ddp_matches_one_process(cfg: RunConfig, tmp: Path, metrics: tuple[str, ...]) -> None:
+    """Train `cfg` in one process (tmp/single) and in two gloo processes (tmp/run): every
+    rank's training losses and the final validation `metrics` must equal one process's."""
+    import json
+
+    import pytest
+
+    from anyformer.training import Trainer
+
+    single = Trainer(cfg, run_dir=tmp / "single", verbose=False).fit()
+    for losses in ddp_losses(cfg, tmp):
+        assert losses == pytest.approx(single.losses, abs=1e-5)
+
+    def last_eval(run: Path) -> dict:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line][-1]
+
+    one, two = last_eval(tmp / "single"), last_eval(tmp / "run")
+    for key in metrics:
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key

@@ -1,4 +1,5 @@
-"""`anyformer classify RUN "TEXT"`: a sequence-classification run's label probabilities for a text."""
+"""`anyformer classify RUN INPUT`: a classification run's label probabilities for a text
+(sequence_classification) or an image file (image_classification)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `classify` subcommand."""
-    p = subparsers.add_parser("classify", help="label probabilities of a text from a sequence_classification run")
-    p.add_argument("run_dir", help="a folder written by `anyformer train` with task sequence_classification")
-    p.add_argument("text", help="the text to classify (its first train.seq_len - 1 bytes are read)")
+    p = subparsers.add_parser("classify", help="label probabilities of a text or an image from a classification run")
+    p.add_argument("run_dir", help="a folder written by `anyformer train` with task sequence_classification or image_classification")
+    p.add_argument("input", help="the text to classify (its first train.seq_len - 1 bytes are read), or for an image "
+                                 "run the path of an image file (PNG, JPEG, ...; made grayscale and resized to the run's size)")
+    p.add_argument("--invert", action="store_true", help="image runs: invert the gray levels first (the data sets have "
+                                                          "bright ink on black; use this for dark ink on white paper)")
+    p.add_argument("--top", type=int, default=None, help="print only the most likely N labels")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
@@ -19,21 +24,30 @@ def run(args: argparse.Namespace) -> int:
     """Print every label with its probability, most likely first."""
     import torch
 
+    from ..tasks import TASKS
     from ..training.run import load_run
 
     r = load_run(args.run_dir, args.checkpoint, args.device)
-    if r.cfg.task.kind != "sequence_classification":
-        raise ValueError(f"{args.run_dir} was trained for task {r.cfg.task.kind!r}; classify needs a sequence_classification run")
-    if not args.text:
-        raise ValueError("the text is empty; give the passage to classify")
-    from ..tasks import TASKS
-
-    labels = TASKS.get("sequence_classification")(r.cfg).options.labels  # type: ignore[attr-defined]
-    ids = r.tokenizer.encode(args.text)[: r.cfg.train.seq_len - 1]
-    cls_id = r.tokenizer.vocab_size  # the id after the bytes (the task's <cls>)
+    kind = r.cfg.task.kind
+    if kind not in ("sequence_classification", "image_classification"):
+        raise ValueError(f"{args.run_dir} was trained for task {kind!r}; classify needs a sequence_classification or image_classification run")
     device = next(r.model.parameters()).device
+    if kind == "image_classification":
+        from ..tasks.image_classification import read_image, to_model_input
+
+        v = r.cfg.model.vision
+        inputs = to_model_input(read_image(args.input, v.image_size, invert=args.invert)[None]).to(device)
+        labels = TASKS.get(kind)(r.cfg).class_names()  # type: ignore[attr-defined]
+    else:
+        if not args.input:
+            raise ValueError("the text is empty; give the passage to classify")
+        ids = r.tokenizer.encode(args.input)[: r.cfg.train.seq_len - 1]  # type: ignore[union-attr]
+        cls_id = r.tokenizer.vocab_size  # type: ignore[union-attr]  # the id after the bytes (the task's <cls>)
+        inputs = torch.tensor([[cls_id, *ids]], device=device)
+        labels = TASKS.get(kind)(r.cfg).options.labels  # type: ignore[attr-defined]
     with torch.no_grad():
-        probs = r.model(torch.tensor([[cls_id, *ids]], device=device)).float().softmax(-1)[0]
-    for i in probs.argsort(descending=True).tolist():
-        print(f"{labels[i]:<12} {float(probs[i]):.3f}")
+        probs = r.model(inputs).float().softmax(-1)[0]
+    width = max(len(label) for label in labels) + 2
+    for i in probs.argsort(descending=True).tolist()[: args.top]:
+        print(f"{labels[i]:<{width}} {float(probs[i]):.3f}")
     return 0

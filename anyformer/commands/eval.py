@@ -57,7 +57,7 @@ def _run_task(args: argparse.Namespace, r) -> int:  # type: ignore[no-untyped-de
     device = next(r.model.parameters()).device
     env = DistEnv(0, 1, 0, device)
     data = task.prepare(env)
-    if data.tokenizer.to_json() != r.tokenizer.to_json():
+    if data.tokenizer is not None and (r.tokenizer is None or data.tokenizer.to_json() != r.tokenizer.to_json()):
         raise ValueError(f"the data now tokenizes differently from the run's tokenizer.json; the data of {args.run_dir} changed")
     batches = args.batches or 4 * r.cfg.train.eval_batches
     scores = task.evaluate(r.model, data, env, batches=batches)
@@ -65,4 +65,6 @@ def _run_task(args: argparse.Namespace, r) -> int:  # type: ignore[no-untyped-de
     print(f"validation     the held-out split ({task.describe(data)})")
     for name, value in scores.items():
         print(f"{name:<14} {value:.4f}")
+    for name, value in task.report(r.model, data, env, r.checkpoint.parent.parent).items():
+        print(f"{name:<14} {value:.4f}" if isinstance(value, float) else f"{name:<14} {value}")
     return 0

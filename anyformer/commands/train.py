@@ -68,10 +68,14 @@ def run(args: argparse.Namespace) -> int:
         for i, text in enumerate(result.samples):
             print(f"\n--- sample {i + 1} ---\n{text}")
         d = result.run_dir
+        tokenizer = ", tokenizer.json" if (d / "tokenizer.json").is_file() else ""
+        use = {"causal_lm": f"anyformer generate {d} --prompt \"ROMEO:\"", "masked_lm": f"anyformer fill-mask {d} \"SEQUENCE\"",
+               "sequence_classification": f"anyformer classify {d} \"TEXT\"", "image_classification": f"anyformer classify {d} IMAGE.png",
+               "sequence_to_sequence": f"anyformer translate {d} \"TEXT\""}.get(cfg.task.kind)
+        per = "nats/token" if cfg.task.kind in ("causal_lm", "masked_lm", "sequence_to_sequence") else "nats/example"
         print(
-            f"\ndone: {result.step} steps in {result.seconds / 60:.1f} min | val loss {result.val_loss:.4f} nats/token "
-            f"(best {result.best_val_loss:.4f})\nfiles: {d}/config.yaml, tokenizer.json, metrics.jsonl, loss.png, "
-            f"checkpoints/ (latest and best)\nnext: anyformer eval {d}"
-            + (f" | anyformer generate {d} --prompt \"ROMEO:\"" if cfg.task.kind == "causal_lm" else "")
+            f"\ndone: {result.step} steps in {result.seconds / 60:.1f} min | val loss {result.val_loss:.4f} {per} "
+            f"(best {result.best_val_loss:.4f})\nfiles: {d}/config.yaml{tokenizer}, metrics.jsonl, loss.png, "
+            f"checkpoints/ (latest and best)\nnext: anyformer eval {d}" + (f" | {use}" if use else "")
         )
     return 0

@@ -41,14 +41,16 @@ class PatchEmbedding(nn.Module):
 
 
 class ImageClassificationHead(nn.Module):
-    """Logits (b, classes) from the class token; with no classes, the class token itself."""
+    """Logits (b, classes) from the class token (pooling "cls") or the mean of the patch
+    tokens ("mean"); with no classes, that pooled state itself."""
 
-    def __init__(self, dim: int, num_labels: int) -> None:
+    def __init__(self, dim: int, num_labels: int, pooling: str = "cls") -> None:
         super().__init__()
+        self.pooling = pooling
         self.classifier = nn.Linear(dim, num_labels) if num_labels > 0 else nn.Identity()
 
     def forward(self, hidden: Tensor) -> Tensor:  # (b, 1 + P, d) -> (b, classes)
-        return self.classifier(hidden[:, 0])
+        return self.classifier(hidden[:, 1:].mean(1) if self.pooling == "mean" else hidden[:, 0])
 
 
 class VisionTransformer(nn.Module):
@@ -84,5 +86,5 @@ def build_vit(cfg: ModelConfig, parts: Parts) -> VisionTransformer:
         PatchEmbedding(v.channels, v.patch_size, cfg.dim, v.image_size, dropout=cfg.dropout),
         parts.positional(causal=False),
         parts.stack(cfg.num_layers, causal=False, name="encoder"),
-        ImageClassificationHead(cfg.dim, cfg.head.num_labels if cfg.head.kind == "sequence_classification" else 0),
+        ImageClassificationHead(cfg.dim, cfg.head.num_labels if cfg.head.kind == "sequence_classification" else 0, cfg.head.pooling),
     )

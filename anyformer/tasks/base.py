@@ -8,6 +8,7 @@ computes the loss of a batch, and evaluates (a dict of metrics holding `val_loss
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -42,6 +43,7 @@ class Task:
     """Base class of tasks; subclasses set `architectures` and implement the methods."""
 
     architectures: ClassVar[tuple[str, ...]] = ()
+    reads_seq_len: ClassVar[bool] = True  # whether train.seq_len sizes the examples (not for images)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -57,7 +59,8 @@ class Task:
             )
 
     def prepare(self, env: DistEnv) -> Any:
-        """The task's data: an object with a `tokenizer` (saved as the run's tokenizer.json)."""
+        """The task's data: an object with a `tokenizer` (saved as the run's tokenizer.json;
+        None for data that is not text)."""
         raise NotImplementedError
 
     def describe(self, data: Any) -> str:
@@ -76,6 +79,10 @@ class Task:
         """The mean loss of one (part of a) batch, forward under autocast to `dtype`."""
         raise NotImplementedError
 
+    def tokens_per_example(self) -> int:
+        """The sequence length one training example feeds the model (for throughput and FLOPs)."""
+        return int(self.cfg.train.seq_len)
+
     def count(self, batch: tuple[Tensor, ...]) -> Tensor | None:
         """The number of predictions in a batch when it varies between batches (the loss is
         then weighted by it); None when every example weighs the same."""
@@ -88,3 +95,8 @@ class Task:
     def samples(self, model: nn.Module, data: Any) -> list[str]:
         """Texts to show at the end of a run (none by default)."""
         return []
+
+    def report(self, model: nn.Module, data: Any, env: DistEnv, folder: Path) -> dict[str, Any]:
+        """What `anyformer eval` adds to the validation metrics: test-set figures and files it
+        writes into `folder` (e.g. a confusion matrix); nothing by default."""
+        return {}

@@ -1,7 +1,8 @@
 """Tokenizers behind one small interface: encode, decode, vocab_size, save/load as JSON.
 
 Kinds: "char" (one id per distinct character of the training text), "byte" (the 256 byte
-values of UTF-8) and "bpe" (byte-level BPE trained with the `tokenizers` package).
+values of UTF-8), "bpe" (byte-level BPE trained with the `tokenizers` package) and, in their
+own files, "pair" (a sequence-to-sequence task's source and target tokenizers).
 """
 
 from __future__ import annotations
@@ -186,6 +187,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise ValueError(f"{p} is not valid tokenizer JSON ({e}); the file may be truncated") from None
     return tokenizer_from_json(data)
 
+
+from ..registry import discover  # noqa: E402  (variant files register themselves: pair.py, ...)
+
+discover(__name__, __path__)
 
 __all__ = [
     "BPETokenizer", "ByteTokenizer", "CharTokenizer", "TOKENIZERS", "Tokenizer",

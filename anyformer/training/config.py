@@ -111,11 +111,12 @@ class RunConfig:
 
         if self.task.kind not in TASKS:
             raise ConfigError(f"task.kind: unknown task {self.task.kind!r}; valid names: {', '.join(TASKS.names())}")
-        TASKS.get(self.task.kind).check(self)
+        task = TASKS.get(self.task.kind)
+        task.check(self)
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
-        if t.seq_len > self.model.max_seq_len:
+        if task.reads_seq_len and t.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "raise model.max_seq_len or lower train.seq_len"

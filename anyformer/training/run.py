@@ -21,7 +21,7 @@ class LoadedRun:
     """A run folder's config, tokenizer, model (eval mode) and the checkpoint it came from."""
 
     cfg: RunConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for a run on images
     model: nn.Module
     checkpoint: Path
     state: dict
@@ -49,7 +49,8 @@ def _load(run: Path, folder: Path | None, device: str) -> LoadedRun:
     if cfg.model.norm.kind == "rmsnorm" and cfg.model.norm.bias:
         # written when RMSNorm silently ignored a bias: the weights have none, so this is the same model
         cfg.model.norm.bias = False
-    tokenizer = load_tokenizer(run / "tokenizer.json")
+    tok_file = run / "tokenizer.json"
+    tokenizer = None if cfg.model.arch == "vit" and not tok_file.is_file() else load_tokenizer(tok_file)
     assert folder is not None
     state = ckpt.read_state(folder)
     model = build_model(cfg.model)

@@ -287,7 +287,7 @@ class Trainer:
         if not self.env.is_main:
             return
         state = {"horizon": self.horizon, "best_val_loss": self.best_val, "elapsed": self._elapsed(),
-                 "val_loss": val_loss, "tokens": self.step * self.cfg.train.batch_size * self.cfg.train.seq_len}
+                 "val_loss": val_loss, "tokens": self.step * self.cfg.train.batch_size * self.task.tokens_per_example()}
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, _rng_state(self.sampler, self.env.device),
                              state, keep_last=self.cfg.train.keep_last, is_best=is_best)
 
@@ -300,11 +300,12 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.cfg, self.run_dir / "config.yaml")
-            save_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
+            if self.data.tokenizer is not None:  # a task on images has none
+                save_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
         n_params = count_parameters(self.model)
-        fpt = summarize(self.model, t.batch_size, t.seq_len).flops_per_token_training
+        fpt = summarize(self.model, t.batch_size, self.task.tokens_per_example()).flops_per_token_training
         peak = matmul_peak_flops(env.device, DTYPES[t.dtype]) * env.world
-        tokens_per_step = t.batch_size * t.seq_len
+        tokens_per_step = t.batch_size * self.task.tokens_per_example()
         self._say(
             f"model {n_params / 1e6:.2f}M parameters | task {self.cfg.task.kind} | {self.task.describe(self.data)} | "
             f"{env.world} process(es) on {env.device} | "
