@@ -44,11 +44,17 @@ class TrainConfig:
     up linearly for `warmup_steps` (at most 20% of the planned steps: a short run leaves
     warmup; the run says so), then follows a cosine down to `lr * min_lr_ratio` at the
     horizon: `max_steps`, or, when `max_minutes` is set, the number of steps expected to fit in
-    that wall-clock budget (the whole command, evaluation and samples included). A timed run
-    planned to fewer than 4 x `eval_every` steps evaluates about 4 times instead.
+    that wall-clock budget (the whole command, evaluation and samples included). `max_tokens`
+    and `max_flops` lower max_steps to the steps whose training tokens (batch x the task's
+    tokens per example) or training FLOPs (at the model summary's FLOPs per token) reach
+    them: equal budgets for comparisons. A timed run planned to fewer than 4 x `eval_every`
+    steps evaluates about 4 times instead.
 
     optimizer: `adamw`, or `muon` (Muon on the hidden weight matrices at `muon_lr` with
     `muon_momentum`, AdamW at `lr` for embeddings, norms and biases; both follow the schedule).
+    tensorboard: also write every metrics.jsonl record as TensorBoard scalars (training loss,
+    learning rate, gradient norm, tokens/s; the validation metrics) under RUN/tensorboard
+    (needs the `tensorboard` package: pip install tensorboard).
     """
 
     seed: int = 1337
@@ -57,6 +63,8 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 2000
     max_minutes: float | None = None
+    max_tokens: float | None = None
+    max_flops: float | None = None
     optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 2e-3
     muon_lr: float = 0.02
@@ -76,6 +84,7 @@ class TrainConfig:
     eval_batches: int = 16
     log_every: int = 10
     keep_last: int = 2
+    tensorboard: bool = False
     out_dir: str = "runs/shakespeare-char"
     samples: int = 3
     sample_tokens: int = 300
@@ -121,10 +130,18 @@ class RunConfig:
                 f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "raise model.max_seq_len or lower train.seq_len"
             )
+        if t.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                                  "(or the \".[tensorboard]\" extra)")
         if t.batch_size % t.grad_accum:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-        if t.max_minutes is not None and t.max_minutes <= 0:
-            raise ConfigError(f"train.max_minutes must be positive, got {t.max_minutes}")
+        for name in ("max_minutes", "max_tokens", "max_flops"):
+            value = getattr(t, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"train.{name} must be a positive number (or null for no limit), got {value}")
         for name in ("lr", "muon_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "temperature"):
             if not math.isfinite(getattr(t, name)):
                 raise ConfigError(f"train.{name} must be a finite number, got {getattr(t, name)}")

@@ -62,15 +62,34 @@ class Progress:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl."""
+    """Appends one JSON object per line to metrics.jsonl; with `tensorboard` (a folder), also
+    writes each numeric field of a record as the TensorBoard scalar `kind/field` at its step.
+    `first_step`: a resumed run's step, from which TensorBoard drops the events an
+    interrupted run wrote after its checkpoint (as metrics.jsonl is cut there)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard: Path | None = None, first_step: int = 0) -> None:
         self.path = path
+        self.board = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(tensorboard), purge_step=first_step + 1 if first_step else None)
 
     def write(self, **record: float | int | str) -> None:
         """Append a record."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            kind, step = record.get("kind", "record"), int(record.get("step", 0))
+            for key, value in record.items():
+                if key not in ("kind", "step", "time") and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard files."""
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 def read_metrics(path: Path) -> list[dict]:

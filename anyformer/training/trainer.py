@@ -98,6 +98,18 @@ def _set_rng_state(state: dict[str, Tensor], sampler: Any, device: torch.device)
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def step_cap(t: TrainConfig, tokens_per_step: int, flops_per_token: float) -> int:
+    """The most steps a run may take: train.max_steps, lowered by train.max_tokens (the steps
+    whose tokens reach it, rounded to the nearest step) and train.max_flops (likewise, at the
+    model's training FLOPs per token)."""
+    cap = t.max_steps
+    if t.max_tokens is not None:
+        cap = min(cap, max(1, round(t.max_tokens / tokens_per_step)))
+    if t.max_flops is not None:
+        cap = min(cap, max(1, round(t.max_flops / (tokens_per_step * flops_per_token))))
+    return cap
+
+
 class Trainer:
     """Runs one training job described by a RunConfig (fresh, or resumed from a run folder).
 
@@ -133,7 +145,10 @@ class Trainer:
         self.model = build_model(self.cfg.model).to(self.env.device)
         self.optimizer = build_optimizer(self.model, t)
         self.sampler = self.task.sampler(self.data, t.seed)
-        self.step, self.horizon = 0, t.max_steps
+        self.tokens_per_step = t.batch_size * self.task.tokens_per_example()
+        self.flops_per_token = summarize(self.model, t.batch_size, self.task.tokens_per_example()).flops_per_token_training
+        self.step_cap = step_cap(t, self.tokens_per_step, self.flops_per_token)
+        self.step, self.horizon = 0, self.step_cap
         self._noticed: set[str] = set()
         self.finished, self.final_val = False, None  # a resumed run that had already reached its end
         self.best_val, self.elapsed_before = math.inf, 0.0
@@ -144,7 +159,8 @@ class Trainer:
             self.run_dir = _unique_dir(self.run_dir)
         self.run_dir = Path(broadcast_path(str(self.run_dir), self.env))
         self.forward = self._wrap_model()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        board = self.run_dir / "tensorboard" if self.cfg.train.tensorboard and self.env.is_main else None
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", board, first_step=self.step)
 
     # ----------------------------------------------------------------- setup
 
@@ -179,17 +195,17 @@ class Trainer:
         _set_rng_state(rng, self.sampler, self.env.device)
         self.step = int(state["step"])
         # a step-based run follows max_steps (which the resume may raise); a timed run keeps its estimate
-        self.horizon = int(state["horizon"]) if self.cfg.train.max_minutes else self.cfg.train.max_steps
+        self.horizon = int(state["horizon"]) if self.cfg.train.max_minutes else self.step_cap
         self.best_val = float(state.get("best_val_loss", math.inf))
         self.elapsed_before = float(state.get("elapsed", 0.0))
         self.final_val = state.get("val_loss")
         t = self.cfg.train
         if self.step >= self.horizon and t.max_minutes is not None and self.elapsed_before < t.max_minutes * 60 - 10:
-            self.horizon = t.max_steps  # a larger time budget than the run had: plan again from the clock
+            self.horizon = self.step_cap  # a larger time budget than the run had: plan again from the clock
         self.finished = self.step >= self.horizon
         if self.finished:  # nothing to train: leave the folder exactly as it is
             self._say(f"{self.run_dir} already finished at step {self.step} (of {self.horizon}); nothing to do. "
-                      "Raise train.max_steps (or train.max_minutes) to train further")
+                      "Raise train.max_steps (or train.max_minutes, max_tokens, max_flops) to train further")
             return
         metrics = self.run_dir / "metrics.jsonl"
         if self.env.is_main and metrics.is_file():  # drop records logged after this checkpoint
@@ -225,8 +241,8 @@ class Trainer:
                 loss = loss * (counts[i] * env.world / global_count).float() if weighted else loss / t.grad_accum
                 loss.backward()
             total += loss.detach()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        # the gradient norm (before clipping) is logged; max_norm inf leaves the gradients alone
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf))
         lr = lr_at(self.step, t, self.horizon)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
@@ -255,7 +271,7 @@ class Trainer:
         per_step = step_time + eval_time / self.eval_interval()
         horizon = self.step + max(0, int(left / per_step))
         # rank 0 decides, so that every process stops at the same step
-        self.horizon = int(broadcast_float(float(min(horizon, t.max_steps)), self.env))
+        self.horizon = int(broadcast_float(float(min(horizon, self.step_cap)), self.env))
 
     def eval_interval(self) -> int:
         """Steps between evaluations: train.eval_every; in a wall-clock budgeted run planned to
@@ -303,9 +319,8 @@ class Trainer:
             if self.data.tokenizer is not None:  # a task on images has none
                 save_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
         n_params = count_parameters(self.model)
-        fpt = summarize(self.model, t.batch_size, self.task.tokens_per_example()).flops_per_token_training
+        fpt, tokens_per_step = self.flops_per_token, self.tokens_per_step
         peak = matmul_peak_flops(env.device, DTYPES[t.dtype]) * env.world
-        tokens_per_step = t.batch_size * self.task.tokens_per_example()
         self._say(
             f"model {n_params / 1e6:.2f}M parameters | task {self.cfg.task.kind} | {self.task.describe(self.data)} | "
             f"{env.world} process(es) on {env.device} | "
@@ -326,7 +341,9 @@ class Trainer:
             if self.step > 3:
                 step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
             if env.is_main:
-                self.metrics.write(kind="train", step=self.step, loss=loss, lr=lr_at(self.step - 1, t, self.horizon), time=round(self._elapsed(), 3))
+                self.metrics.write(kind="train", step=self.step, loss=loss, lr=lr_at(self.step - 1, t, self.horizon),
+                                   grad_norm=round(self.grad_norm, 6), tokens_per_s=round(tokens_per_step / dt, 1),
+                                   time=round(self._elapsed(), 3))
             done = self.step >= self.horizon
             # evaluate every eval_interval() steps since the last evaluation (the interval of a
             # timed run shrinks as its plan firms up; a multiple of it could be skipped)
@@ -360,6 +377,7 @@ class Trainer:
             if env.is_main:
                 self.metrics.write(kind="eval", step=self.step, **scores, time=round(self._elapsed(), 3))
         samples = self.samples() if t.samples and env.is_main else []
+        self.metrics.close()
         if env.is_main and (self.run_dir / "metrics.jsonl").is_file():
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         return TrainResult(self.run_dir, self.step, val_loss, self.best_val, losses, self._elapsed(), samples)
