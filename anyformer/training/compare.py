@@ -231,7 +231,7 @@ def run_comparison(spec: CompareSpec, folder: str | Path, *, verbose: bool = Tru
         f"({done_before} already finished), budget {spec.budget[0]} {spec.budget[1]:g} each, into {folder}")
     running: list[tuple[RunSlot, subprocess.Popen, float]] = []
     durations: list[float] = []
-    start = time.perf_counter()
+    start = last_line = time.perf_counter()
     while todo or running:
         while todo and len(running) < spec.parallel:
             slot = todo.pop(0)
@@ -260,15 +260,18 @@ def run_comparison(spec: CompareSpec, folder: str | Path, *, verbose: bool = Tru
             slot.record.write_text(json.dumps(rec))
             say(f"  {slot.variant} seed {slot.seed}: {status}" + (f" ({rec['error']})" if status == "failed" else "") +
                 f" in {elapsed:.0f}s")
-        if verbose and running:
+        tty = sys.stdout.isatty()
+        if verbose and running and (tty or time.perf_counter() - last_line >= 30):
+            last_line = time.perf_counter()
             finished = len(slots) - len(todo) - len(running)
             per_run = sum(durations) / len(durations) if durations else None
             left = (len(todo) + len(running)) * per_run / spec.parallel if per_run else None
             now = ", ".join(f"{s.variant}/seed {s.seed} step {_progress_step(s)}" for s, _, _ in running)
             eta = f"ETA {left / 60:.1f} min" if left is not None else "ETA after the first run"
-            print(f"\r[{finished}/{len(slots)} done] {now} | elapsed {(time.perf_counter() - start) / 60:.1f} min | {eta}   ",
-                  end="", flush=True)
-    if verbose:
+            lead = "\r" if tty else ""
+            print(f"{lead}[{finished}/{len(slots)} done] {now} | elapsed {(time.perf_counter() - start) / 60:.1f} min | {eta}   ",
+                  end="" if tty else "\n", flush=True)
+    if verbose and sys.stdout.isatty():
         print()
     results = collect_results(spec, folder)
     write_results(results, folder)
