@@ -18,8 +18,8 @@ A spec (YAML):
 Layout of the output folder: `VARIANT/seed_S/` (each run's folder, as `anyformer train` writes
 it), `VARIANT/seed_S.log` (its output), `VARIANT/seed_S.json` (exit status, error, peak
 memory), then `results.json`, `results.md` and the plots. Running the same comparison again
-skips finished runs and resumes interrupted ones from their latest checkpoint (the trainer's
-exact resume).
+skips finished runs, resumes interrupted ones from their latest checkpoint (the trainer's
+exact resume) and tries failed ones again.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _finished(slot: RunSlot) -> bool:
     if not slot.record.is_file():
         return False
     rec = json.loads(slot.record.read_text())
-    return rec.get("status") in ("ok", "failed")
+    return rec.get("status") == "ok"  # a failed run is tried again (its cause may have been fixed)
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -428,23 +428,25 @@ def plot_results(results: dict[str, Any], folder: Path) -> list[Path]:
 
     m = results["metric"]
     paths = []
+    cmap = plt.get_cmap("tab10" if len(results["variants"]) <= 10 else "tab20")
+    styles = ["-", "--", "-.", ":"]
     for axis, label in (("time", "wall time (s)"), ("tokens", "training tokens"), ("flops", "training FLOPs")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for v in results["variants"]:
+        for i, v in enumerate(results["variants"]):
             curves = [r["curve"] for r in v["runs"] if r.get("curve")]
             if not curves:
                 continue
             grid = np.unique(np.concatenate([[p[axis] for p in c] for c in curves]))
             ys = np.stack([np.interp(grid, [p[axis] for p in c], [p["value"] for p in c], right=np.nan) for c in curves])
             mean = np.nanmean(ys, 0)
-            line, = ax.plot(grid, mean, label=v["name"])
+            line, = ax.plot(grid, mean, label=v["name"], color=cmap(i % cmap.N), linestyle=styles[(i // cmap.N) % len(styles)])
             if len(curves) > 1:
                 ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), color=line.get_color(), alpha=0.2)
         ax.set_xlabel(label)
         ax.set_ylabel(m)
         ax.set_title(f"{m} against {label} (band: seed range)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2 if len(results["variants"]) > 6 else 1)
         fig.tight_layout()
         path = folder / f"{m}_vs_{axis}.png"
         fig.savefig(path, dpi=110)
