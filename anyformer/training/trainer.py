@@ -145,8 +145,9 @@ class Trainer:
         self.model = build_model(self.cfg.model).to(self.env.device)
         self.optimizer = build_optimizer(self.model, t)
         self.sampler = self.task.sampler(self.data, t.seed)
-        self.tokens_per_step = t.batch_size * self.task.tokens_per_example()
-        self.flops_per_token = summarize(self.model, t.batch_size, self.task.tokens_per_example()).flops_per_token_training
+        per_example = self.task.tokens_per_example()
+        self.tokens_per_step = t.batch_size * per_example
+        self.flops_per_token = summarize(self.model, t.batch_size, per_example).flops_per_token_training
         self.step_cap = step_cap(t, self.tokens_per_step, self.flops_per_token)
         self.step, self.horizon = 0, self.step_cap
         self._noticed: set[str] = set()
@@ -303,7 +304,7 @@ class Trainer:
         if not self.env.is_main:
             return
         state = {"horizon": self.horizon, "best_val_loss": self.best_val, "elapsed": self._elapsed(),
-                 "val_loss": val_loss, "tokens": self.step * self.cfg.train.batch_size * self.task.tokens_per_example()}
+                 "val_loss": val_loss, "tokens": self.step * self.tokens_per_step}
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, _rng_state(self.sampler, self.env.device),
                              state, keep_last=self.cfg.train.keep_last, is_best=is_best)
 
