@@ -120,3 +120,27 @@ def test_bad_specs_are_refused_before_training(tmp_path) -> None:
     with pytest.raises(ConfigError, match="seeds must be a non-empty list"):
         load_spec(write_spec(tmp_path, seeds=[]))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_non_language_task_compares_on_its_own_metric_with_runs_placed_on_gpus(tmp_path, monkeypatch) -> None:
+    """An image-classification comparison ranked by accuracy (higher is better), two runs at
+    once, each given its own GPU when there are several (two are faked here: on a machine
+    without CUDA the runs train on the CPU either way, but each gets CUDA_VISIBLE_DEVICES)."""
+    pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn")
+    from anyformer.training import compare
+    from tests.test_task_image_classification import vit_config
+
+    base = to_dict(vit_config(tmp_path, "--train.max_steps=4", "--train.eval_every=2"))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "variants": {"cls": {}, "mean": {"model.head.pooling": "mean"}},
+                                    "budget": {"steps": 4}, "seeds": [0], "metric": "accuracy", "parallel": 2}))
+    monkeypatch.setattr(compare, "gpus", lambda: ["0", "1"])
+    results = run_comparison(load_spec(path), tmp_path / "cmp", verbose=False)
+    assert results["lower_is_better"] is False
+    for v in results["variants"]:
+        evals = [r for r in metrics(tmp_path / "cmp" / v["name"] / "seed_0") if r["kind"] == "eval"]
+        assert v["status"] == "ok" and v["final"]["values"] == pytest.approx([evals[-1]["accuracy"]])
+        assert v["best"]["values"] == pytest.approx([max(r["accuracy"] for r in evals)])
+    records = [json.loads((tmp_path / "cmp" / name / "seed_0.json").read_text()) for name in ("cls", "mean")]
+    assert sorted(r["cuda_visible_devices"] for r in records) == ["0", "1"]
+    assert "CUDA_VISIBLE_DEVICES=" in (tmp_path / "cmp" / "cls" / "seed_0.log").read_text()

@@ -59,7 +59,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str, resume: str | None = None) -> None:
     import json
     import os
 
@@ -70,13 +70,15 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str) -> No
     from anyformer.training.distributed import teardown
 
     cfg = load_yaml(RunConfig, cfg_path)
-    result = Trainer(cfg, run_dir=Path(out) / "run", verbose=False).fit()
+    run_dir = Path(resume) if resume else Path(out) / "run"
+    result = Trainer(cfg, run_dir=run_dir, resume=resume is not None, verbose=False).fit()
     Path(out, f"losses{rank}.json").write_text(json.dumps(result.losses))
     teardown()
 
 
-def ddp_losses(cfg: RunConfig, out: Path, world: int = 2) -> list[list[float]]:
-    """Train `cfg` with `world` gloo processes into `out/run`; each rank's training losses."""
+def ddp_losses(cfg: RunConfig, out: Path, world: int = 2, resume: Path | None = None) -> list[list[float]]:
+    """Train `cfg` with `world` gloo processes into `out/run` (or resume the run in `resume`);
+    each rank's training losses."""
     import json
 
     import torch.multiprocessing as mp
@@ -85,7 +87,8 @@ def ddp_losses(cfg: RunConfig, out: Path, world: int = 2) -> list[list[float]]:
 
     cfg_path = out / "cfg.yaml"
     save_yaml(cfg, cfg_path)
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(cfg_path), str(out)), nprocs=world, join=True)
+    args = (world, _free_port(), str(cfg_path), str(out), None if resume is None else str(resume))
+    mp.spawn(_ddp_worker, args=args, nprocs=world, join=True)
     return [json.loads((out / f"losses{rank}.json").read_text()) for rank in range(world)]
 
 

@@ -152,6 +152,11 @@ class Stack(nn.Module):
         """One decoding cache per block call, from `spec`."""
         return [block.make_cache(spec) for block in self.blocks]
 
+    def block_calls(self) -> int:
+        """Block applications in one training forward (what FLOP counts multiply the blocks'
+        work by): each block once here; depth wirings that reuse blocks say more."""
+        return len(self.blocks)
+
     def call_block(self, block: nn.Module, i: int, x: Tensor, ctx: AttentionContext, caches: list | None, cross: dict) -> Tensor:
         """Run `block` as the i-th block call of this forward (its cache is caches[i]); `cross`
         holds memory/cross_ctx and the cross-attention caches of encoder-decoder blocks.

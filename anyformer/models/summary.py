@@ -56,11 +56,13 @@ def _embedding_params(model: nn.Module) -> int:
     return sum(p.numel() for p in seen.values())
 
 
-def flops_per_token(cfg: ModelConfig, non_embedding_params: int, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, non_embedding_params: int, seq_len: int, *, extra_layers: int = 0) -> float:
     """Forward FLOPs per token (Kaplan et al. 2020): 2 per weight multiply-add, plus attention
-    scores and mixing over the context (half of it under a causal mask), plus the LM head."""
+    scores and mixing over the context (half of it under a causal mask), plus the LM head.
+    `extra_layers`: block applications beyond one per configured layer (a looped depth wiring;
+    their weights are counted in `non_embedding_params` once per application)."""
     attn_width = cfg.attention.num_heads * cfg.head_dim
-    layers = cfg.num_layers + (cfg.num_decoder_layers or cfg.num_layers if cfg.arch == "encoder_decoder" else 0)
+    layers = cfg.num_layers + (cfg.num_decoder_layers or cfg.num_layers if cfg.arch == "encoder_decoder" else 0) + extra_layers
     causal = cfg.arch in ("decoder", "encoder_decoder")
     context = seq_len / 2 if causal else seq_len
     attention = 2 * 2 * layers * context * attn_width
@@ -78,6 +80,20 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, bytes_per_value
     return layers * per_layer + logits
 
 
+def _reused_blocks(model: nn.Module) -> tuple[int, int]:
+    """(weights applied again, extra block applications) per forward, from each stack's
+    `block_calls` beyond its number of blocks (weight-shared depth)."""
+    from .common import Stack
+
+    weights = layers = 0
+    for stack in model.modules():
+        if isinstance(stack, Stack) and len(stack.blocks) and stack.block_calls() > len(stack.blocks):
+            repeat = stack.block_calls() / len(stack.blocks) - 1
+            weights += round(repeat * sum(p.numel() for p in stack.blocks.parameters()))
+            layers += stack.block_calls() - len(stack.blocks)
+    return weights, layers
+
+
 def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: int | None = None) -> ModelSummary:
     """Summary of a built model or a config (built on the meta device, no memory used)."""
     if isinstance(model_or_cfg, ModelConfig):
@@ -91,7 +107,8 @@ def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: in
     seq_len = seq_len or cfg.max_seq_len
     total = count_parameters(model)
     emb = _embedding_params(model)
-    fwd = flops_per_token(cfg, total - emb, seq_len)
+    reused, extra_layers = _reused_blocks(model)
+    fwd = flops_per_token(cfg, total - emb + reused, seq_len, extra_layers=extra_layers)
     return ModelSummary(
         arch=cfg.arch,
         parameters=total,

@@ -199,6 +199,7 @@ class ImageClassification(Task):
     @torch.no_grad()
     def predict(self, model: nn.Module, split: LabelledImages, env: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
         """(summed loss, predicted class) of this process's share of the first `limit` images."""
+        from ..training.distributed import split_evenly
         from ..training.trainer import DTYPES
 
         n = len(split.labels) if limit is None else min(limit, len(split.labels))
@@ -207,7 +208,9 @@ class ImageClassification(Task):
         was_training = model.training
         model.eval()
         loss, preds = torch.zeros((), dtype=torch.float64, device=env.device), []
-        for part in idx.split(max(self.cfg.train.batch_size, 256)):
+        for part in split_evenly(idx, n, max(self.cfg.train.batch_size, 256), env):
+            if not len(part):  # fewer items than processes
+                continue
             images, labels = to_model_input(split.images[part]).to(env.device), split.labels[part].to(env.device)
             with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = model(images).float()

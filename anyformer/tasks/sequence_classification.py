@@ -178,7 +178,7 @@ class SequenceClassification(Task):
     def evaluate(self, model: nn.Module, data: LabelledTexts, env: Any, batches: int | None = None) -> dict[str, float]:
         """Loss and accuracy over every held-out passage (its first window), split across
         processes, and the majority-class baseline's accuracy on the same passages."""
-        from ..training.distributed import mean_across
+        from ..training.distributed import mean_across, split_evenly
         from ..training.trainer import DTYPES
 
         t = self.cfg.train
@@ -189,7 +189,9 @@ class SequenceClassification(Task):
         dtype = DTYPES[t.dtype]
         majority = int(torch.bincount(data.train_labels).argmax())
         sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, correct, majority correct, count
-        for part in rows.split(t.batch_size):
+        for part in split_evenly(rows, len(data.val), t.batch_size, env):
+            if not len(part):  # fewer items than processes
+                continue
             inputs, keep, labels = (a.to(env.device) for a in sampler.batch(part))
             with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = model(inputs, keep).float()

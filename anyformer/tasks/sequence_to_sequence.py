@@ -285,7 +285,7 @@ class SequenceToSequence(Task):
     def evaluate(self, model: nn.Module, data: ParallelData, env: Any, batches: int | None = None) -> dict[str, float]:
         """Teacher-forced loss per target token and token accuracy on the first
         `batches` x batch_size held-out pairs (all when `batches` is None), split across processes."""
-        from ..training.distributed import mean_across
+        from ..training.distributed import mean_across, split_evenly
         from ..training.trainer import DTYPES
 
         t = self.cfg.train
@@ -295,8 +295,10 @@ class SequenceToSequence(Task):
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, tokens
-        for start in range(0, len(idx), t.batch_size):
-            batch = tuple(a.to(env.device) for a in collate([data.val[i] for i in idx[start : start + t.batch_size]]))
+        for part in split_evenly(idx, n, t.batch_size, env):
+            if not len(part):  # fewer items than processes
+                continue
+            batch = tuple(a.to(env.device) for a in collate([data.val[i] for i in part]))
             logits, labels = self._logits(model, batch, DTYPES[t.dtype]), batch[3]
             sums[0] += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum").double()
             sums[1] += ((logits.argmax(-1) == labels) & (labels != IGNORE)).sum()

@@ -9,6 +9,13 @@ A checkpoint is a folder `checkpoints/step_XXXXXXX/` holding
 It is written in a temporary folder and renamed into place (os.replace), so a process killed
 while writing leaves the previous checkpoints intact. `latest.json` and `best.json` point at
 checkpoints and are themselves replaced atomically.
+
+A run sharded with FSDP (train.parallel=fsdp) writes sharded checkpoints instead: `model/` and
+`optimizer/` are torch.distributed.checkpoint folders (one file per process plus `.metadata`),
+every process writing its own shards into the same temporary folder; state.json records
+`"format": "sharded"` and the number of processes. They load at any number of processes
+(resharded on load), in one plain process too (`load_weights`, `load_sharded_training_state`),
+and `anyformer export` turns one into an ordinary checkpoint.
 """
 
 from __future__ import annotations
@@ -76,11 +83,22 @@ def save_checkpoint(
     final = ckpts / f"{STEP_PREFIX}{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=ckpts, prefix=f".{final.name}.", suffix=".tmp"))
     _write_files(tmp, model, optimizer, rng)
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    _seal(tmp, step, state)
+    return _publish(tmp, final, ckpts, step, state, keep_last=keep_last, is_best=is_best)
+
+
+def _seal(tmp: Path, step: int, state: dict[str, Any]) -> None:
+    """Write state.json (with the sha256 of every file, sub-folders included) and fsync all."""
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in paths}
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "files": files}, indent=1))
-    for p in tmp.iterdir():
+    for p in [*paths, tmp / "state.json"]:
         with open(p, "rb") as f:
             os.fsync(f.fileno())
+
+
+def _publish(tmp: Path, final: Path, ckpts: Path, step: int, state: dict[str, Any], *, keep_last: int, is_best: bool) -> Path:
+    """Rename a sealed temporary checkpoint into place, move the pointers, prune old ones."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -107,6 +125,93 @@ def _prune(ckpts: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
     for p in ckpts.glob(".*.tmp"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    """Whether a checkpoint folder holds torch.distributed.checkpoint shards (an FSDP run's)."""
+    return (folder / "model" / ".metadata").is_file()
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    *,
+    keep_last: int = 2,
+    is_best: bool = False,
+) -> Path | None:
+    """Every process writes its shards of the model and optimizer state (torch.distributed.
+    checkpoint) into one temporary folder made by rank 0; rank 0 adds the RNG states and
+    state.json and renames it into place. A collective: every process calls it. Returns the
+    folder on rank 0."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank = dist.get_rank()
+    ckpts = Path(run_dir) / "checkpoints"
+    final = ckpts / f"{STEP_PREFIX}{step:07d}"
+    box: list[Any] = [None]
+    if rank == 0:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        box[0] = tempfile.mkdtemp(dir=ckpts, prefix=f".{final.name}.", suffix=".tmp")
+    dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save(model_sd, checkpoint_id=str(tmp / "model"))
+    dcp.save(optim_sd, checkpoint_id=str(tmp / "optimizer"))
+    dist.barrier()  # every shard is on disk before rank 0 seals the folder
+    out = None
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+        state = {**state, "format": "sharded", "processes": dist.get_world_size()}
+        _seal(tmp, step, state)
+        out = _publish(tmp, final, ckpts, step, state, keep_last=keep_last, is_best=is_best)
+    dist.barrier()
+    return out
+
+
+def _check_sharded_fits(path: Path, state_dict: dict[str, Any], what: str) -> None:
+    """Raise CheckpointError when the tensors of a sharded checkpoint folder do not match the
+    names and shapes of `state_dict` (a different model config)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is a broken checkpoint
+        raise CheckpointError(f"cannot read the sharded {what} in {str(path)!r}: {e}; the checkpoint is corrupted") from None
+    wanted = {k for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    stored = {k for k, v in meta.items() if isinstance(v, TensorStorageMetadata)}
+    missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
+    shapes = [k for k in sorted(wanted & stored) if tuple(meta[k].size) != tuple(state_dict[k].shape)]
+    if missing or unexpected or shapes:
+        detail = ", ".join(f"{k}: checkpoint {tuple(meta[k].size)} vs model {tuple(state_dict[k].shape)}" for k in shapes[:3])
+        raise CheckpointError(
+            f"sharded {what} in {str(path)!r} does not fit this model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}{', shapes ' + detail if detail else ''}); was the checkpoint made with a different config?"
+        )
+
+
+def load_sharded_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Load a sharded checkpoint's model and optimizer state into `model` and `optimizer`
+    (sharded by FSDP over any number of processes, wrapped by nothing, or in one process:
+    torch.distributed.checkpoint reshards on load); returns the saved RNG states."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    _check_sharded_fits(folder / "model", model_sd, "model")
+    try:
+        dcp.load(model_sd, checkpoint_id=str(folder / "model"))
+        dcp.load(optim_sd, checkpoint_id=str(folder / "optimizer"))
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        return load_file(str(folder / "rng.safetensors"))
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot restore the training state from the sharded checkpoint {str(folder)!r}: {e}") from None
 
 
 def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
@@ -145,7 +250,19 @@ def read_state(folder: Path, *, verify: bool = True) -> dict[str, Any]:
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
-    """Load model.safetensors of a checkpoint into `model` (strict: every name must match)."""
+    """Load the weights of a checkpoint into `model` (strict: every name must match):
+    model.safetensors, or the shards of a sharded checkpoint (read whole, in this process)."""
+    if is_sharded_checkpoint(folder):
+        import torch.distributed.checkpoint as dcp
+
+        state_dict = model.state_dict()
+        _check_sharded_fits(folder / "model", state_dict, "model")
+        try:
+            dcp.load(state_dict, checkpoint_id=str(folder / "model"), no_dist=not torch.distributed.is_initialized())
+        except (OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot read the sharded weights in {str(folder)!r}: {e}; the checkpoint is corrupted") from None
+        model.load_state_dict(state_dict)
+        return
     path = folder / "model.safetensors"
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
@@ -165,3 +282,51 @@ def load_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict[
         return load_file(str(folder / "rng.safetensors"))
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot restore the training state from {str(folder)!r}: {e}") from None
+
+
+def export_run(src: str | Path, dst: str | Path) -> list[Path]:
+    """Copy the run in `src` to `dst` with ordinary single-file checkpoints: its best and its
+    latest checkpoint (sharded or not) are read whole in this process and written again as
+    model.safetensors + optimizer.pt + rng.safetensors, with the same step, schedule and
+    metrics; the config is set to train.parallel=ddp (FSDP options cleared), so the copy resumes
+    in one process or under DDP, and `eval`, `generate`, `convert` and `from_pretrained` read it
+    as any run. Returns the checkpoint folders written (best first)."""
+    from ..config import load_yaml, save_yaml
+    from ..models.builders import build_model
+    from .config import RunConfig
+    from .optim import build_optimizer
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(src)!r} is not a run folder (no config.yaml); give a folder written by `anyformer train`")
+    if dst.exists() and any(dst.iterdir()):
+        raise ValueError(f"{str(dst)!r} exists and is not empty; give a new folder")
+    if dst.resolve() == src.resolve():
+        raise ValueError("SRC and DST are the same folder; give a new DST")
+    cfg = load_yaml(RunConfig, src / "config.yaml")
+    t = cfg.train
+    t.parallel, t.fsdp_param_dtype, t.fsdp_reduce_dtype, t.fsdp_cpu_offload = "ddp", None, None, False
+    folders = []
+    for which in ("best", "latest"):
+        folder = find_checkpoint(src, which)
+        if folder not in folders:
+            folders.append(folder)
+    dst.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, folder in enumerate(folders):
+        state = read_state(folder)
+        model = build_model(cfg.model)
+        optimizer = build_optimizer(model, t)
+        if is_sharded_checkpoint(folder):
+            rng = load_sharded_training_state(folder, model, optimizer)
+        else:
+            load_weights(model, folder)
+            rng = load_training_state(folder, optimizer)
+        step = int(state["step"])
+        kept = {k: v for k, v in state.items() if k not in ("files", "format", "processes", "step")}
+        written.append(save_checkpoint(dst, step, model, optimizer, rng, kept, keep_last=2, is_best=i == 0))
+    save_yaml(cfg, dst / "config.yaml")
+    for name in ("tokenizer.json", "metrics.jsonl", "loss.png"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return written

@@ -13,7 +13,8 @@ A spec (YAML):
     budget: {tokens: 2000000}          # one of minutes, tokens, flops, steps
     seeds: [0, 1]
     metric: val_loss                   # an evaluation metric of the task (default val_loss)
-    parallel: 1                        # runs at once (each gets cpu_count / parallel threads)
+    parallel: 1                        # runs at once (each gets cpu_count / parallel threads,
+                                       # and a GPU of its own when there are several)
 
 Layout of the output folder: `VARIANT/seed_S/` (each run's folder, as `anyformer train` writes
 it), `VARIANT/seed_S.log` (its output), `VARIANT/seed_S.json` (exit status, error, peak
@@ -231,16 +232,28 @@ def run_comparison(spec: CompareSpec, folder: str | Path, *, verbose: bool = Tru
         f"({done_before} already finished), budget {spec.budget[0]} {spec.budget[1]:g} each, into {folder}")
     running: list[tuple[RunSlot, subprocess.Popen, float]] = []
     durations: list[float] = []
+    # with several GPUs and several runs at once, each running run gets a GPU of its own
+    free = gpus() if spec.parallel > 1 and len(gpus()) > 1 else []
+    placing, device_of = bool(free), {}  # device_of: pid -> the GPU its run holds
+    if placing:
+        say(f"placing runs on GPUs {', '.join(free)} (one run per GPU at a time)")
     start = last_line = time.perf_counter()
     while todo or running:
-        while todo and len(running) < spec.parallel:
+        while todo and len(running) < spec.parallel and (free or not placing):
             slot = todo.pop(0)
             slot.log.parent.mkdir(parents=True, exist_ok=True)
             cmd = _command(spec, slot)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            device = None
+            if placing:
+                device = free.pop(0)
+                env["CUDA_VISIBLE_DEVICES"] = device
             with open(slot.log, "a") as log:
-                log.write(f"$ {' '.join(cmd)}\n")
+                log.write(f"$ {'CUDA_VISIBLE_DEVICES=' + device + ' ' if device else ''}{' '.join(cmd)}\n")
                 log.flush()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            if device is not None:
+                device_of[proc.pid] = device
             running.append((slot, proc, time.perf_counter()))
         time.sleep(0.5)
         for item in list(running):
@@ -249,12 +262,17 @@ def run_comparison(spec: CompareSpec, folder: str | Path, *, verbose: bool = Tru
             if returncode is None:
                 continue
             running.remove(item)
+            device = device_of.pop(proc.pid, None)
+            if device is not None:
+                free.append(device)
             elapsed = time.perf_counter() - t0
             durations.append(elapsed)
             old = json.loads(slot.record.read_text()) if slot.record.is_file() else {}
             status = "ok" if returncode == 0 else "failed"
             rec = {"status": status, "returncode": returncode, "seconds": round(elapsed + old.get("seconds", 0.0), 1),
                    "peak_memory_mib": max(peak or 0.0, old.get("peak_memory_mib", 0.0)) or None}
+            if device is not None:
+                rec["cuda_visible_devices"] = device
             if status == "failed":
                 rec["error"] = _last_error(slot.log)
             slot.record.write_text(json.dumps(rec))
@@ -277,6 +295,18 @@ def run_comparison(spec: CompareSpec, folder: str | Path, *, verbose: bool = Tru
     write_results(results, folder)
     say(f"wrote {folder / 'results.md'}, results.json and the plots")
     return results
+
+
+def gpus() -> list[str]:
+    """The CUDA devices runs can be placed on, as CUDA_VISIBLE_DEVICES entries (the visible
+    ones when that variable is set); [] without CUDA."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
 
 
 def _reap(proc: subprocess.Popen) -> tuple[int | None, float | None]:

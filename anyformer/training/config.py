@@ -55,6 +55,18 @@ class TrainConfig:
     tensorboard: also write every metrics.jsonl record as TensorBoard scalars (training loss,
     learning rate, gradient norm, tokens/s; the validation metrics) under RUN/tensorboard
     (needs the `tensorboard` package: pip install tensorboard).
+
+    parallel: how processes launched by torchrun share the work. `ddp`: every process holds the
+    whole model and optimizer, gradients are averaged (one process: nothing to share). `fsdp`:
+    parameters, gradients and optimizer state are sharded over the processes (FSDP2,
+    `fully_shard` per block and at the root); checkpoints are then sharded too
+    (torch.distributed.checkpoint) and resume at any number of processes. fsdp_param_dtype /
+    fsdp_reduce_dtype: the mixed-precision policy (dtype of the gathered parameters used in
+    compute and of the gradient reduction; null keeps fp32); fsdp_cpu_offload: keep the
+    sharded parameters, gradients and optimizer step on the CPU (for CUDA runs whose model does
+    not fit the GPU). activation_checkpointing: recompute each block's activations in the
+    backward pass instead of storing them (less memory, about a third more compute), for any
+    block kind.
     """
 
     seed: int = 1337
@@ -85,6 +97,11 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 2
     tensorboard: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_param_dtype: Literal["float32", "bfloat16"] | None = None
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] | None = None
+    fsdp_cpu_offload: bool = False
+    activation_checkpointing: bool = False
     out_dir: str = "runs/shakespeare-char"
     samples: int = 3
     sample_tokens: int = 300

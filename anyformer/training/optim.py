@@ -80,12 +80,33 @@ def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
     return (x if wide else x.mT).to(g.dtype)
 
 
+def _whole(t: Tensor) -> Tensor:
+    """The whole matrix of a sharded parameter's tensor (FSDP: a DTensor; gathered from every
+    process, a collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shaped_like(u: Tensor, p: Tensor) -> Tensor:
+    """u (a whole matrix, the same on every process) laid out like parameter p: this process's
+    shard when p is a DTensor (taken locally, no communication), else u."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        return distribute_tensor(u, p.device_mesh, p.placements, src_data_rank=None)
+    return u
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024) for groups with `use_muon`, AdamW for the others.
 
     Muon: heavy-ball momentum with a Nesterov look-ahead, then the update direction is
     replaced by its orthogonalisation (`orthogonalize`) scaled by sqrt(max(1, o / k)), with
     decoupled weight decay. AdamW groups follow torch.optim.AdamW's update.
+    Under FSDP the orthogonalisation needs the whole matrix: each process gathers the
+    look-ahead of a sharded matrix, iterates on it (identically on every process) and applies
+    its own shard of the result.
     The state holds tensors and numbers only, so checkpoints load with weights_only=True.
     """
 
@@ -122,10 +143,10 @@ class Muon(torch.optim.Optimizer):
             looks[p] = p.grad.add(buf, alpha=beta)  # Nesterov look-ahead
             by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
         for (shape, _, _), same in by_shape.items():  # one batched iteration per shape: fewer, larger products
-            updates = orthogonalize(torch.stack([looks[p] for p in same]), group["ns_steps"])
+            updates = orthogonalize(torch.stack([_whole(looks[p]) for p in same]), group["ns_steps"])
             scale = -lr * max(1.0, shape[0] / shape[1]) ** 0.5
             for p, u in zip(same, updates):
-                p.add_(u, alpha=scale)
+                p.add_(_shaped_like(u, p), alpha=scale)
 
     def _adamw_step(self, params: list[Tensor], group: dict) -> None:
         b1, b2 = group["betas"]

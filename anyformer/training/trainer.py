@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from ..models.builders import build_model, count_parameters
 from ..tasks import TASKS
 from ..tokenizers import save_tokenizer
 from . import checkpoint as ckpt
+from . import parallel
 from .config import RunConfig, TrainConfig
 from .distributed import DistEnv, broadcast_float, mean_across, setup
 from ..models.summary import summarize
@@ -127,7 +129,7 @@ class Trainer:
         self.start_time = start_time if start_time is not None else time.perf_counter()
         cfg.validate()
         t = cfg.train
-        self.env = setup(t.device)
+        self.env = setup(t.device, group=t.parallel == "fsdp")
         if t.threads:
             torch.set_num_threads(t.threads)
         self.verbose = verbose and self.env.is_main
@@ -143,23 +145,30 @@ class Trainer:
             )
         torch.manual_seed(t.seed)
         self.model = build_model(self.cfg.model).to(self.env.device)
-        self.optimizer = build_optimizer(self.model, t)
-        self.sampler = self.task.sampler(self.data, t.seed)
         per_example = self.task.tokens_per_example()
         self.tokens_per_step = t.batch_size * per_example
         self.flops_per_token = summarize(self.model, t.batch_size, per_example).flops_per_token_training
+        self.n_params = count_parameters(self.model)
+        # sharding replaces the parameters, so the optimizer is built on the wrapped model
+        self.forward = parallel.wrap(self.model, t, self.env)
+        self.sharded = parallel.is_sharded(self.model)
+        self.optimizer = build_optimizer(self.model, t)
+        self.sampler = self.task.sampler(self.data, t.seed)
         self.step_cap = step_cap(t, self.tokens_per_step, self.flops_per_token)
         self.step, self.horizon = 0, self.step_cap
         self._noticed: set[str] = set()
         self.finished, self.final_val = False, None  # a resumed run that had already reached its end
         self.best_val, self.elapsed_before = math.inf, 0.0
         self.run_dir = Path(run_dir or t.out_dir)
+        if not resume:  # restarted by torchrun --max-restarts: continue this launch's run
+            found = restarted_run(self.run_dir, self.cfg)
+            if found is not None:
+                self.run_dir, resume = found, True
         if resume:
             self._resume()
         elif self.env.is_main:
             self.run_dir = _unique_dir(self.run_dir)
         self.run_dir = Path(broadcast_path(str(self.run_dir), self.env))
-        self.forward = self._wrap_model()
         board = self.run_dir / "tensorboard" if self.cfg.train.tensorboard and self.env.is_main else None
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", board, first_step=self.step)
 
@@ -177,22 +186,19 @@ class Trainer:
             return data
         return self.task.prepare(self.env)
 
-    def _wrap_model(self) -> nn.Module:
-        fwd: nn.Module = self.model
-        if self.env.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            fwd = DistributedDataParallel(self.model, device_ids=ids)
-        if self.cfg.train.compile:
-            fwd = torch.compile(fwd)  # type: ignore[assignment]
-        return fwd
-
     def _resume(self) -> None:
         folder = ckpt.find_checkpoint(self.run_dir, "latest")
         state = ckpt.read_state(folder)
-        ckpt.load_weights(self.model, folder)
-        rng = ckpt.load_training_state(folder, self.optimizer)
+        if ckpt.is_sharded_checkpoint(folder):  # written by an FSDP run, at any number of processes
+            rng = ckpt.load_sharded_training_state(folder, self.model, self.optimizer)
+        elif self.sharded:
+            raise ckpt.CheckpointError(
+                f"{str(folder)!r} is a single-file checkpoint (a ddp or one-process run); resume it with "
+                "train.parallel=ddp (sharded checkpoints, written by fsdp runs, resume under either)"
+            )
+        else:
+            ckpt.load_weights(self.model, folder)
+            rng = ckpt.load_training_state(folder, self.optimizer)
         _set_rng_state(rng, self.sampler, self.env.device)
         self.step = int(state["step"])
         # a step-based run follows max_steps (which the resume may raise); a timed run keeps its estimate
@@ -211,7 +217,7 @@ class Trainer:
         metrics = self.run_dir / "metrics.jsonl"
         if self.env.is_main and metrics.is_file():  # drop records logged after this checkpoint
             keep = [r for r in read_metrics(metrics) if r.get("step", 0) <= self.step]
-            metrics.write_text("".join(__import__("json").dumps(r) + "\n" for r in keep))
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self._say(f"resumed {self.run_dir} from {folder.name} (step {self.step})")
 
     def _say(self, text: str) -> None:
@@ -236,14 +242,17 @@ class Trainer:
         if weighted:
             global_count = mean_across(torch.stack(counts).sum().double(), env) * env.world
         for i, batch in enumerate(batches):
-            sync = i == t.grad_accum - 1 or not env.distributed
+            # DDP reduces the gradients of the last micro-step only; FSDP reduce-scatters every
+            # micro-step (sharded gradients accumulate, nothing unsharded is kept)
+            sync = i == t.grad_accum - 1 or not env.distributed or self.sharded
             with contextlib.nullcontext() if sync else self.forward.no_sync():  # type: ignore[operator]
                 loss = self.task.loss(self.forward, batch, dtype)
                 loss = loss * (counts[i] * env.world / global_count).float() if weighted else loss / t.grad_accum
                 loss.backward()
             total += loss.detach()
         # the gradient norm (before clipping) is logged; max_norm inf leaves the gradients alone
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        self.grad_norm = float(parallel.local(norm))
         lr = lr_at(self.step, t, self.horizon)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
@@ -301,10 +310,14 @@ class Trainer:
         is_best = val_loss is not None and val_loss < self.best_val
         if is_best:
             self.best_val = val_loss  # type: ignore[assignment]
-        if not self.env.is_main:
-            return
         state = {"horizon": self.horizon, "best_val_loss": self.best_val, "elapsed": self._elapsed(),
                  "val_loss": val_loss, "tokens": self.step * self.tokens_per_step}
+        if self.sharded:  # every process writes its shards
+            ckpt.save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, _rng_state(self.sampler, self.env.device),
+                                         state, keep_last=self.cfg.train.keep_last, is_best=is_best)
+            return
+        if not self.env.is_main:
+            return
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, _rng_state(self.sampler, self.env.device),
                              state, keep_last=self.cfg.train.keep_last, is_best=is_best)
 
@@ -317,14 +330,16 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.cfg, self.run_dir / "config.yaml")
+            if _launch_id() is not None:
+                ckpt.write_json_atomic(self.run_dir / "launch.json", {"torchelastic_run_id": _launch_id()})
             if self.data.tokenizer is not None:  # a task on images has none
                 save_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
-        n_params = count_parameters(self.model)
+        n_params = self.n_params
         fpt, tokens_per_step = self.flops_per_token, self.tokens_per_step
         peak = matmul_peak_flops(env.device, DTYPES[t.dtype]) * env.world
         self._say(
             f"model {n_params / 1e6:.2f}M parameters | task {self.cfg.task.kind} | {self.task.describe(self.data)} | "
-            f"{env.world} process(es) on {env.device} | "
+            f"{env.world} process(es) on {env.device}{' (FSDP)' if self.sharded else ''} | "
             f"matmul peak {peak / 1e9:.0f} GFLOP/s ({t.dtype})"
         )
         self.model.train()
@@ -377,15 +392,63 @@ class Trainer:
             self.save(val_loss)
             if env.is_main:
                 self.metrics.write(kind="eval", step=self.step, **scores, time=round(self._elapsed(), 3))
-        samples = self.samples() if t.samples and env.is_main else []
+        samples = self.samples() if t.samples else []
         self.metrics.close()
         if env.is_main and (self.run_dir / "metrics.jsonl").is_file():
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        if env.distributed or self.sharded:  # leave together: no process tears the group down under another
+            import torch.distributed as dist
+
+            dist.barrier()
         return TrainResult(self.run_dir, self.step, val_loss, self.best_val, losses, self._elapsed(), samples)
 
     def samples(self) -> list[str]:
-        """The task's end-of-run samples (continuations of train.sample_prompt for a causal LM)."""
-        return self.task.samples(self.model, self.data)
+        """The task's end-of-run samples (continuations of train.sample_prompt for a causal LM),
+        made by rank 0 (a sharded model is gathered into a whole copy there first; every process
+        takes part in the gathering). Other processes return []."""
+        model: nn.Module | None = self.model
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            whole = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            model = None
+            if self.env.is_main:
+                model = build_model(self.cfg.model)
+                model.load_state_dict(whole)
+                model.to(self.env.device)
+        return self.task.samples(model, self.data) if self.env.is_main and model is not None else []
+
+
+def _launch_id() -> str | None:
+    """The torchrun launch this process belongs to (TORCHELASTIC_RUN_ID), or None."""
+    import os
+
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def restarted_run(out_dir: Path, cfg: RunConfig) -> Path | None:
+    """When torchrun restarted the workers of a launch (TORCHELASTIC_RESTART_COUNT > 0, after a
+    process died), the run folder this launch was training: `out_dir` or one of its numbered
+    siblings (`out_dir-2`, ...) whose launch.json names this launch and whose config is this
+    run's, with a complete checkpoint; the most recently written one. None otherwise (a first
+    attempt, or a restart before the first checkpoint: the run starts afresh)."""
+    import os
+
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or _launch_id() is None:
+        return None
+    from ..config import load_yaml
+
+    candidates = [out_dir, *out_dir.parent.glob(f"{out_dir.name}-*")] if out_dir.parent.is_dir() else []
+    found = []
+    for folder in candidates:
+        try:
+            same_launch = json.loads((folder / "launch.json").read_text()).get("torchelastic_run_id") == _launch_id()
+            if not same_launch or load_yaml(RunConfig, folder / "config.yaml") != cfg:
+                continue
+            found.append((ckpt.find_checkpoint(folder, "latest").stat().st_mtime, folder))
+        except (OSError, ValueError, ckpt.CheckpointError):
+            continue
+    return max(found)[1] if found else None
 
 
 def broadcast_path(path: str, env: DistEnv) -> str:

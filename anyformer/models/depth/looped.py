@@ -61,6 +61,10 @@ class LoopedStack(Stack):
         """T for the current mode (training or evaluation)."""
         return self.loops if self.training else self.eval_loops
 
+    def block_calls(self) -> int:
+        """T * L block applications per training forward."""
+        return self.loops * len(self.blocks)
+
     def make_caches(self, spec: CacheSpec) -> list[nn.Module]:
         """One cache per application of each block: T * L, for the current mode's T."""
         return [block.make_cache(spec) for _ in range(self.num_loops()) for block in self.blocks]

@@ -401,7 +401,15 @@ class ChunkedKernel:
         dropout: float = 0.0,
         block_bias: BlockBias | None = None,
     ) -> Tensor:
-        """See `chunked_attention`."""
+        """See `chunked_attention`. On CUDA: SDPA's fused kernels, or FlexAttention for
+        patterns, masks and biases (attention.flex); this kernel's loops where neither applies."""
+        if q.device.type == "cuda":
+            from .flex import cuda_attention
+
+            out = cuda_attention(q, k, v, pattern=self.pattern, mask=mask, bias=bias, causal=causal, scale=scale,
+                                 dropout=dropout, block_bias=block_bias)
+            if out is not None:
+                return out
         return chunked_attention(
             q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout=dropout,
             block_bias=block_bias, pattern=self.pattern, q_block=self.q_block, k_block=self.k_block,

@@ -46,6 +46,9 @@ class Pattern:
     #: True when the mask depends on the distance qi - kj only, so a block's mask is the same
     #: for every block at the same diagonal offset and kernels may reuse it
     translation_invariant: bool = True
+    #: True when `mask` is elementwise index arithmetic (no data-dependent Python control
+    #: flow), so FlexAttention can evaluate it one (query, key) pair at a time
+    elementwise: bool = True
 
     def block_state(self, q0: int, q1: int, k0: int, k1: int) -> int:
         return FULL
@@ -204,6 +207,7 @@ class BlockLayout(Pattern):
     """
 
     translation_invariant = False
+    elementwise = False  # mask() checks the layout's extent
 
     def __init__(self, layout: Tensor, block: int) -> None:
         if layout.dim() != 2 or layout.dtype != torch.bool:
@@ -236,6 +240,7 @@ class Intersection(Pattern):
     def __init__(self, *parts: Pattern) -> None:
         self.parts = parts
         self.translation_invariant = all(p.translation_invariant for p in parts)
+        self.elementwise = all(p.elementwise for p in parts)
         self.preferred_blocks = next((p.preferred_blocks for p in parts if p.preferred_blocks), None)
 
     def block_state(self, q0: int, q1: int, k0: int, k1: int) -> int:
