@@ -127,6 +127,15 @@ def test_fsdp_needs_a_process_group(tmp_path: Path) -> None:
     cfg = apply_overrides(tiny_run_config(tmp_path), ["--train.fsdp_param_dtype=bfloat16"])
     with pytest.raises(ConfigError, match="parallel=fsdp only"):
         Trainer(cfg, verbose=False)
+    cfg = apply_overrides(tiny_run_config(tmp_path), ["--train.parallel=fsdp", "--train.fsdp_cpu_offload=true"])
+    with pytest.raises(ConfigError, match="on the CPU already"):
+        Trainer(cfg, verbose=False)
+
+
+def test_a_global_batch_the_processes_cannot_split_is_refused(tmp_path: Path) -> None:
+    cfg = tiny_run_config(tmp_path, "--train.batch_size=9", "--train.max_steps=2")
+    with pytest.raises(Exception, match=r"batch_size=9 must be divisible by processes x grad_accum = 2 x 1"):
+        ddp_losses(cfg, tmp_path)
 
 
 # ------------------------------------------------------------------ activation checkpointing

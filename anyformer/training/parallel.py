@@ -75,6 +75,9 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
 
 def check_parallel(cfg: TrainConfig, env: DistEnv) -> None:
     """Refuse settings that cannot work in this launch, saying what to run instead."""
+    if cfg.fsdp_cpu_offload and env.device.type == "cpu":
+        raise ConfigError("train.fsdp_cpu_offload keeps the shards of a GPU run in CPU memory; this run is on the CPU "
+                          "already: leave it false")
     if cfg.parallel == "fsdp" and not torch.distributed.is_initialized():
         raise ConfigError(
             "train.parallel=fsdp shards the model over processes started by torchrun, but this is a plain "
