@@ -203,12 +203,19 @@ def load_sharded_training_state(folder: Path, model: nn.Module, optimizer: torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    # a parameter group without parameters (Muon's group for an untied LM head, when the head
+    # is tied) cannot be named by the parameter names the sharded format keys groups by, so it
+    # comes back bare: its hyperparameters are put back from the optimizer as built
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     model_sd, optim_sd = get_state_dict(model, optimizer)
     _check_sharded_fits(folder / "model", model_sd, "model")
     try:
         dcp.load(model_sd, checkpoint_id=str(folder / "model"))
         dcp.load(optim_sd, checkpoint_id=str(folder / "optimizer"))
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        for group, built in zip(optimizer.param_groups, settings):
+            for key, value in built.items():
+                group.setdefault(key, value)
         return load_file(str(folder / "rng.safetensors"))
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot restore the training state from the sharded checkpoint {str(folder)!r}: {e}") from None
