@@ -56,7 +56,8 @@ def _norm(norm: nn.Module, dtype: torch.dtype) -> tuple[list[Tensor], list[float
 def _full_attention(attn: nn.Module) -> bool:
     kernel = getattr(attn, "kernel", None)
     exact = kernel is eager_attention or kernel is sdpa_attention or (isinstance(kernel, ChunkedKernel) and kernel.pattern is None)
-    return (type(attn) is MultiHeadAttention and exact and isinstance(attn.q_norm, nn.Identity)
+    # an `attend` set on the instance (e.g. anyformer.longcontext's LM-Infinite) is not the class's attention
+    return (type(attn) is MultiHeadAttention and exact and "attend" not in vars(attn) and isinstance(attn.q_norm, nn.Identity)
             and isinstance(attn.k_norm, nn.Identity))
 
 

@@ -1,0 +1,145 @@
+"""LM-Infinite (Han et al. 2023): a RoPE model pretrained on contexts of length L reads far
+longer inputs, with no training, through two changes to its attention:
+
+- a Λ-shaped mask: each query sees the first `num_global` positions and the `window` most
+  recent ones (itself included), nothing in between;
+- a distance ceiling: the rotary distance between a query and a key is min(i - j, ceiling),
+  so no attention logit sees a relative position the model never saw in pretraining.
+
+Keys inside the window are within `window` <= `ceiling` of their query, so only the global
+keys beyond the window ever have their distance lowered. RoPE rotations compose (rotating a
+query already rotated to position i by delta puts it at i + delta), so the ceiling is applied
+to the stored, already rotated queries and keys: for global key j the query is rotated by
+min(0, ceiling - (i - j)) before the dot product.
+
+`apply_lm_infinite(model, ...)` switches every self-attention layer of a model whose
+positional encoding is RoPE to this attention; the weights are untouched and
+`remove_lm_infinite` switches back. The computation runs in query chunks (each chunk sees at
+most `num_global` + `window` + chunk keys), so time and memory grow linearly with the length.
+
+Legend: `b` batch, `h` query heads, `g` key/value heads, `n` queries, `m` keys, `d` head dim,
+`G` global keys, `c` queries in a chunk, `w` keys in its local span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..nn.attention.kernels import repeat_kv
+from ..nn.attention.mha import MultiHeadAttention
+from ..nn.positional.rope import RoPE
+
+CHUNK = 512  # queries per chunk
+
+
+@dataclass(frozen=True)
+class LMInfiniteOptions:
+    """window: most recent positions each query sees (itself included); num_global: first
+    positions every query sees; ceiling: largest rotary distance (default: the window)."""
+
+    window: int
+    num_global: int = 10
+    ceiling: int | None = None
+
+    def check(self) -> "LMInfiniteOptions":
+        if self.window < 1:
+            raise ConfigError(f"lm_infinite window must be >= 1, got {self.window}")
+        if self.num_global < 0:
+            raise ConfigError(f"lm_infinite num_global must be >= 0, got {self.num_global}")
+        ceiling = self.window if self.ceiling is None else self.ceiling
+        if ceiling < self.window:
+            raise ConfigError(
+                f"lm_infinite ceiling ({ceiling}) must be at least the window ({self.window}): keys inside the "
+                "window keep their true distance, which would exceed the ceiling"
+            )
+        return LMInfiniteOptions(self.window, self.num_global, ceiling)
+
+
+def lm_infinite_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, rope: RoPE, opts: LMInfiniteOptions,
+    *, scale: float | None = None,
+) -> Tensor:
+    """LM-Infinite attention of rotated queries q (b, h, n, d) at positions q_pos (b, n) over
+    rotated keys k and values v (b, g, m, d) at k_pos (b, m) (causal; keys in increasing
+    position order, the queries the last n of them) -> (b, h, n, d)."""
+    opts = opts.check()
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    groups = h // k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    ceiling = opts.ceiling
+    assert ceiling is not None
+    out = torch.empty_like(q)
+    offset = m - n
+    G = min(opts.num_global, m)
+    k_glob, v_glob = repeat_kv(k[:, :, :G], groups).float(), repeat_kv(v[:, :, :G], groups)  # (b, h, G, d)
+    g_pos = k_pos[:, :G]  # (b, G)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        lo = max(0, s + offset - opts.window + 1)  # first key any query of the chunk may see locally
+        hi = e + offset
+        qc = q[:, :, s:e].float()  # (b, h, c, d)
+        qp = q_pos[:, s:e]  # (b, c)
+        kl = repeat_kv(k[:, :, lo:hi], groups).float()  # (b, h, w, d)
+        vl = repeat_kv(v[:, :, lo:hi], groups)
+        dist = qp[:, :, None] - k_pos[:, None, lo:hi]  # (b, c, w)
+        local = torch.matmul(qc, kl.transpose(-1, -2)) * scale  # (b, h, c, w)
+        local = local.masked_fill(~((dist >= 0) & (dist < opts.window))[:, None], float("-inf"))
+        parts, values = [local], [vl]
+        if G:
+            gdist = qp[:, :, None] - g_pos[:, None, :]  # (b, c, G)
+            logits = []
+            for j in range(G):  # the query turned back so that its distance to key j is at most the ceiling
+                delta = (ceiling - gdist[:, :, j]).clamp(max=0)  # (b, c)
+                turned, _ = rope.rotate(qc, qc[:, :, :1], delta, delta[:, :1])
+                logits.append((turned * k_glob[:, :, j : j + 1]).sum(-1))  # (b, h, c)
+            glob = torch.stack(logits, -1) * scale  # (b, h, c, G)
+            # global keys the local span already holds are counted there, once
+            glob = glob.masked_fill(~(gdist >= opts.window)[:, None], float("-inf"))
+            parts.append(glob)
+            values.append(v_glob)
+        probs = torch.softmax(torch.cat(parts, -1), -1).nan_to_num(0.0)  # (b, h, c, w + G)
+        out[:, :, s:e] = torch.matmul(probs.to(v.dtype), torch.cat(values, -2)).to(out.dtype)
+    return out
+
+
+def _attend(layer: MultiHeadAttention, opts: LMInfiniteOptions):  # type: ignore[no-untyped-def]
+    plain = layer.attend
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, ctx) -> Tensor:  # type: ignore[no-untyped-def]
+        if not isinstance(ctx.positional, RoPE) or ctx.mask is not None or ctx.bias is not None or not ctx.causal:
+            return plain(q, k, v, ctx)
+        return lm_infinite_attention(q, k, v, ctx.q_pos, ctx.k_pos, ctx.positional, opts, scale=layer.scale)
+
+    attend.lm_infinite = opts  # type: ignore[attr-defined]
+    attend.plain = plain  # type: ignore[attr-defined]
+    return attend
+
+
+def apply_lm_infinite(model: nn.Module, window: int | None = None, num_global: int = 10, ceiling: int | None = None) -> nn.Module:
+    """Switch the causal self-attention layers of a RoPE model to LM-Infinite (in place; returns
+    the model). window and ceiling default to the model's trained context
+    (`model.config.max_seq_len`). Raises ConfigError for a model without RoPE."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or cfg.positional.kind != "rope":
+        kind = None if cfg is None else cfg.positional.kind
+        raise ConfigError(f"LM-Infinite bounds rotary distances and needs a RoPE model; this model's positional encoding is {kind!r}")
+    trained = cfg.max_seq_len
+    opts = LMInfiniteOptions(window or trained, num_global, ceiling or (max(trained, window) if window else trained)).check()
+    layers = [mod for mod in model.modules() if isinstance(mod, MultiHeadAttention)]
+    for layer in layers:
+        if not hasattr(layer.attend, "lm_infinite"):
+            layer.attend = _attend(layer, opts)  # type: ignore[method-assign]
+    return model
+
+
+def remove_lm_infinite(model: nn.Module) -> nn.Module:
+    """Undo `apply_lm_infinite`."""
+    for mod in model.modules():
+        if isinstance(mod, MultiHeadAttention) and hasattr(mod.attend, "lm_infinite"):
+            mod.attend = mod.attend.plain  # type: ignore[method-assign]
+    return model
