@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     """Run (or finish) the comparison and print the table."""
     from pathlib import Path
 
-    from ..training.compare import load_spec, run_comparison, results_markdown
+    from ..training.compare import load_spec, run_comparison
+    from ..training.compare_report import results_markdown
 
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path("runs") / f"compare-{Path(args.spec).stem}"
