@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from ..nn.attention.kernels import repeat_kv
 from ..nn.attention.mha import MultiHeadAttention
-from ..nn.positional.rope import RoPE
+from ..nn.positional.rope import RoPE, apply_rope, rope_angles
 
 CHUNK = 512  # queries per chunk
 
@@ -95,7 +95,8 @@ def lm_infinite_attention(
             logits = []
             for j in range(G):  # the query turned back so that its distance to key j is at most the ceiling
                 delta = (ceiling - gdist[:, :, j]).clamp(max=0)  # (b, c)
-                turned, _ = rope.rotate(qc, qc[:, :, :1], delta, delta[:, :1])
+                cos, sin = rope_angles(delta, rope.rotary_dim, rope.options.base)
+                turned = apply_rope(qc, cos, sin, interleaved=rope.options.interleaved)
                 logits.append((turned * k_glob[:, :, j : j + 1]).sum(-1))  # (b, h, c)
             glob = torch.stack(logits, -1) * scale  # (b, h, c, G)
             # global keys the local span already holds are counted there, once
