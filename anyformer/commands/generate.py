@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..pretrained.chat import add_model_arguments
+from ._diffusion import add_diffusion_arguments, check_not_diffusion, run_diffusion_generate
 from ._sampling import sampling_config
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint of a run")
     p.add_argument("--device", default="auto")
+    add_diffusion_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=run)
 
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         from ..pretrained.chat import run_generate
 
+        check_not_diffusion(args, "a pretrained checkpoint")
         return run_generate(args, config=config)
     if args.chat or args.system is not None:
         raise ValueError("--chat and --system apply to pretrained checkpoints (--model); a trained run has no chat template")
@@ -64,6 +67,9 @@ def run_from_run_dir(args: argparse.Namespace, out=None, *, config: "GenerationC
     if args.prompt == "":
         raise ValueError("--prompt is empty; give at least one character to continue")
     r = load_run(args.run_dir, args.checkpoint, args.device)
+    if r.cfg.task.kind == "masked_diffusion":
+        return run_diffusion_generate(args, r, out)
+    check_not_diffusion(args, r.cfg.task.kind)
     try:
         ids = r.tokenizer.encode(args.prompt)
     except ValueError as e:

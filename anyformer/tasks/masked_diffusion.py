@@ -1,0 +1,217 @@
+"""Masked (absorbing-state) diffusion language modelling with an encoder, as in MDLM / LLaDA.
+
+Legend: `b` batch, `n` window length, `V` vocabulary (the text's tokens plus the mask id).
+
+The forward process masks every token of a text independently with probability t (the masking
+rate, the diffusion time: all masked at t = 1). The model, an encoder reading the whole window
+in both directions, predicts the original token at every masked position. With the linear
+schedule (a token survives to time t with probability 1 - t) the negative log-likelihood of a
+window x of n tokens is bounded by (the ELBO of MDLM, Sahoo et al. 2024, and LLaDA):
+
+    -log p(x) <= E_{t ~ U(0, 1)} E_{z ~ q(z | x, t)} [ (1/t) * sum_{i masked in z} -log p(x_i | z) ]
+
+Training minimises this bound per token: each window gets its own t (drawn stratified across the
+global batch: t_i = eps + (1 - eps) * ((u + i / B) mod 1) for one uniform u per batch, lower
+variance than independent draws), and the loss of a batch is the mean over windows of
+(1 / t) * sum of the masked positions' cross-entropies / n. The mask id is never a prediction
+(its logit is set to -inf), so the model's distribution is over the text's tokens only.
+
+Evaluation: the same bound per token on fixed held-out windows, estimated with `eval_rates`
+masking rates per window (stratified: one in each of `eval_rates` equal parts of [eps, 1]) and
+a random mask per rate, all from fixed seeds (the same at every call), in nats per token
+(`val_loss`) and bits per token; with the char tokenizer that is per character, directly
+comparable with a causal decoder's validation loss on the same text.
+
+Generation (`anyformer generate`, `anyformer infill`): anyformer/generation/diffusion.py.
+
+Task options: eps (1e-3), eval_rates (8), sample_steps (64), sample_order ('confidence').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError, ModelConfig, parse_options
+from ..data import TokenData, prepare_tokens
+from ..generation.diffusion import ORDERS, DiffusionConfig, diffusion_generate
+from .base import TASKS, Task
+
+EVAL_SEED = 20241111
+RATE_SCALE = 2**52  # a masking rate travels in a sampler row as an integer code: u * RATE_SCALE
+
+
+@dataclass
+class MaskedDiffusionOptions:
+    """Options of task 'masked_diffusion'. eps: the smallest masking rate (rates are drawn in
+    [eps, 1]); eval_rates: masking rates per held-out window in the evaluation's estimate of the
+    bound; sample_steps / sample_order: the unmasking steps and order of the samples shown at
+    the end of a run."""
+
+    eps: float = 1e-3
+    eval_rates: int = 8
+    sample_steps: int = 64
+    sample_order: str = "confidence"
+
+
+def masked_inputs(window: Tensor, rate: float, mask_id: int, generator: torch.Generator) -> Tensor:
+    """One window (n,) with each token replaced by the mask id with probability `rate`."""
+    masked = torch.rand(window.shape, generator=generator) < rate
+    return torch.where(masked, torch.full_like(window, mask_id), window)
+
+
+def diffusion_loss(logits: Tensor, inputs: Tensor, targets: Tensor, rates: Tensor, mask_id: int) -> Tensor:
+    """The bound per token averaged over windows: mean_b (1 / t_b) * sum_{i: inputs[b, i] is the
+    mask} CE(logits[b, i], targets[b, i]) / n, for logits (b, n, V), inputs and targets (b, n),
+    rates (b,); the mask id's logit is excluded (set to -inf)."""
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    ce = torch.where(inputs == mask_id, ce, torch.zeros_like(ce))
+    return (ce.sum(-1) / rates / targets.shape[1]).mean()
+
+
+class DiffusionSampler:
+    """Random training windows, each with its own masking rate and mask. `draw` gives (b, 3)
+    rows of (window start, mask seed, rate code); `batch` builds each example from its own
+    row, so a process's share of a draw gives the same examples wherever it is built."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, mask_id: int, eps: float, seed: int) -> None:
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"only {len(tokens)} tokens, fewer than one window of train.seq_len={seq_len}; "
+                             "use a shorter train.seq_len or more data")
+        self.tokens, self.seq_len, self.mask_id, self.eps = tokens, seq_len, mask_id, eps
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, batch: int) -> Tensor:
+        starts = torch.randint(0, len(self.tokens) - self.seq_len + 1, (batch,), generator=self.generator)
+        seeds = torch.randint(0, 2**62, (batch,), generator=self.generator)
+        u = (torch.rand((), generator=self.generator, dtype=torch.float64) + torch.arange(batch, dtype=torch.float64) / batch) % 1.0
+        return torch.stack([starts, seeds, (u * RATE_SCALE).long()], 1)
+
+    def rate(self, code: int) -> float:
+        """The masking rate of a row's code."""
+        return self.eps + (1.0 - self.eps) * code / RATE_SCALE
+
+    def batch(self, rows: Tensor) -> tuple[Tensor, ...]:
+        """(masked inputs, targets, rates): (b, n), (b, n) int64 and (b,) float32."""
+        idx = rows[:, 0].numpy()[:, None] + np.arange(self.seq_len)
+        targets = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        rates = torch.tensor([self.rate(int(c)) for c in rows[:, 2].tolist()], dtype=torch.float32)
+        inputs = torch.stack([masked_inputs(w, float(r), self.mask_id, torch.Generator().manual_seed(int(s)))
+                              for w, r, s in zip(targets, rates, rows[:, 1].tolist())])
+        return inputs, targets, rates
+
+    def state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        self.generator.set_state(state)
+
+
+@TASKS.register("masked_diffusion")
+class MaskedDiffusion(Task):
+    """Masked-diffusion language modelling of `data.corpus` with an encoder (head 'mlm'); the
+    mask is the id after the tokenizer's vocabulary."""
+
+    architectures = ("encoder",)
+    mask_id: int  # set by prepare(): the id after the tokenizer's vocabulary
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        o = self.options = parse_options(MaskedDiffusionOptions, cfg.task.options, "task.options (masked_diffusion)")
+        if not 0 < o.eps < 1:
+            raise ConfigError(f"task.options.eps (the smallest masking rate) must be in (0, 1), got {o.eps}")
+        if o.eval_rates < 1:
+            raise ConfigError(f"task.options.eval_rates must be at least 1, got {o.eval_rates}")
+        if o.sample_steps < 1:
+            raise ConfigError(f"task.options.sample_steps must be at least 1, got {o.sample_steps}")
+        if o.sample_order not in ORDERS:
+            raise ConfigError(f"task.options.sample_order must be one of {', '.join(ORDERS)}; got {o.sample_order!r}")
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        super().check(cfg)
+        if cfg.model.head.kind not in ("none", "mlm"):
+            raise ConfigError(f"task 'masked_diffusion' trains the 'mlm' head (a token distribution at every position); "
+                              f"this run has model.head.kind={cfg.model.head.kind!r}")
+        if cfg.train.seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={cfg.train.seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}")
+
+    def prepare(self, env: Any) -> TokenData:
+        d = self.cfg.data
+        data = prepare_tokens(d.corpus, path=d.path, tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
+                              cache_dir=d.cache_dir)
+        self.mask_id = data.tokenizer.vocab_size
+        return data
+
+    def describe(self, data: TokenData) -> str:
+        return (f"data {len(data.train):,} train / {len(data.val):,} val tokens ({'cached' if data.cached else 'tokenized'} in "
+                f"{data.folder}); mask id {data.tokenizer.vocab_size}")
+
+    def model_config(self, model: ModelConfig, data: TokenData) -> ModelConfig:
+        head = dataclasses.replace(model.head, kind="mlm")
+        return dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size + 1, head=head)
+
+    def sampler(self, data: TokenData, seed: int) -> DiffusionSampler:
+        return DiffusionSampler(data.train, self.cfg.train.seq_len, data.tokenizer.vocab_size, self.options.eps, seed)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        inputs, targets, rates = batch
+        with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(inputs)
+        return diffusion_loss(logits, inputs, targets, rates, self.mask_id)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: TokenData, env: Any, batches: int | None = None) -> dict[str, float]:
+        """The bound per token on fixed held-out windows (module docstring), in nats and bits."""
+        from ..training.distributed import mean_across
+        from ..training.trainer import DTYPES
+
+        t, o = self.cfg.train, self.options
+        mask_id = data.tokenizer.vocab_size
+        sampler = DiffusionSampler(data.val, t.seq_len, mask_id, o.eps, EVAL_SEED)
+        was_training = model.training
+        model.eval()
+        dtype = DTYPES[t.dtype]
+        total = torch.zeros((), dtype=torch.float64, device=env.device)
+        n = batches or t.eval_batches
+        per = t.batch_size // env.world
+        for _ in range(n):
+            rows = sampler.draw(t.batch_size)[env.rank * per : (env.rank + 1) * per]
+            seeds = torch.randint(0, 2**62, (len(rows), o.eval_rates), generator=sampler.generator)
+            for k in range(o.eval_rates):  # stratified rates: one in each part of [0, 1)
+                u = (k + torch.rand(len(rows), generator=sampler.generator, dtype=torch.float64)) / o.eval_rates
+                part = torch.stack([rows[:, 0], seeds[:, k], (u * RATE_SCALE).long()], 1)
+                inputs, targets, rates = (a.to(env.device) for a in sampler.batch(part))
+                with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    logits = model(inputs)
+                total += diffusion_loss(logits, inputs, targets, rates, mask_id).double()
+        model.train(was_training)
+        loss = float(mean_across(total / (n * o.eval_rates), env))
+        return {"val_loss": loss, "bits_per_token": loss / math.log(2), "perplexity_bound": math.exp(loss)}
+
+    def samples(self, model: nn.Module, data: TokenData) -> list[str]:
+        """`train.samples` continuations of `train.sample_prompt` drafted by iterative unmasking
+        (`sample_steps` steps per block, order `sample_order`)."""
+        t, o = self.cfg.train, self.options
+        if not t.samples:
+            return []
+        tok = data.tokenizer
+        ids = tok.encode(t.sample_prompt)
+        model.eval()
+        texts = []
+        for i in range(t.samples):
+            config = DiffusionConfig(steps=o.sample_steps, temperature=t.temperature, top_k=t.top_k or 0,
+                                     order=o.sample_order, seed=t.seed + i)
+            new = diffusion_generate(model, ids, t.sample_tokens, tok.vocab_size, self.cfg.model.max_seq_len, config)
+            texts.append(t.sample_prompt + tok.decode(new))
+        model.train()
+        return texts
