@@ -8,9 +8,10 @@ implements:
   sequence, the context length, whether positions are absolute).
 - `encode_source(src, src_keep) -> source`: encoder-decoders run the encoder once; the opaque
   result goes back into every `decode_step` (decoder-only models return None).
-- `make_cache(batch, max_len=None, *, dtype=None, device=None, window=None, sinks=4) -> cache`:
-  a cache for `batch` sequences; with `window`, a rolling cache of `sinks` first tokens plus the
-  `window` most recent ones. Each layer decides what it stores (keys and values, a recurrent
+- `make_cache(batch, max_len=None, *, dtype=None, device=None, window=None, sinks=4,
+  true_positions=False) -> cache`: a cache for `batch` sequences; with `window`, a rolling cache
+  of `sinks` first tokens plus the `window` most recent ones (with `true_positions`, a Λ cache
+  whose keys keep their own positions, for models whose DecodingInfo has `long_context`). Each layer decides what it stores (keys and values, a recurrent
   state, ...). The cache offers `length`, `next_positions(keep)` and `reorder(index)` (beams).
 - `decode_step(tokens, cache, positions, *, attention_mask=None, source=None) -> logits`:
   run (b, n) tokens at (b, n) positions through the cache (extending it) -> (b, n, V) logits.
@@ -34,7 +35,9 @@ class DecodingInfo:
     max_seq_len: the longest sequence (prompt plus new tokens) a plain cache may hold;
     absolute_positions: positions are added to the input embeddings (a rolling cache, which
     re-assigns positions, cannot be used); positional: the positional kind, for messages;
-    decoder_start_token_id: an encoder-decoder's first decoder token, when the model knows it.
+    decoder_start_token_id: an encoder-decoder's first decoder token, when the model knows it;
+    long_context: set when the model reads past max_seq_len through a Λ cache (LM-Infinite):
+    decoding then keeps that cache instead of a plain one, whatever the length.
     """
 
     encoder_decoder: bool
@@ -42,6 +45,16 @@ class DecodingInfo:
     absolute_positions: bool
     positional: str
     decoder_start_token_id: int | None = None
+    long_context: "LongContext | None" = None
+
+
+@dataclass(frozen=True)
+class LongContext:
+    """How a model reads past its trained context: attention to the first `sinks` tokens and the
+    `window` most recent ones, each key at its true position (anyformer.longcontext)."""
+
+    window: int
+    sinks: int
 
 
 @runtime_checkable

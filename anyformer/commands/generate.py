@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..pretrained.chat import add_model_arguments
 from ._diffusion import add_diffusion_arguments, check_not_diffusion, run_diffusion_generate
+from ._long_context import add_lm_infinite_arguments, apply_lm_infinite_option
 from ._sampling import sampling_config
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint of a run")
     p.add_argument("--device", default="auto")
     add_diffusion_arguments(p)
+    add_lm_infinite_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=run)
 
@@ -56,6 +58,9 @@ def run_from_run_dir(args: argparse.Namespace, out=None, *, config: "GenerationC
     with relative positions (rope, alibi, t5, none) keeps a rolling cache of 4 sink tokens
     plus the most recent ones; one with absolute positions recomputes the last max_seq_len
     tokens per step (anyformer.generation.window). Both sample the same way (same config).
+    With --lm-infinite (RoPE runs), the model keeps its own Λ cache (the first tokens plus the
+    last window, at their true positions) at any length. A masked-diffusion run drafts instead
+    (anyformer/commands/_diffusion.py).
     config: the sampling settings (default: `sampling_config(args)`).
     """
     from ..generation import stream
@@ -68,8 +73,11 @@ def run_from_run_dir(args: argparse.Namespace, out=None, *, config: "GenerationC
         raise ValueError("--prompt is empty; give at least one character to continue")
     r = load_run(args.run_dir, args.checkpoint, args.device)
     if r.cfg.task.kind == "masked_diffusion":
+        if args.lm_infinite:
+            raise ValueError("--lm-infinite applies to decoders; a masked-diffusion run drafts in blocks (see --block)")
         return run_diffusion_generate(args, r, out)
     check_not_diffusion(args, r.cfg.task.kind)
+    apply_lm_infinite_option(args, r.model)
     try:
         ids = r.tokenizer.encode(args.prompt)
     except ValueError as e:
@@ -80,7 +88,9 @@ def run_from_run_dir(args: argparse.Namespace, out=None, *, config: "GenerationC
     out.write(args.prompt)
     out.flush()
     start = time.perf_counter()
-    if total > context and r.model.decoding_info().absolute_positions:  # type: ignore[operator]
+    if r.model.decoding_info().long_context is not None:  # type: ignore[operator]
+        tokens = stream(r.model, ids, config)  # its own Λ cache, whatever the length
+    elif total > context and r.model.decoding_info().absolute_positions:  # type: ignore[operator]
         print(f"[context {context} < {total} tokens and absolute positions: recomputing the last {context} tokens per step]",
               file=sys.stderr)
         tokens = stream_window(r.model, ids, config, context=context)

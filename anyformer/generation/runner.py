@@ -93,6 +93,13 @@ class Runner:
         """A plain cache for prompt + max_new_tokens, or a rolling one when config.window is set."""
         c = self.config
         p = next(self.model.parameters())
+        lc = self.info.long_context
+        if lc is not None:  # the model reads any length through its own Λ cache
+            if c.window is not None:
+                raise ValueError(f"this model keeps its own long-context cache (the first {lc.sinks} tokens and the last {lc.window}); "
+                                 "drop `window`")
+            return self.model.make_cache(batch, dtype=p.dtype, device=p.device, window=lc.window, sinks=lc.sinks,  # type: ignore[operator]
+                                         true_positions=True)
         if c.window is not None:
             return self.model.make_cache(batch, dtype=p.dtype, device=p.device, window=c.window, sinks=c.sink_tokens)  # type: ignore[operator]
         total = prompt_len + c.max_new_tokens
@@ -121,7 +128,8 @@ class Runner:
         """Run the (b, n) prompt through a fresh cache; logits (b, V) of the last position."""
         self.cache = self.make_cache(tokens.shape[0], tokens.shape[1])
         self.native = None
-        chunk = self.config.window or tokens.shape[1]
+        lc = self.info.long_context
+        chunk = self.config.window or (lc.window if lc is not None else tokens.shape[1])
         for i in range(0, tokens.shape[1], chunk):
             logits = self._forward(tokens[:, i : i + chunk], keep[:, i : i + chunk])
         if self.fast is not None:

@@ -32,6 +32,7 @@ from ..config import ConfigError
 from ..nn.attention.kernels import repeat_kv
 from ..nn.attention.mha import MultiHeadAttention
 from ..nn.positional.rope import RoPE, apply_rope, rope_angles
+from ..protocol import LongContext
 
 CHUNK = 512  # queries per chunk
 
@@ -135,6 +136,7 @@ def apply_lm_infinite(model: nn.Module, window: int | None = None, num_global: i
     for layer in layers:
         if not hasattr(layer.attend, "lm_infinite"):
             layer.attend = _attend(layer, opts)  # type: ignore[method-assign]
+    model.long_context = LongContext(window=opts.window, sinks=opts.num_global)  # decoding keeps a Λ cache
     return model
 
 
@@ -143,4 +145,6 @@ def remove_lm_infinite(model: nn.Module) -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, MultiHeadAttention) and hasattr(mod.attend, "lm_infinite"):
             mod.attend = mod.attend.plain  # type: ignore[method-assign]
+    if "long_context" in vars(model):
+        del model.long_context
     return model

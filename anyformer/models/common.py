@@ -66,6 +66,7 @@ class GenerativeModel:
             encoder_decoder=self.cross_attention, max_seq_len=cfg.max_seq_len,
             absolute_positions=uses_absolute_positions(positional), positional=cfg.positional.kind,
             decoder_start_token_id=getattr(self, "decoder_start_token_id", None),
+            long_context=getattr(self, "long_context", None),
         )
 
     def encode_source(self, src: Tensor, src_keep: Tensor) -> Any:
@@ -74,11 +75,12 @@ class GenerativeModel:
 
     def make_cache(
         self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-        window: int | None = None, sinks: int = 4,
+        window: int | None = None, sinks: int = 4, true_positions: bool = False,
     ) -> ModelCache:
         """Protocol: a decoding cache for `batch` sequences of up to `max_len` (default
         max_seq_len) tokens; with `window`, a rolling cache of `sinks` first tokens plus the
-        `window` most recent ones (relative positional encodings only)."""
+        `window` most recent ones (relative positional encodings only), or with
+        `true_positions` a Λ cache in which they keep their own positions (LM-Infinite)."""
         stack, positional = self._decoding_parts()
         cfg = self.config  # type: ignore[attr-defined]
         if window is not None and uses_absolute_positions(positional):
@@ -87,7 +89,8 @@ class GenerativeModel:
                 f"(rope, alibi, t5, none); this model uses '{cfg.positional.kind}'. Drop `window`"
             )
         p = next(self.parameters())  # type: ignore[attr-defined]
-        spec = CacheSpec(batch, max_len or cfg.max_seq_len, dtype or p.dtype, device or p.device, window=window, sinks=sinks)
+        spec = CacheSpec(batch, max_len or cfg.max_seq_len, dtype or p.dtype, device or p.device, window=window, sinks=sinks,
+                         true_positions=true_positions)
         layers = stack.make_caches(spec)  # type: ignore[operator]
         cross = [CrossKVCache() for _ in layers] if self.cross_attention else None
         return spec.model_cache(layers, cross)

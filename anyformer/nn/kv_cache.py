@@ -224,11 +224,63 @@ class RollingModelCache(ModelCache):
         return self.positions[:, :end], self.keep[:, :end]
 
 
+class LambdaKVCache(KVCache):
+    """One layer's keys (rotated at their true positions) and values for Λ-shaped attention
+    (LM-Infinite): the first `sinks` tokens forever, and before each call of up to `window` new
+    tokens the `window` - 1 most recent ones (all that a query of the call may see locally)."""
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, sinks: int, window: int, dtype: torch.dtype, device=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(batch, num_kv_heads, sinks + 2 * window - 1, head_dim, dtype=dtype, device=device)
+        self.sinks, self.window = sinks, window
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Evict the middle (keys no new query can see), then write (b, g, n, d) keys/values."""
+        n = k.shape[2]
+        if n > self.window:
+            raise ValueError(f"a Λ cache with window {self.window} takes at most {self.window} tokens per call, got {n}")
+        drop = max(0, self.start - self.sinks - (self.window - 1))
+        _evict(self.k, 2, self.sinks, self.start, drop)
+        _evict(self.v, 2, self.sinks, self.start, drop)
+        self.start -= drop
+        return super().update(k, v)
+
+
+class LambdaModelCache(ModelCache):
+    """Λ layer caches plus the true positions and key padding of the slots they keep, evicted in
+    step with them; positions count every token seen, evicted ones included."""
+
+    def __init__(self, layers: list[nn.Module], cross: list[CrossKVCache] | None = None, *, sinks: int, window: int) -> None:
+        super().__init__(layers, cross)
+        self.sinks, self.window = sinks, window
+        self.register_buffer("seen", torch.zeros(self.positions.shape[0], 1, dtype=torch.long, device=self.positions.device),
+                             persistent=False)
+
+    def next_positions(self, keep: Tensor) -> Tensor:
+        """True positions (b, n) of n new tokens: each row counts all its real tokens so far."""
+        return (self.seen + keep.long().cumsum(-1) - 1).clamp(min=0)
+
+    def append_positions(self, positions: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        n = positions.shape[1]
+        if n > self.window:
+            raise ValueError(f"a Λ cache with window {self.window} takes at most {self.window} tokens per call, got {n}")
+        drop = max(0, self.length - self.sinks - (self.window - 1))
+        _evict(self.positions, 1, self.sinks, self.length, drop)
+        _evict(self.keep, 1, self.sinks, self.length, drop)
+        self.length -= drop
+        self.seen += n if keep is None else keep.long().sum(-1, keepdim=True)
+        return super().append_positions(positions, keep)
+
+    def reorder(self, index: Tensor) -> None:
+        super().reorder(index)
+        self.seen = self.seen.index_select(0, index)
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """What kind of decoding cache to build: `batch` rows of up to `max_len` positions, in
     `dtype` on `device`; with `window` set, a rolling cache of `sinks` first tokens plus the
-    `window` most recent ones (max_len is then ignored)."""
+    `window` most recent ones (max_len is then ignored), at positions re-assigned by slot, or
+    with `true_positions` a Λ cache keeping each token's own position (for LM-Infinite)."""
 
     batch: int
     max_len: int
@@ -236,20 +288,27 @@ class CacheSpec:
     device: torch.device | str | None = None
     window: int | None = None
     sinks: int = 4
+    true_positions: bool = False
 
     def kv_cache(self, num_kv_heads: int, head_dim: int) -> KVCache:
         """A key/value cache of one layer with `num_kv_heads` heads of width `head_dim`."""
         if self.window is None:
             return KVCache(self.batch, num_kv_heads, self.max_len, head_dim, dtype=self.dtype, device=self.device)
+        if self.true_positions:
+            return LambdaKVCache(self.batch, num_kv_heads, head_dim, sinks=self.sinks, window=self.window, dtype=self.dtype, device=self.device)
         return RollingKVCache(self.batch, num_kv_heads, head_dim, sinks=self.sinks, window=self.window, dtype=self.dtype, device=self.device)
 
     @property
     def capacity(self) -> int:
         """Positions a layer cache of this spec holds."""
-        return self.max_len if self.window is None else self.sinks + self.window
+        if self.window is None:
+            return self.max_len
+        return self.sinks + (2 * self.window - 1 if self.true_positions else self.window)
 
     def model_cache(self, layers: list[nn.Module], cross: list[CrossKVCache] | None = None) -> "ModelCache":
         """The whole model's cache over per-layer caches built from this spec."""
         if self.window is None:
             return ModelCache(layers, cross)
+        if self.true_positions:
+            return LambdaModelCache(layers, cross, sinks=self.sinks, window=self.window)
         return RollingModelCache(layers, cross, sinks=self.sinks, window=self.window)

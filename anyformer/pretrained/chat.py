@@ -63,6 +63,10 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None, *, config:
     model, tokenizer = load_pretrained(args.model, dtype=args.dtype, device=device)
     if not hasattr(model, "decoding_info") or model.decoding_info().encoder_decoder:
         raise ValueError(f"{args.model!r} is not a decoder language model ({type(model).__name__}); `generate --model` needs one (GPT-2, Llama)")
+    if hasattr(args, "lm_infinite"):
+        from ..commands._long_context import apply_lm_infinite_option
+
+        apply_lm_infinite_option(args, model)
     ids = prompt_ids(tokenizer, args.prompt, chat=args.chat, system=args.system)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give some text")
