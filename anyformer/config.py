@@ -143,6 +143,15 @@ class DepthConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@config_dataclass("model.memory")
+class MemoryConfig:
+    """Segment recurrence around the whole model (a registered name: 'none', or e.g. 'rmt'
+    memory tokens) and its own options; such a model reads inputs of any length in segments."""
+
+    kind: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 @config_dataclass("model.head")
 class HeadConfig:
     """Output head of an encoder model (a registered name: none, mlm,
@@ -187,8 +196,10 @@ class ModelConfig:
     ffn: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     block: BlockConfig = field(default_factory=BlockConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    points: PointsConfig = field(default_factory=PointsConfig)
     tie_embeddings: bool = True
     share_embeddings: bool = True
     final_norm: bool = True

@@ -8,7 +8,7 @@ from torch import nn
 from ..config import ConfigError, ModelConfig
 from ..registry import RegistryError
 from .parts import Parts
-from .registry import ARCHITECTURES
+from .registry import ARCHITECTURES, MEMORIES
 
 
 def init_weights(model: nn.Module, std: float) -> None:
@@ -33,6 +33,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     cfg.validate()
     try:
         model = ARCHITECTURES.get(cfg.arch)(cfg, Parts(cfg))
+        model = MEMORIES.get(cfg.memory.kind)(model, cfg)
     except RegistryError as e:
         raise ConfigError(str(e)) from None
     init_weights(model, cfg.init_std)

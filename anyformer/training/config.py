@@ -142,7 +142,7 @@ class RunConfig:
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
-        if task.reads_seq_len and t.seq_len > self.model.max_seq_len:
+        if task.reads_seq_len and self.model.memory.kind == "none" and t.seq_len > self.model.max_seq_len:  # memory kinds read any length
             raise ConfigError(
                 f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "raise model.max_seq_len or lower train.seq_len"
