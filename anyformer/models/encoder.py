@@ -114,10 +114,12 @@ class EncoderModel(PretrainedIO, nn.Module):
         positions: Tensor | None = None,
         attn_mask: Tensor | None = None,
         attn_store: list | None = None,
+        graph: Tensor | None = None,
     ) -> Tensor:
         """tokens (b, n) -> the head's output (hidden (b, n, d) with head 'none')."""
         hidden = self.hidden(
-            tokens, attention_mask, token_types=token_types, positions=positions, attn_mask=attn_mask, attn_store=attn_store
+            tokens, attention_mask, token_types=token_types, positions=positions, attn_mask=attn_mask, attn_store=attn_store,
+            graph=graph,
         )
         return self.head(hidden, attention_mask)
 
@@ -130,8 +132,13 @@ class EncoderModel(PretrainedIO, nn.Module):
         positions: Tensor | None = None,
         attn_mask: Tensor | None = None,
         attn_store: list | None = None,
+        graph: Tensor | None = None,
     ) -> Tensor:
-        """tokens (b, n) -> final hidden states (b, n, d)."""
+        """tokens (b, n) -> final hidden states (b, n, d).
+
+        graph: the directed graph over the tokens that graph positional encodings read, in the
+        attn_mask convention (bool, True at [i, j] for the edge j -> i); default `attn_mask`
+        (pass it when attention is restricted to a different, e.g. symmetrised, graph)."""
         ctx = self_attention_context(
             tokens,
             self.positional,
@@ -142,7 +149,7 @@ class EncoderModel(PretrainedIO, nn.Module):
             attn_mask=attn_mask,
             store=attn_store,
         )
-        x = self.embed(tokens, ctx.q_pos, self.positional, token_types, graph=attn_mask)
+        x = self.embed(tokens, ctx.q_pos, self.positional, token_types, graph=attn_mask if graph is None else graph)
         return self.stack(x, ctx)
 
     @torch.no_grad()

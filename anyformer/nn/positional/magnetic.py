@@ -60,11 +60,20 @@ def magnetic_laplacian(adj: Tensor, q: float) -> Tensor:
 
 def magnetic_eigenvectors(adj: Tensor, q: float, k: int) -> tuple[Tensor, Tensor]:
     """The k smallest eigenvalues (b, k) and their eigenvectors (b, n, k) of the magnetic
-    Laplacian, each eigenvector's phase fixed so its largest-magnitude entry is real and
-    positive; zero-padded when the graph has fewer than k nodes."""
-    vals, vecs = torch.linalg.eigh(magnetic_laplacian(adj, q))  # ascending
+    Laplacian, each eigenvector's phase fixed so its largest-magnitude entry (the first one, up
+    to 1e-6) is real and positive; zero-padded when the graph has fewer than k nodes. Isolated
+    nodes come last (their eigenvalue is given as 3 instead of 1)."""
+    lap = magnetic_laplacian(adj, q)
+    # isolated nodes (the padding of a batch of graphs) are moved to eigenvalue 3, past the [0, 2]
+    # spectrum of the rest, so their indicator vectors never take one of the k slots ahead of the
+    # graph's own eigenvectors: padding a graph with isolated nodes leaves its encoding unchanged
+    isolated = ((adj + adj.transpose(-1, -2)) == 0).all(-1)  # (b, n)
+    vals, vecs = torch.linalg.eigh(lap + torch.diag_embed(2.0 * isolated.to(lap.dtype)))  # ascending
     vals, vecs = vals[..., :k], vecs[..., :k]
-    top = vecs.abs().argmax(-2, keepdim=True)  # (b, 1, k)
+    mag = vecs.abs()
+    # the pivot is the FIRST entry within 1e-6 of the largest magnitude: a plain argmax picks among
+    # tied entries (symmetric parts of a graph) by rounding noise, and the phase then flips
+    top = (mag >= mag.amax(-2, keepdim=True) - 1e-6).to(torch.int8).argmax(-2, keepdim=True)  # (b, 1, k)
     pivot = vecs.gather(-2, top)
     vecs = vecs * (pivot.conj() / pivot.abs().clamp(min=1e-30))
     pad = k - vecs.shape[-1]
