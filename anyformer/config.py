@@ -152,6 +152,19 @@ class MemoryConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@config_dataclass("model.megabyte")
+class MegabyteConfig:
+    """The `megabyte` architecture (anyformer/models/megabyte.py): bytes grouped into patches of
+    `patch_size`; the global model is this config's stack (dim, num_layers) over patches, the
+    local model a stack of `local_layers` blocks of width `local_dim` (None: dim) with
+    `local_heads` heads (None: attention.num_heads) over the bytes of one patch."""
+
+    patch_size: int = 4
+    local_dim: int | None = None
+    local_layers: int = 2
+    local_heads: int | None = None
+
+
 @config_dataclass("model.head")
 class HeadConfig:
     """Output head of an encoder model (a registered name: none, mlm,
@@ -177,6 +190,35 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+@config_dataclass("model.points")
+class PointsConfig:
+    """Point-cloud input of the `point_cloud` architecture (anyformer/models/point_cloud.py):
+    clouds of `num_points` xyz points become `num_groups` tokens, each the PointNet encoding
+    (per-point MLP of `widths`, max-pooled) of the `group_size` nearest neighbours of a
+    farthest-point-sampled centre, plus an MLP (hidden width `position_hidden`) of the centre."""
+
+    num_points: int = 1024
+    num_groups: int = 64
+    group_size: int = 32
+    widths: list[int] = field(default_factory=lambda: [64, 128])
+    position_hidden: int = 128
+
+    def validate(self) -> None:
+        """Raise ConfigError when the sizes do not fit together."""
+        if min(self.num_points, self.num_groups, self.group_size, self.position_hidden) < 1 or not self.widths or min(self.widths) < 1:
+            raise ConfigError(
+                f"model.points: num_points, num_groups, group_size, position_hidden and every width must be at least 1 "
+                f"(got num_points={self.num_points}, num_groups={self.num_groups}, group_size={self.group_size}, "
+                f"position_hidden={self.position_hidden}, widths={self.widths})"
+            )
+        for name in ("num_groups", "group_size"):
+            if getattr(self, name) > self.num_points:
+                raise ConfigError(
+                    f"model.points.{name}={getattr(self, name)} exceeds model.points.num_points={self.num_points}: a cloud "
+                    f"of {self.num_points} points cannot give that many; lower {name} or raise num_points"
+                )
+
+
 @config_dataclass("model")
 class ModelConfig:
     """A whole Transformer: architecture, sizes and the variant of every part.
@@ -197,6 +239,7 @@ class ModelConfig:
     block: BlockConfig = field(default_factory=BlockConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    megabyte: MegabyteConfig = field(default_factory=MegabyteConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     points: PointsConfig = field(default_factory=PointsConfig)
@@ -255,6 +298,8 @@ class ModelConfig:
                     f"model.max_seq_len={self.max_seq_len} is shorter than the {v.num_patches} patches "
                     "plus the class token; set it to at least num_patches + 1"
                 )
+        if self.arch == "point_cloud":
+            self.points.validate()
         if not 0.0 <= a.dropout < 1.0 or not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout probabilities must be in [0, 1)")
         return self

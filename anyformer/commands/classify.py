@@ -1,5 +1,7 @@
 """`anyformer classify RUN INPUT`: a classification run's label probabilities for a text
-(sequence_classification) or an image file (image_classification)."""
+(sequence_classification), an image file (image_classification), or the file of any task that
+offers `classify_input(input, device) -> (model input, label names)` (point_cloud_classification:
+a point or mesh file)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `classify` subcommand."""
-    p = subparsers.add_parser("classify", help="label probabilities of a text or an image from a classification run")
-    p.add_argument("run_dir", help="a folder written by `anyformer train` with task sequence_classification or image_classification")
+    p = subparsers.add_parser("classify", help="label probabilities of a text, an image or a point cloud from a classification run")
+    p.add_argument("run_dir", help="a folder written by `anyformer train` with task sequence_classification, image_classification or point_cloud_classification")
     p.add_argument("input", help="the text to classify (its first train.seq_len - 1 bytes are read), or for an image "
-                                 "run the path of an image file (PNG, JPEG, ...; made grayscale and resized to the run's size)")
+                                 "run the path of an image file (PNG, JPEG, ...; made grayscale and resized to the run's size), "
+                                 "or for a point-cloud run a point file (.xyz, .npy) or mesh file (.obj, .stl, .ply, .off, ...)")
     p.add_argument("--invert", action="store_true", help="image runs: invert the gray levels first (the data sets have "
                                                           "bright ink on black; use this for dark ink on white paper)")
     p.add_argument("--top", type=int, default=None, help="print only the most likely N labels")
@@ -29,10 +32,14 @@ def run(args: argparse.Namespace) -> int:
 
     r = load_run(args.run_dir, args.checkpoint, args.device)
     kind = r.cfg.task.kind
-    if kind not in ("sequence_classification", "image_classification"):
-        raise ValueError(f"{args.run_dir} was trained for task {kind!r}; classify needs a sequence_classification or image_classification run")
+    task = TASKS.get(kind)(r.cfg)
+    if kind not in ("sequence_classification", "image_classification") and not hasattr(task, "classify_input"):
+        raise ValueError(f"{args.run_dir} was trained for task {kind!r}; classify needs a classification run "
+                         "(sequence_classification, image_classification, point_cloud_classification)")
     device = next(r.model.parameters()).device
-    if kind == "image_classification":
+    if hasattr(task, "classify_input"):
+        inputs, labels = task.classify_input(args.input, device)
+    elif kind == "image_classification":
         from ..tasks.image_classification import read_image, to_model_input
 
         v = r.cfg.model.vision

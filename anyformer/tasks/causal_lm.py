@@ -28,7 +28,7 @@ class CausalLM(Task):
     """Next-token prediction over random windows of `data.corpus`; metric: validation loss
     (nats/token)."""
 
-    architectures = ("decoder",)
+    architectures = ("decoder", "megabyte")
 
     def prepare(self, env: Any) -> TokenData:
         d = self.cfg.data

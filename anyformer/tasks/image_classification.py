@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.images import FASHION_MNIST_CLASSES, LabelledImages, digits, fashion_mnist
 from ..data.split import held_out
+from ._classification import held_out_metrics, predict
 from .base import TASKS, Task
 
 CORPORA = ("fashion_mnist", "digits")
@@ -196,44 +197,17 @@ class ImageClassification(Task):
             logits = model(images)
         return F.cross_entropy(logits.float(), labels)
 
-    @torch.no_grad()
     def predict(self, model: nn.Module, split: LabelledImages, env: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
         """(summed loss, predicted class) of this process's share of the first `limit` images."""
-        from ..training.distributed import split_evenly
-        from ..training.trainer import DTYPES
-
-        n = len(split.labels) if limit is None else min(limit, len(split.labels))
-        idx = torch.arange(n)[env.rank :: env.world]
-        dtype = DTYPES[self.cfg.train.dtype]
-        was_training = model.training
-        model.eval()
-        loss, preds = torch.zeros((), dtype=torch.float64, device=env.device), []
-        for part in split_evenly(idx, n, max(self.cfg.train.batch_size, 256), env):
-            if not len(part):  # fewer items than processes
-                continue
-            images, labels = to_model_input(split.images[part]).to(env.device), split.labels[part].to(env.device)
-            with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(images).float()
-            loss += F.cross_entropy(logits, labels, reduction="sum").double()
-            preds.append(logits.argmax(-1).cpu())
-        model.train(was_training)
-        return loss, torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+        return predict(model, lambda part: to_model_input(split.images[part]), split.labels, env, self.cfg.train.dtype,
+                       max(self.cfg.train.batch_size, 256), limit)
 
     def evaluate(self, model: nn.Module, data: ImageData, env: Any, batches: int | None = None) -> dict[str, float]:
         """Loss and accuracy on the held-out images (the first `batches` x batch_size of them;
         all when `batches` is None), and the majority-class baseline's accuracy on them."""
-        from ..training.distributed import mean_across
-
         limit = None if batches is None else batches * self.cfg.train.batch_size
         loss, preds = self.predict(model, data.val, env, limit)
-        n = len(data.val.labels) if limit is None else min(limit, len(data.val.labels))
-        labels = data.val.labels[:n][env.rank :: env.world]
-        majority = int(torch.bincount(data.train.labels).argmax())
-        sums = torch.stack([loss.cpu(), (preds == labels).sum().double(), (labels == majority).sum().double(),
-                            torch.tensor(float(len(labels)), dtype=torch.float64)]).to(env.device)
-        sums = mean_across(sums, env)
-        return {"val_loss": float(sums[0] / sums[3]), "accuracy": float(sums[1] / sums[3]),
-                "majority_accuracy": float(sums[2] / sums[3])}
+        return held_out_metrics(loss, preds, data.val.labels, data.train.labels, env, limit)
 
     def report(self, model: nn.Module, data: ImageData, env: Any, folder: Path) -> dict[str, Any]:
         """Test-set loss and accuracy (Fashion-MNIST; the held-out split for digits) and the

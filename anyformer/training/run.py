@@ -21,7 +21,7 @@ class LoadedRun:
     """A run folder's config, tokenizer, model (eval mode) and the checkpoint it came from."""
 
     cfg: RunConfig
-    tokenizer: Tokenizer | None  # None for a run on images
+    tokenizer: Tokenizer | None  # None for a run on images or point clouds
     model: nn.Module
     checkpoint: Path
     state: dict
@@ -50,7 +50,7 @@ def _load(run: Path, folder: Path | None, device: str) -> LoadedRun:
         # written when RMSNorm silently ignored a bias: the weights have none, so this is the same model
         cfg.model.norm.bias = False
     tok_file = run / "tokenizer.json"
-    tokenizer = None if cfg.model.arch == "vit" and not tok_file.is_file() else load_tokenizer(tok_file)
+    tokenizer = None if cfg.model.arch in ("vit", "point_cloud") and not tok_file.is_file() else load_tokenizer(tok_file)
     assert folder is not None
     state = ckpt.read_state(folder)
     model = build_model(cfg.model)

@@ -1,0 +1,148 @@
+"""Point-cloud Transformer (Point-BERT, Yu et al. 2022; Point-MAE, Pang et al. 2022): a cloud is
+cut into local patches (farthest-point-sampled centres and their nearest neighbours), a small
+shared PointNet (Qi et al. 2017) turns each patch into a token, an MLP of the centre's
+coordinates is its position, and a class token plus a bidirectional encoder stack classify it.
+
+Invariance: the tokens are a function of the set of points, not of their order. Farthest-point
+sampling starts from the point farthest from the centroid and the neighbour sets are pooled
+with a max, so permuting a cloud's points leaves the output unchanged (up to exact distance
+ties, where `argmax`/`topk` take the lower index). The groups keep the order in which they were
+sampled; the stack gets no index positions (model.positional.kind must be `none`): where a
+token sits comes from its centre alone. Rotations are not built in: the model learns them
+from rotated training data. Coordinates are used as given (the data pipeline centres clouds
+and scales them into the unit sphere).
+
+Legend: `b` batch, `P` points, `G` groups, `K` points per group, `c` point-network width, `d` width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError, ModelConfig, PointsConfig
+from ..nn.attention import AttentionContext
+from ..nn.positional import PositionalEncoding
+from .common import Stack
+from .parts import Parts
+from .point_groups import check_points, group_points
+from .registry import ARCHITECTURES
+
+HEAD_KINDS = ("none", "sequence_classification", "embedding")
+
+
+class PointNet(nn.Module):
+    """A shared PointNet over each group: per-point MLP through `widths` (Linear, GELU; from the
+    second layer on Linear, LayerNorm, GELU), max-pool over the group, and a second per-point
+    MLP on each point's feature joined with that pooled feature (Point-MAE's two-stage
+    mini-PointNet), max-pooled to width `dim`: (b, G, K, 3) -> (b, G, d).
+
+    The first layer has no norm: a LayerNorm right after a linear map of the coordinates would
+    divide out their scale (LN(W(ax)) = LN(Wx)), and with it how far the points lie from the
+    centre. LayerNorm instead of PointNet's BatchNorm keeps every cloud independent of its batch."""
+
+    def __init__(self, widths: list[int], dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(3, widths[0]), nn.GELU()]
+        for prev, w in zip(widths, widths[1:]):
+            layers += [nn.Linear(prev, w), nn.LayerNorm(w), nn.GELU()]
+        self.first = nn.Sequential(*layers)
+        c = 2 * widths[-1]
+        self.second = nn.Sequential(nn.Linear(c, c), nn.LayerNorm(c), nn.GELU(), nn.Linear(c, dim))
+
+    def forward(self, groups: Tensor) -> Tensor:  # (b, G, K, 3) -> (b, G, d)
+        f = self.first(groups)  # (b, G, K, c)
+        pooled = f.max(2, keepdim=True).values.expand_as(f)  # (b, G, K, c)
+        return self.second(torch.cat([f, pooled], -1)).max(2).values  # (b, G, d)
+
+    def reset_extra_parameters(self) -> None:
+        """PyTorch's fan-in initialisation (uniform weights and biases) for the point MLPs, in
+        place of the model-wide N(0, 0.02): coordinates of size ~0.1 need weights of size ~1,
+        and nonzero biases make the first layers respond to the points' distance, not only
+        their direction."""
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                mod.reset_parameters()
+
+
+class PointGroupEmbedding(nn.Module):
+    """Tokens of a cloud: group it (`group_points`), embed each group with the PointNet, add an
+    MLP of the centre coordinates, prepend a learned class token."""
+
+    def __init__(self, points: PointsConfig, dim: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_groups, self.group_size = points.num_groups, points.group_size
+        self.pointnet = PointNet(points.widths, dim)
+        self.position = nn.Sequential(nn.Linear(3, points.position_hidden), nn.GELU(), nn.Linear(points.position_hidden, dim))
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def reset_extra_parameters(self) -> None:
+        """The centre MLP takes coordinates in the unit sphere: PyTorch's fan-in initialisation."""
+        for mod in self.position.modules():
+            if isinstance(mod, nn.Linear):
+                mod.reset_parameters()
+
+    def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """points (b, P, 3) -> tokens (b, 1 + G, d) and the group centres (b, G, 3)."""
+        need = max(self.num_groups, self.group_size)
+        check_points(points, need, f"the model (model.points.num_groups={self.num_groups}, group_size={self.group_size})")
+        with torch.autocast(points.device.type, enabled=False):
+            centres, groups = group_points(points.float(), self.num_groups, self.group_size)  # (b, G, 3), (b, G, K, 3)
+        x = self.pointnet(groups) + self.position(centres)  # (b, G, d)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (b, 1 + G, d)
+        return self.dropout(x), centres
+
+
+class PointCloudTransformer(nn.Module):
+    """Point groups -> bidirectional encoder blocks -> final norm -> head (class logits)."""
+
+    causal = False
+
+    def __init__(
+        self, config: ModelConfig, embed: PointGroupEmbedding, positional: PositionalEncoding, stack: Stack, head: nn.Module
+    ) -> None:
+        super().__init__()
+        self.config = config
+        # named `embed` so that Muon leaves the point network to AdamW, as it does token embeddings
+        self.embed, self.positional, self.stack, self.head = embed, positional, stack, head
+
+    def hidden(self, points: Tensor, *, attn_store: list | None = None) -> Tensor:
+        """points (b, P, 3) -> final hidden states (b, 1 + G, d), the class token first."""
+        x, _ = self.embed(points)
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # (b, 1 + G), unused by 'none'
+        ctx = AttentionContext(q_pos=positions, k_pos=positions, positional=self.positional, store=attn_store)
+        return self.stack(x, ctx)
+
+    def forward(self, points: Tensor, *, attn_store: list | None = None) -> Tensor:
+        """points (b, P, 3) -> the head's output: class logits (b, num_labels) with head
+        sequence_classification."""
+        return self.head(self.hidden(points, attn_store=attn_store), None)
+
+
+def check_point_cloud_config(cfg: ModelConfig) -> None:
+    """Raise ConfigError when `cfg` cannot build a point_cloud model."""
+    cfg.points.validate()
+    if cfg.positional.kind != "none":
+        raise ConfigError(
+            f"model.arch=point_cloud takes token positions from the group centres' coordinates (model.points), not from "
+            f"indices; got model.positional.kind={cfg.positional.kind!r}. Set model.positional.kind=none"
+        )
+    if cfg.head.kind not in HEAD_KINDS:
+        raise ConfigError(
+            f"model.arch=point_cloud supports model.head.kind {', '.join(HEAD_KINDS)}; got {cfg.head.kind!r}"
+        )
+
+
+@ARCHITECTURES.register("point_cloud")
+def build_point_cloud(cfg: ModelConfig, parts: Parts) -> PointCloudTransformer:
+    """A point-cloud Transformer with the configured head (the sequence-classification head
+    pools the class token, or the mean of all tokens with head.pooling=mean)."""
+    check_point_cloud_config(cfg)
+    return PointCloudTransformer(
+        cfg,
+        PointGroupEmbedding(cfg.points, cfg.dim, dropout=cfg.dropout),
+        parts.positional(causal=False),
+        parts.stack(cfg.num_layers, causal=False, name="encoder"),
+        parts.head(None),  # type: ignore[arg-type]  # these heads need no token embedding
+    )
