@@ -8,7 +8,7 @@ Both runs are char-level models of the same size trained for the same time (conf
 shakespeare-diffusion.yaml and the default shakespeare-char config). In one process:
 
 1. Generation: `--tokens` new characters after a newline, for each number of steps in
-   `--steps` (order confidence; and with --edit), timed (median of `--repeats`), and the causal
+   `--steps` (orders `--orders`; with --edit for three of them), timed (median of `--repeats`), and the causal
    decoder's KV-cached sampling of as many characters, timed the same way. Each sample's quality
    is judged by the causal decoder: its mean next-character loss on the sample (lower = more
    plausible to it; the decoder judging its own samples favours them, so the causal row is a
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--causal", required=True, help="a causal_lm run folder with the same tokenizer")
     p.add_argument("--tokens", type=int, default=200)
     p.add_argument("--steps", default="8,16,32,64,128,200")
+    p.add_argument("--orders", default="confidence,random", help="unmasking orders to measure (edits are measured with confidence)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--passages", type=int, default=64)
@@ -81,17 +82,20 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - start)
         return statistics.median(times), out
 
-    settings = [(int(s), False) for s in args.steps.split(",")] + [(int(s), True) for s in args.steps.split(",")[1:4]]
-    for steps, edit in settings:
-        config = DiffusionConfig(steps=steps, temperature=1.0, edit=edit, seed=0)
+    steps_list = [int(x) for x in args.steps.split(",")]
+    settings = [(order, n, False) for order in args.orders.split(",") for n in steps_list]
+    settings += [("confidence", n, True) for n in steps_list[1:4]]
+    for order, steps, edit in settings:
+        config = DiffusionConfig(steps=steps, temperature=1.0, order=order, edit=edit, seed=0)
         seconds, _ = timed(lambda: diffusion_generate(d.model, prompt, args.tokens, mask_id, context, config))
         losses, texts = [], []
         for i in range(args.samples):
-            new = diffusion_generate(d.model, prompt, args.tokens, mask_id, context, DiffusionConfig(steps=steps, edit=edit, seed=100 + i))
+            sample = DiffusionConfig(steps=steps, order=order, edit=edit, seed=100 + i)
+            new = diffusion_generate(d.model, prompt, args.tokens, mask_id, context, sample)
             losses.append(judge(c.model, prompt + new))
             texts.append(tok.decode(new))
-        row = {"model": "diffusion", "steps": steps, "edit": edit, "seconds": seconds, "chars_per_s": args.tokens / seconds,
-               "judge_loss": statistics.mean(losses), "sample": texts[0]}
+        row = {"model": "diffusion", "order": order, "steps": steps, "edit": edit, "seconds": seconds,
+               "chars_per_s": args.tokens / seconds, "judge_loss": statistics.mean(losses), "sample": texts[0]}
         results["generation"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "sample"}), file=sys.stderr)
     gen = GenerationConfig(max_new_tokens=args.tokens, do_sample=True, temperature=1.0, seed=0)
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         new = generate(c.model, [prompt], GenerationConfig(max_new_tokens=args.tokens, do_sample=True, temperature=1.0, seed=100 + i))[0, len(prompt):].tolist()
         losses.append(judge(c.model, prompt + new))
         texts.append(tok.decode(new))
-    row = {"model": "causal (KV cache)", "steps": args.tokens, "edit": False, "seconds": seconds, "chars_per_s": args.tokens / seconds,
+    row = {"model": "causal (KV cache)", "order": "left_to_right", "steps": args.tokens, "edit": False, "seconds": seconds, "chars_per_s": args.tokens / seconds,
            "judge_loss": statistics.mean(losses), "sample": texts[0]}
     results["generation"].append(row)
     print(json.dumps({k: v for k, v in row.items() if k != "sample"}), file=sys.stderr)
