@@ -104,3 +104,22 @@ def test_bad_settings_are_named() -> None:
         build("megabyte", vocab_size=64, max_seq_len=32, megabyte__local_dim=16, megabyte__local_heads=3)
     with pytest.raises(ValueError, match="no rolling cache"):
         megabyte().make_cache(1, window=8)
+
+
+def test_the_summary_counts_flops_per_byte_like_a_flop_counter() -> None:
+    """The summary's forward FLOPs per byte against torch's FLOP counter on a full window
+    (which counts attention over the whole window, not its causal half: the bound is loose)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anyformer.models.summary import summarize
+
+    model = build("megabyte", vocab_size=256, dim=64, num_layers=2, max_seq_len=256, megabyte__patch_size=8,
+                  megabyte__local_dim=32, megabyte__local_heads=2, attention__kernel="eager")
+    x = torch.randint(0, 256, (1, 256))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.predict_bytes(x)
+    measured = counter.get_total_flops() / 256
+    ours = summarize(model, seq_len=256).flops_per_token_forward
+    plain = 2 * sum(p.numel() for n, p in model.named_parameters() if "bytes" not in n)  # what a per-byte count of every weight gives
+    assert 0.75 * measured <= ours <= measured
+    assert plain > 3 * ours  # counting the global stack per byte would overstate the work several times

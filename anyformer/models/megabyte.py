@@ -109,6 +109,7 @@ class Megabyte(nn.Module):
         self.local_stack = local.stack(local.cfg.num_layers, causal=True, name="local")
         self.lm_head = LMHead(e, v, tied=self.local_bytes if cfg.tie_embeddings else None, scale=cfg.logit_scale)
         self.global_heads, self.local_heads = glob.cfg.attention.num_heads, local.cfg.attention.num_heads
+        self.attention_widths = (self.global_heads * glob.cfg.head_dim, self.local_heads * local.cfg.head_dim)
 
     def reset_extra_parameters(self) -> None:
         nn.init.normal_(self.global_start, std=self.config.init_std)
@@ -150,6 +151,20 @@ class Megabyte(nn.Module):
         pad = -(n + 1) % self.patch
         x = F.pad(tokens, (0, 1 + pad))  # one byte more: the prediction after the last token
         return self.predict_bytes(x)[:, 1 : n + 1]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per byte (for the model summary): the global stack and the projections
+        into and out of it once per patch, the local stack and the head once per byte, each
+        stack's attention over its causal context (half of it on average)."""
+        p = self.patch
+        count = lambda *mods: sum(x.numel() for m in mods for x in m.parameters())  # noqa: E731
+        glob, local = self.global_stack, self.local_stack
+        g_width, l_width = self.attention_widths
+        e = self.local_bytes.embedding_dim
+        g_layers, l_layers = len(glob.blocks), len(local.blocks)
+        per_patch = 2 * count(glob, self.patch_in, self.to_local) + 2 * 2 * g_layers * (seq_len / p / 2) * g_width
+        per_byte = 2 * count(local) + 2 * 2 * l_layers * (p / 2) * l_width + 2 * e * self.config.vocab_size
+        return per_patch / p + per_byte
 
     # --- the model protocol (anyformer.protocol) ---
 

@@ -108,7 +108,8 @@ def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: in
     total = count_parameters(model)
     emb = _embedding_params(model)
     reused, extra_layers = _reused_blocks(model)
-    fwd = flops_per_token(cfg, total - emb + reused, seq_len, extra_layers=extra_layers)
+    own = getattr(model, "flops_per_token", None)  # an architecture whose work per token differs from a plain stack's says so
+    fwd = own(seq_len) if callable(own) else flops_per_token(cfg, total - emb + reused, seq_len, extra_layers=extra_layers)
     return ModelSummary(
         arch=cfg.arch,
         parameters=total,
