@@ -52,3 +52,13 @@ def reference_causal_mask(n: int, m: int) -> torch.Tensor:
     """(n, m) bool, written independently of the library: the n queries are the last n of m
     positions, and query i sees keys j <= i + (m - n)."""
     return torch.ones(n, m, dtype=torch.bool).tril(diagonal=m - n)
+
+
+def greedy_by_recompute(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding without any cache: the argmax of a full forward over the whole sequence
+    at every step (the reference cached generation must equal)."""
+    seq = torch.tensor(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
+    return seq.tolist()

@@ -15,7 +15,7 @@ from anyformer.generation import generate
 from anyformer.models.memory.infinite_former import basis, density, expected_basis, fit
 from anyformer.training import Trainer
 
-from .helpers import build
+from .helpers import build, greedy_by_recompute
 from .training_helpers import interrupted_copy, tiny_config
 
 
@@ -88,11 +88,7 @@ def test_cached_decoding_equals_the_full_forward(sticky: bool) -> None:
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
     prompt = tokens[0, :5].tolist()
     out = generate(model, [prompt], max_new_tokens=20)[0].tolist()
-    seq = torch.tensor(prompt)
-    with torch.no_grad():
-        for _ in range(20):
-            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
-    assert out == seq.tolist()
+    assert out == greedy_by_recompute(model, prompt, 20)
 
 
 def test_trains_from_a_config_and_resumes_exactly(tmp_path) -> None:

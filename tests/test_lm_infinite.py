@@ -15,7 +15,7 @@ from anyformer.longcontext import LMInfiniteOptions, apply_lm_infinite, lm_infin
 from anyformer.longcontext import lm_infinite as lm_infinite_module
 from anyformer.nn.positional.rope import apply_rope, rope_angles
 
-from .helpers import build
+from .helpers import build, greedy_by_recompute
 
 
 def _rope_at(x: torch.Tensor, pos: torch.Tensor, rope) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -102,11 +102,7 @@ def test_a_model_that_fits_the_window_is_unchanged_and_cached_decoding_matches()
     # greedy decoding with the KV cache equals picking the argmax of a full forward each step
     prompt = tokens[0, :12]
     out = generate(model, [prompt.tolist()], max_new_tokens=20)[0]
-    seq = prompt.clone()
-    with torch.no_grad():
-        for _ in range(20):
-            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
-    assert out.tolist() == seq.tolist()
+    assert out.tolist() == greedy_by_recompute(model, prompt.tolist(), 20)
 
 
 def test_decoding_past_the_context_keeps_a_constant_cache_and_matches_full_recompute() -> None:
@@ -130,11 +126,7 @@ def test_decoding_past_the_context_keeps_a_constant_cache_and_matches_full_recom
         assert cache.positions[0, :2].tolist() == [0, 1] and cache.positions[0, cache.length - 1] == 69
     prompt = tokens[0, :30]  # longer than max_seq_len: prefilled in window-sized chunks
     out = generate(model, [prompt.tolist()], max_new_tokens=25)[0]
-    seq = prompt.clone()
-    with torch.no_grad():
-        for _ in range(25):
-            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
-    assert out.tolist() == seq.tolist()
+    assert out.tolist() == greedy_by_recompute(model, prompt.tolist(), 25)
     remove_lm_infinite(model)
     assert model.decoding_info().long_context is None
     with pytest.raises(ValueError, match="exceeds max_seq_len"):

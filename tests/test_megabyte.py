@@ -11,7 +11,7 @@ from anyformer.config import ConfigError
 from anyformer.generation import generate
 from anyformer.training import Trainer
 
-from .helpers import build
+from .helpers import build, greedy_by_recompute
 from .training_helpers import interrupted_copy, tiny_config
 
 
@@ -72,11 +72,7 @@ def test_cached_generation_equals_full_recompute() -> None:
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
     prompt = x[0, :5].tolist()
     out = generate(model, [prompt], max_new_tokens=20)[0].tolist()
-    seq = torch.tensor(prompt)
-    with torch.no_grad():
-        for _ in range(20):
-            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
-    assert out == seq.tolist()
+    assert out == greedy_by_recompute(model, prompt, 20)
 
 
 def test_lengths_that_are_not_whole_patches_are_padded() -> None:

@@ -12,7 +12,7 @@ from anyformer.config import ConfigError
 from anyformer.generation import generate
 from anyformer.training import Trainer
 
-from .helpers import build
+from .helpers import build, greedy_by_recompute
 from .training_helpers import interrupted_copy, tiny_config
 
 
@@ -78,11 +78,7 @@ def test_cached_decoding_equals_the_full_forward_across_segments() -> None:
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
     prompt = tokens[0, :6].tolist()
     out = generate(model, [prompt], max_new_tokens=30)[0].tolist()  # 36 tokens: five segments
-    seq = torch.tensor(prompt)
-    with torch.no_grad():
-        for _ in range(30):
-            seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
-    assert out == seq.tolist()
+    assert out == greedy_by_recompute(model, prompt, 30)
 
 
 def test_generation_runs_past_the_inner_context() -> None:
