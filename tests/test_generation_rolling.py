@@ -62,6 +62,26 @@ def test_rolling_step_equals_recomputing_the_kept_tokens(kind: str) -> None:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_sliding_window_model_decodes_exactly_through_a_rolling_cache_of_its_window() -> None:
+    """A model whose attention sees only the last W tokens loses nothing when the cache keeps
+    exactly those W (no sinks): RoPE logits depend on distances, which slot positions keep, so
+    token-by-token decoding past max_seq_len equals the full forward at every position."""
+    from anyformer.config import ModelConfig, from_dict
+
+    torch.manual_seed(0)
+    cfg = dict(arch="decoder", vocab_size=64, dim=32, num_layers=2, max_seq_len=64, positional=dict(kind="rope"),
+               attention=dict(kind="sliding_window", num_heads=4, options=dict(window=8)))
+    model = build_model(from_dict(ModelConfig, cfg).validate()).eval()
+    tokens = torch.randint(0, 64, (1, 40))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(1, window=8, sinks=0)
+        steps = [model.decode_step(tokens[:, t : t + 1], cache, cache.next_positions(torch.ones(1, 1, dtype=torch.bool)))
+                 for t in range(40)]
+    assert cache.max_len == 8
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_long_prompt_is_prefilled_in_window_chunks() -> None:
     model = _model("rope", ctx=32)
     out = generate(model, list(range(1, 80)), max_new_tokens=5, window=16, sink_tokens=2)

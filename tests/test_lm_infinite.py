@@ -49,17 +49,27 @@ def _rope():  # type: ignore[no-untyped-def]
     return build(attention__num_heads=4).positional
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["fused", "explicit"])
 @pytest.mark.parametrize("window, num_global, ceiling", [(8, 3, 8), (8, 3, 13), (5, 0, 5), (40, 2, 40)])
-def test_attention_equals_the_pairwise_formula(monkeypatch, window: int, num_global: int, ceiling: int) -> None:
+def test_attention_equals_the_pairwise_formula(monkeypatch, window: int, num_global: int, ceiling: int, grad: bool) -> None:
+    """Inference runs the fused kernel; with gradients the logits are explicit: both equal the
+    rule, and gradients flow to the queries, keys and values."""
     monkeypatch.setattr(lm_infinite_module, "CHUNK", 16)  # several query chunks
     rope = _rope()
     b, h, g, n, d = 2, 4, 2, 40, 8
     gen = torch.Generator().manual_seed(0)
-    q_raw, k_raw, v = (torch.randn(b, c, n, d, generator=gen) for c in (h, g, g))
+    q_raw, k_raw, v = (torch.randn(b, c, n, d, generator=gen).requires_grad_(grad) for c in (h, g, g))
     pos = torch.arange(n)[None].expand(b, n)
     q, k = rope.rotate(q_raw, k_raw, pos, pos)
     got = lm_infinite_attention(q, k, v, pos, pos, rope, LMInfiniteOptions(window, num_global, ceiling))
-    torch.testing.assert_close(got, reference(q_raw, k_raw, v, rope, window, num_global, ceiling), atol=1e-5, rtol=1e-4)
+    want = reference(q_raw, k_raw, v, rope, window, num_global, ceiling)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    if grad:
+        cot = torch.randn(got.shape, generator=gen)
+        got_grads = torch.autograd.grad((got * cot).sum(), (q_raw, k_raw, v))
+        want_grads = torch.autograd.grad((want * cot).sum(), (q_raw, k_raw, v))
+        for a, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, w, atol=1e-4, rtol=1e-4)
 
 
 def test_distances_never_exceed_the_ceiling() -> None:

@@ -60,13 +60,36 @@ class LMInfiniteOptions:
         return LMInfiniteOptions(self.window, self.num_global, ceiling)
 
 
+def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax attention of q (b, h, c, d) over k, v (b, h, w, d) where `visible` (b, 1, c, w)
+    -> the output (b, h, c, d) in fp32 and each row's log-sum-exp of logits (b, h, c). Every
+    row must see at least one key. Inference on CPU runs PyTorch's fused flash kernel, which
+    returns the log-sum-exp; otherwise (gradients, other devices) the logits are explicit."""
+    if q.device.type == "cpu" and not (q.requires_grad or k.requires_grad or v.requires_grad) and _FLASH is not None:
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        out, lse = _FLASH(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+        return out.float(), lse.float()
+    logits = (torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    return torch.matmul(torch.exp(logits - lse[..., None]), v.float()), lse
+
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def lm_infinite_attention(
     q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, rope: RoPE, opts: LMInfiniteOptions,
     *, scale: float | None = None,
 ) -> Tensor:
     """LM-Infinite attention of rotated queries q (b, h, n, d) at positions q_pos (b, n) over
     rotated keys k and values v (b, g, m, d) at k_pos (b, m) (causal; keys in increasing
-    position order, the queries the last n of them) -> (b, h, n, d)."""
+    position order, the queries the last n of them) -> (b, h, n, d).
+
+    Each chunk of queries attends in two parts merged by their log-sum-exps: its local span
+    (the keys within `window` of some query of the chunk, at their true distances; one fused
+    kernel call) and the global keys outside a query's window, at distance min(i - j, ceiling).
+    For the latter the ceiling logit is that of the query rotated to position `ceiling` against
+    the key rotated back to position 0, so one rotation of the chunk serves every global key."""
     opts = opts.check()
     b, h, n, d = q.shape
     m = k.shape[2]
@@ -77,35 +100,33 @@ def lm_infinite_attention(
     out = torch.empty_like(q)
     offset = m - n
     G = min(opts.num_global, m)
-    k_glob, v_glob = repeat_kv(k[:, :, :G], groups).float(), repeat_kv(v[:, :, :G], groups)  # (b, h, G, d)
     g_pos = k_pos[:, :G]  # (b, G)
+    k_glob = repeat_kv(k[:, :, :G], groups).float()  # (b, h, G, d), at their true positions
+    cos, sin = rope_angles(-g_pos, rope.rotary_dim, rope.options.base)
+    k_glob0 = apply_rope(k_glob, cos, sin, interleaved=rope.options.interleaved)  # turned back to position 0
+    v_glob = repeat_kv(v[:, :, :G], groups).float()
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         lo = max(0, s + offset - opts.window + 1)  # first key any query of the chunk may see locally
         hi = e + offset
-        qc = q[:, :, s:e].float()  # (b, h, c, d)
-        qp = q_pos[:, s:e]  # (b, c)
-        kl = repeat_kv(k[:, :, lo:hi], groups).float()  # (b, h, w, d)
-        vl = repeat_kv(v[:, :, lo:hi], groups)
+        qc, qp = q[:, :, s:e], q_pos[:, s:e]  # (b, h, c, d), (b, c)
         dist = qp[:, :, None] - k_pos[:, None, lo:hi]  # (b, c, w)
-        local = torch.matmul(qc, kl.transpose(-1, -2)) * scale  # (b, h, c, w)
-        local = local.masked_fill(~((dist >= 0) & (dist < opts.window))[:, None], float("-inf"))
-        parts, values = [local], [vl]
-        if G:
-            gdist = qp[:, :, None] - g_pos[:, None, :]  # (b, c, G)
-            logits = []
-            for j in range(G):  # the query turned back so that its distance to key j is at most the ceiling
-                delta = (ceiling - gdist[:, :, j]).clamp(max=0)  # (b, c)
-                cos, sin = rope_angles(delta, rope.rotary_dim, rope.options.base)
-                turned = apply_rope(qc, cos, sin, interleaved=rope.options.interleaved)
-                logits.append((turned * k_glob[:, :, j : j + 1]).sum(-1))  # (b, h, c)
-            glob = torch.stack(logits, -1) * scale  # (b, h, c, G)
-            # global keys the local span already holds are counted there, once
-            glob = glob.masked_fill(~(gdist >= opts.window)[:, None], float("-inf"))
-            parts.append(glob)
-            values.append(v_glob)
-        probs = torch.softmax(torch.cat(parts, -1), -1).nan_to_num(0.0)  # (b, h, c, w + G)
-        out[:, :, s:e] = torch.matmul(probs.to(v.dtype), torch.cat(values, -2)).to(out.dtype)
+        local, lse = _attention_with_lse(qc, repeat_kv(k[:, :, lo:hi], groups), repeat_kv(v[:, :, lo:hi], groups),
+                                         ((dist >= 0) & (dist < opts.window))[:, None], scale)
+        gdist = qp[:, :, None] - g_pos[:, None, :]  # (b, c, G)
+        outside = gdist >= opts.window  # global keys the local span does not hold (counted there otherwise)
+        if G and bool(outside.any()):
+            cq, sq = rope_angles(ceiling - qp, rope.rotary_dim, rope.options.base)
+            at_ceiling = torch.matmul(apply_rope(qc, cq, sq, interleaved=rope.options.interleaved), k_glob0.transpose(-1, -2))
+            true = torch.matmul(qc.float(), k_glob.transpose(-1, -2))  # (b, h, c, G)
+            glob = torch.where((gdist >= ceiling)[:, None], at_ceiling, true) * scale
+            glob = glob.masked_fill(~outside[:, None], float("-inf"))
+            lse_g = torch.logsumexp(glob, -1)  # (b, h, c); -inf where no global key is outside
+            total = torch.logaddexp(lse, lse_g)
+            w_g = torch.exp(lse_g - total)[..., None]
+            read = torch.matmul(torch.exp(glob - total[..., None]), v_glob)  # already weighted by w_g
+            local = local * (1 - w_g) + read
+        out[:, :, s:e] = local.to(out.dtype)
     return out
 
 
@@ -115,6 +136,8 @@ def _attend(layer: MultiHeadAttention, opts: LMInfiniteOptions):  # type: ignore
     def attend(q: Tensor, k: Tensor, v: Tensor, ctx) -> Tensor:  # type: ignore[no-untyped-def]
         if not isinstance(ctx.positional, RoPE) or ctx.mask is not None or ctx.bias is not None or not ctx.causal:
             return plain(q, k, v, ctx)
+        if int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) < opts.window:
+            return plain(q, k, v, ctx)  # every key within every query's window: the Λ is plain causal attention
         return lm_infinite_attention(q, k, v, ctx.q_pos, ctx.k_pos, ctx.positional, opts, scale=layer.scale)
 
     attend.lm_infinite = opts  # type: ignore[attr-defined]
