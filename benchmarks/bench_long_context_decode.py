@@ -9,7 +9,10 @@ cost does not depend on what the weights learned), generating after contexts of 
 - lm_infinite: the same decoder with LM-Infinite (window `--window`, 10 global tokens): a Λ cache;
 - rmt: memory tokens (`--segment` tokens per segment, 8 memory tokens);
 - infinite_former: a continuous memory (`--segment`, 32 basis functions per layer);
-- megabyte: patches of 8 (the global model's cache grows by one position per patch).
+- megabyte: patches of 8 (the global model's cache grows by one position per patch);
+- sliding_window: sliding-window attention over the last `--window` tokens, decoding through a
+  rolling cache of the last `--window` keys (no sinks; RoPE depends on distances only, so
+  slot positions give the same logits).
 
 For each context length L the context is fed through the model's cache (the model protocol's
 decode_step, in chunks), then `--tokens` single-token steps are timed; reported: milliseconds
@@ -61,6 +64,8 @@ def build(method: str, args, longest: int):  # type: ignore[no-untyped-def]
         base.update(arch="megabyte", max_seq_len=size, megabyte=dict(patch_size=8, local_dim=args.dim // 2, local_layers=2))
     elif method == "lm_infinite":
         base.update(max_seq_len=args.window)
+    elif method == "sliding_window":
+        base.update(max_seq_len=args.window, attention=dict(kind="sliding_window", num_heads=4, options=dict(window=args.window)))
     model = build_model(from_dict(ModelConfig, base).validate()).eval()
     if method == "lm_infinite":
         apply_lm_infinite(model, window=args.window, num_global=10)
@@ -70,7 +75,7 @@ def build(method: str, args, longest: int):  # type: ignore[no-untyped-def]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,4096,16384")
-    p.add_argument("--methods", default="plain,lm_infinite,rmt,infinite_former,megabyte")
+    p.add_argument("--methods", default="plain,lm_infinite,rmt,infinite_former,megabyte,sliding_window")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--window", type=int, default=256)
@@ -95,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             context = torch.randint(0, 256, (1, length), generator=g)
             with torch.no_grad():
                 lc = model.decoding_info().long_context
-                cache = model.make_cache(1, length + args.tokens + 8, **({"window": lc.window, "sinks": lc.sinks, "true_positions": True} if lc else {}))
-                chunk = min(args.chunk, lc.window) if lc else args.chunk
+                if lc:
+                    cache = model.make_cache(1, window=lc.window, sinks=lc.sinks, true_positions=True)
+                elif method == "sliding_window":
+                    cache = model.make_cache(1, window=args.window, sinks=0)
+                else:
+                    cache = model.make_cache(1, length + args.tokens + 8)
+                chunk = min(args.chunk, args.window) if lc or method == "sliding_window" else args.chunk
                 start = time.perf_counter()
                 for s in range(0, length, chunk):
                     part = context[:, s : s + chunk]

@@ -10,13 +10,15 @@ value after its key (the loss and the accuracy count those positions only). Ever
 `--segment` tokens; the model reads one segment at a time (its context is the segment plus
 the memory), so the facts are `gap + 1` segments before the questions.
 
-Three models of the same size and segment length are trained the same way (AdamW, the same
+Models of the same size and segment length are trained the same way (AdamW, the same
 steps, loss on the answers only; in the first third of the steps every batch is one segment,
 the questions beside the facts, which teaches the look-up itself; after that each batch has 1
 to `--max-gap` + 2 segments, drawn uniformly): the Recurrent
 Memory Transformer (`--memory` tokens, full backpropagation through the segments), the
 ∞-former (a continuous memory of `--basis` basis functions per layer) and the segmented plain
-model (no memory: chance level, 1/16, is all it can reach). Reported: held-out
+model (no memory: chance level, 1/16, is all it can reach). A fourth model of the same size
+reads the whole sequence with sliding-window attention over the last `--segment` tokens (its
+reach is layers x segment tokens back, a fixed horizon). Reported: held-out
 accuracy per gap (fixed seeds, `--eval` sequences each) and training time. The cost per token
 against the length is measured by bench_long_context_decode.py.
 """
@@ -51,14 +53,20 @@ def batch(n: int, segments: int, seg: int, facts: int, g):  # type: ignore[no-un
     return tokens, targets
 
 
-def make(kind: str, memory: int, seg: int, dim: int, layers: int):  # type: ignore[no-untyped-def]
+def make(kind: str, memory: int, seg: int, dim: int, layers: int, longest: int):  # type: ignore[no-untyped-def]
+    """kind rmt / infinite_former (a memory around the decoder, reading one segment at a time), or
+    sliding_window: the same decoder reading the whole sequence, each query attending to the
+    `seg` most recent tokens (itself included)."""
     from anyformer.config import ModelConfig, from_dict
     from anyformer.models import build_model
 
-    options = dict(num_memory=memory, segment_len=seg) if kind == "rmt" else dict(num_basis=memory, segment_len=seg)
-    cfg = from_dict(ModelConfig, dict(arch="decoder", vocab_size=64, dim=dim, num_layers=layers, max_seq_len=seg + 2 * max(memory, 1),
-                                      attention=dict(num_heads=4), positional=dict(kind="rope"), memory=dict(kind=kind, options=options)))
-    return build_model(cfg.validate())
+    base = dict(arch="decoder", vocab_size=64, dim=dim, num_layers=layers, attention=dict(num_heads=4), positional=dict(kind="rope"))
+    if kind == "sliding_window":
+        base.update(max_seq_len=longest, attention=dict(kind="sliding_window", num_heads=4, options=dict(window=seg)))
+    else:
+        options = dict(num_memory=memory, segment_len=seg) if kind == "rmt" else dict(num_basis=memory, segment_len=seg)
+        base.update(max_seq_len=seg + 2 * max(memory, 1), memory=dict(kind=kind, options=options))
+    return build_model(from_dict(ModelConfig, base).validate())
 
 
 def train(model, args, g) -> float:  # type: ignore[no-untyped-def]
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment", type=int, default=16)
     p.add_argument("--memory", type=int, default=8, help="RMT memory tokens")
     p.add_argument("--basis", type=int, default=32, help="∞-former basis functions")
-    p.add_argument("--models", default="rmt,infinite_former,segmented")
+    p.add_argument("--models", default="rmt,infinite_former,segmented,sliding_window")
     p.add_argument("--facts", type=int, default=4)
     p.add_argument("--max-gap", type=int, default=3)
     p.add_argument("--eval-gaps", default="0,1,2,3,6")
@@ -109,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict = {"args": vars(args), "threads": torch.get_num_threads(), "models": {}}
-    kinds = {"rmt": ("rmt", args.memory), "infinite_former": ("infinite_former", args.basis), "segmented": ("rmt", 0)}
+    kinds = {"rmt": ("rmt", args.memory), "infinite_former": ("infinite_former", args.basis), "segmented": ("rmt", 0),
+             "sliding_window": ("sliding_window", 0)}
+    longest = (max(args.max_gap, *(int(x) for x in args.eval_gaps.split(","))) + 2) * args.segment
     for name in args.models.split(","):
+        if name not in kinds:
+            p.error(f"unknown model {name!r}; choose from {', '.join(kinds)}")
         kind, memory = kinds[name]
         torch.manual_seed(0)
-        model = make(kind, memory, args.segment, args.dim, args.layers)
+        model = make(kind, memory, args.segment, args.dim, args.layers, longest)
         print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters", file=sys.stderr)
         seconds = train(model, args, torch.Generator().manual_seed(1))
         model.eval()
