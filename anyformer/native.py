@@ -102,8 +102,33 @@ def load(name: str, source: str) -> Any | None:
             where = f"; remembered in {marker} (delete it to retry)" if marker else ""
             warnings.warn(f"C++ kernel {name} unavailable ({type(err).__name__}: {str(err)[:200]}); using the PyTorch path{where}")
             module = None
+        if module is not None:
+            _register_fakes(name)
         _MODULES[name] = module
     return _MODULES[name]
+
+
+# Output shapes of each module's torch.ops.anyformer operators for tracing (torch.compile runs
+# them on fake tensors first): allocated like the C++ code allocates them.
+_FAKES: dict[str, dict[str, Any]] = {
+    "anyformer_cpu_decode": {
+        "anyformer::gemv": lambda x, weight, bias=None: x.new_empty(weight.shape[0]),
+        "anyformer::gemv_multi": lambda x, weights, biases: x.new_empty(sum(w.shape[0] for w in weights)),
+    },
+    "anyformer_cpu_softmax": {
+        "anyformer::decode_attention": lambda q, k, v, scale: q.new_empty(q.shape),
+    },
+}
+_FAKES_DONE: set[str] = set()
+
+
+def _register_fakes(name: str) -> None:
+    import torch
+
+    for op, fake in _FAKES.get(name, {}).items():
+        if op not in _FAKES_DONE:
+            torch.library.register_fake(op)(fake)
+            _FAKES_DONE.add(op)
 
 
 def loaded(name: str, source: str) -> Any | None:

@@ -245,3 +245,35 @@ def test_failed_native_build_is_remembered_across_processes(tmp_path, monkeypatc
     with pytest.warns(UserWarning):
         assert native.load("anyformer_test_broken", str(src)) is None
     assert len(calls) == 2
+
+
+def test_native_primitives_are_operators_that_torch_compile_traces_through() -> None:
+    """gemv, gemv_multi and one-query attention are torch.ops.anyformer operators: PyTorch's
+    own operator checks pass (schema, shapes on fake tensors, tracing), and a function using them
+    compiles as one graph (fullgraph: no break at the C++ calls) with eager's result."""
+    from torch.library import opcheck
+
+    from anyformer.generation.fast import fast_gemv
+    from anyformer.nn.attention.kernels import sdpa_attention
+    from anyformer.nn.attention.native_kernels import native_softmax
+
+    _native_or_skip()
+    if native_softmax(torch.device("cpu"), torch.float32) is None:
+        pytest.skip("the C++ attention kernels need a C++ toolchain and AVX-512")
+    torch.manual_seed(0)
+    x, w, b = torch.randn(48), torch.randn(40, 48), torch.randn(40)
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    for op, args in ((torch.ops.anyformer.gemv.default, (x, w, b)),
+                     (torch.ops.anyformer.gemv_multi.default, (x, [w, w[:7].contiguous()], [])),
+                     (torch.ops.anyformer.decode_attention.default, (q, k, v, 0.25))):
+        result = opcheck(op, args)
+        assert all(status == "SUCCESS" for status in result.values()), result
+
+    def step(x: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.tanh(fast_gemv(x * 2, w, b)), sdpa_attention(q * 2, k, v)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for got, want in zip(compiled(x, q), step(x, q)):
+        torch.testing.assert_close(got, want)
+    plain = torch.softmax((q * 2) @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25, -1) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(compiled(x, q)[1], plain, rtol=1e-5, atol=1e-5)

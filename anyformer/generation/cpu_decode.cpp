@@ -339,6 +339,26 @@ class Decoder {
 
 void set_prefetch(int64_t bytes) { g_prefetch = bytes; }
 
+// The primitives as PyTorch operators (torch.ops.anyformer.*), so that torch.compile traces
+// through them (their shapes for tracing are registered in anyformer/native.py).
+torch::Tensor gemv_op(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  return gemv(x, weight, bias);
+}
+
+torch::Tensor gemv_multi_op(const torch::Tensor& x, at::TensorList weights, at::TensorList biases) {
+  return gemv_multi(x, weights.vec(), biases.vec());
+}
+
+TORCH_LIBRARY_FRAGMENT(anyformer, m) {
+  m.def("gemv(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("gemv_multi(Tensor x, Tensor[] weights, Tensor[] biases) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(anyformer, CPU, m) {
+  m.impl("gemv", &gemv_op);
+  m.impl("gemv_multi", &gemv_multi_op);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder", "a decoder-only model's batch-1 step over a preallocated cache")
       .def(pybind11::init<const std::vector<std::vector<torch::Tensor>>&, const std::vector<std::vector<double>>&,

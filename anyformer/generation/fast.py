@@ -8,7 +8,9 @@ bf16 weights). Two faster paths, best first:
 
 - a small C++ kernel (cpu_decode.cpp: AVX-512 FMA for fp32, AVX512-BF16 dot products for bf16,
   rows split across threads), built once per machine with the PyTorch C++ extension tools
-  (~30 s, cached under ~/.cache/torch_extensions) on CPUs that have those instructions;
+  (~30 s, cached under ~/.cache/torch_extensions) on CPUs that have those instructions, and
+  registered as the operators torch.ops.anyformer.gemv / gemv_multi, so torch.compile traces
+  through it;
 - otherwise `torch.compile` of `(W * x).sum(-1)`: one vectorised reduction loop that does not
   materialise the product (any device, any CPU with a C++ compiler).
 
@@ -67,7 +69,9 @@ def fast_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()):
         module = native_gemv()
         if module is not None:
-            return module.gemv(x.contiguous(), weight, None if bias is None else bias.contiguous())
+            # the registered operator when torch.compile traces; the direct binding (cheaper per call) eagerly
+            call = torch.ops.anyformer.gemv if torch.compiler.is_compiling() else module.gemv
+            return call(x.contiguous(), weight, None if bias is None else bias.contiguous())
     return compiled_gemv()(x, weight, bias)
 
 
@@ -137,7 +141,8 @@ class _Siblings:
         biases = [lay.bias for lay in self.layers] if layer.bias is not None else []
         if any(b.dtype != x.dtype for b in biases):  # type: ignore[union-attr]
             return None
-        out = module.gemv_multi(x.reshape(-1).contiguous(), weights, [b.contiguous() for b in biases])  # type: ignore[union-attr]
+        call = torch.ops.anyformer.gemv_multi if torch.compiler.is_compiling() else module.gemv_multi
+        out = call(x.reshape(-1).contiguous(), weights, [b.contiguous() for b in biases])  # type: ignore[union-attr]
         mine = None
         for lay, part in zip(self.layers, out.split(self.sizes)):
             part = part.view(*x.shape[:-1], lay.out_features)

@@ -391,6 +391,16 @@ std::vector<torch::Tensor> chunked_backward(const torch::Tensor& q, const torch:
   return {dq, dk, dv};
 }
 
+// One-query attention as a PyTorch operator (torch.ops.anyformer.decode_attention), so that
+// torch.compile traces through it (its shape for tracing is registered in anyformer/native.py).
+TORCH_LIBRARY_FRAGMENT(anyformer, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(anyformer, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunked_backward", &chunked_backward, "the gradients (dq, dk, dv) of chunked_forward");
   m.def("chunked_forward", &chunked_forward, "exact attention forward, plain or causal: (out, base-2 lse)");

@@ -142,7 +142,9 @@ def sdpa_attention(
         if q.dtype == torch.float32 and mask is None and bias is None and dropout == 0.0:
             native = _native_decode(q, k, v)
             if native is not None:  # one C++ call: no thread start-up, no copies for grouped heads
-                return native.decode_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+                # the registered operator when torch.compile traces; the direct binding (cheaper per call) eagerly
+                call = torch.ops.anyformer.decode_attention if torch.compiler.is_compiling() else native.decode_attention
+                return call(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
             groups = q.shape[1] // k.shape[1]
             return torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), scale=scale)
         return eager_attention(q, k, v, mask=mask, bias=bias, causal=False, scale=scale, dropout=dropout)
