@@ -244,3 +244,39 @@ def test_bad_settings_are_named(tmp_path, tsv) -> None:
         Trainer(s2s_config(tmp_path, tsv, "--task.options.source=fr"), run_dir=tmp_path / "r", verbose=False)
     with pytest.raises(ConfigError, match="unknown config key .*beam.*valid keys"):
         Trainer(s2s_config(tmp_path, tsv, "--task.options.beam=3"), run_dir=tmp_path / "r", verbose=False)
+
+
+def test_no_repeat_ngram_translations_never_repeat_an_ngram(trained, tmp_path, tsv, monkeypatch) -> None:
+    """With task.options.no_repeat_ngram n, no generated target n-gram occurs twice (checked on
+    the generated ids); greedy translations that repeat nothing are unchanged; a negative size is
+    refused by name."""
+    import anyformer.generation as generation
+    from anyformer.tasks.sequence_to_sequence import EOS, translate
+
+    produced: list[list[int]] = []
+    plain_generate = generation.generate
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = plain_generate(*args, **kwargs)
+        for row in out[:, 1:].tolist():
+            produced.append(row[: row.index(EOS)] if EOS in row else row)
+        return out
+
+    monkeypatch.setattr(generation, "generate", recording)
+    sources = [p.source for p in trained.data.val_pairs[:6]]
+    model, tok = trained.model, trained.data.tokenizer
+    plain = translate(model, tok, sources, beams=1, max_new_tokens=40)
+    plain_ids, produced[:] = list(produced), []
+    for n, beams in ((1, 1), (2, 2), (3, 1)):
+        translate(model, tok, sources, beams=beams, max_new_tokens=40, no_repeat_ngram=n)
+        for row in produced:
+            grams = [tuple(row[i : i + n]) for i in range(len(row) - n + 1)]
+            assert len(grams) == len(set(grams)), (n, row)
+        produced[:] = []
+    assert any(len(set(r)) < len(r) for r in plain_ids), "the tiny model should repeat a token somewhere without the rule"
+    for src, text, row in zip(sources, plain, plain_ids):
+        grams = [tuple(row[i : i + 3]) for i in range(len(row) - 2)]
+        if len(grams) == len(set(grams)):  # the rule never fired on the greedy path: same translation
+            assert translate(model, tok, [src], beams=1, max_new_tokens=40, no_repeat_ngram=3) == [text]
+    with pytest.raises(ConfigError, match="task.options.no_repeat_ngram"):
+        Trainer(s2s_config(tmp_path, tsv, "--task.options.no_repeat_ngram=-1"), run_dir=tmp_path / "r", verbose=False)

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     limit = options.max_target_tokens if args.max_new_tokens is None else args.max_new_tokens
     if limit < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {limit}")
-    for line in translate(r.model, r.tokenizer, texts, beams=beams, max_new_tokens=limit):  # type: ignore[arg-type]
+    for line in translate(r.model, r.tokenizer, texts, beams=beams, max_new_tokens=limit,  # type: ignore[arg-type]
+                          no_repeat_ngram=options.no_repeat_ngram):
         print(line)
     return 0

