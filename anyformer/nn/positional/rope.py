@@ -71,13 +71,32 @@ class RoPE(PositionalEncoding):
             )
         self.rotary_dim = r
 
+    def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin tables (b, 1, n, r) for (b, n) positions. Every layer of a forward pass
+        rotates by the same positions (the queries', and the cached keys' when a cache
+        re-rotates them), so on the CPU the tables of the last two position tensors are kept,
+        with a copy of those positions, and reused for equal positions: one computation per
+        forward instead of one per layer. (Elsewhere the comparison would cost a device sync
+        per layer, more than the tables.)"""
+        if positions.device.type != "cpu" or torch.compiler.is_compiling():
+            return rope_angles(positions, self.rotary_dim, self.options.base)
+        memo = self.__dict__.setdefault("_angles_memo", [])
+        key = (self.rotary_dim, self.options.base)
+        for seen_key, seen, cos, sin in memo:
+            if seen_key == key and seen.shape == positions.shape and torch.equal(seen, positions):
+                return cos, sin
+        cos, sin = rope_angles(positions, self.rotary_dim, self.options.base)
+        memo.append((key, positions.clone(), cos, sin))
+        del memo[:-2]
+        return cos, sin
+
     def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
         o = self.options
-        cos_q, sin_q = rope_angles(q_pos, self.rotary_dim, o.base)
+        cos_q, sin_q = self.angles(q_pos)
         if k_pos is q_pos:
             cos_k, sin_k = cos_q, sin_q
         else:
-            cos_k, sin_k = rope_angles(k_pos, self.rotary_dim, o.base)
+            cos_k, sin_k = self.angles(k_pos)
         return (
             apply_rope(q, cos_q, sin_q, interleaved=o.interleaved),
             apply_rope(k, cos_k, sin_k, interleaved=o.interleaved),
