@@ -321,6 +321,22 @@ def test_rmsnorm_refuses_a_bias_and_matches_torch() -> None:
     assert [name for name, _ in ours.named_parameters()] == ["weight"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_equals_the_formula_in_float64(dtype: torch.dtype) -> None:
+    """fp32 (one fused call) and bf16 (fp32 statistics, one rounding) against the formula."""
+    from anyformer.nn.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48))
+    x = (torch.randn(4, 7, 48) * 3).to(dtype)
+    xd, wd = x.double(), norm.weight.double()
+    want = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=8e-3)
+    torch.testing.assert_close(norm(x).double(), want.to(dtype).double() if dtype != torch.float32 else want, **tol)
+
+
 def test_model_config_asking_rmsnorm_for_a_bias_is_refused() -> None:
     with pytest.raises(ValueError, match="bias"):
         build(norm__kind="rmsnorm", norm__bias=True)
