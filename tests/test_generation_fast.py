@@ -277,3 +277,24 @@ def test_native_primitives_are_operators_that_torch_compile_traces_through() -> 
         torch.testing.assert_close(got, want)
     plain = torch.softmax((q * 2) @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25, -1) @ v.repeat_interleave(2, 1)
     torch.testing.assert_close(compiled(x, q)[1], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_another_dtype_take_the_general_path_and_equal_linear() -> None:
+    """The per-layer lean forward checks the input row each call: an fp32 row fed to bf16 layers
+    goes through the general path (the product in fp32, in the row's dtype), and several rows
+    through F.linear."""
+    _native_or_skip()
+    torch.manual_seed(0)
+    m = _QKV().bfloat16()
+    x32 = torch.randn(1, 1, 16)
+    with torch.no_grad(), FastLinears(m):
+        mixed = m.q_proj(x32)
+        assert mixed.dtype == torch.float32
+        torch.testing.assert_close(mixed, F.linear(x32, m.q_proj.weight.float(), m.q_proj.bias.float()), rtol=1e-5, atol=1e-5)
+        rows = torch.randn(1, 3, 16).bfloat16()
+        assert torch.equal(m.k_proj(rows), F.linear(rows, m.k_proj.weight, m.k_proj.bias))
+        one = torch.randn(1, 1, 16).bfloat16()
+        got = m.v_proj(one)
+        want = (one.double() @ m.v_proj.weight.double().T + m.v_proj.bias.double()).bfloat16()
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-2, atol=1e-2)

@@ -59,3 +59,20 @@ def test_changed_positions_or_settings_are_never_served_a_stale_table() -> None:
             rope.options.base = old * 2  # a setting changed after construction
             torch.testing.assert_close(rope.rotate(q, k, pos, pos), want(pos, old * 2))
             rope.options.base = old
+
+
+def test_rotation_by_one_roll_equals_the_rotate_half_formula_bit_for_bit() -> None:
+    """apply_rope swaps the halves with one roll and a half-negated sin; the formula it replaces,
+    x * cos + rotate_half(x) * sin with rotate_half(x1, x2) = (-x2, x1), is written out here."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for d, r in ((16, 16), (16, 8), (12, 4)):  # whole head, and partial rotation (GPT-NeoX)
+            x = torch.randn(2, 3, 5, d).to(dtype)
+            cos, sin = rope_angles(torch.arange(5)[None].expand(2, 5) * 3, r, 10000.0)
+            rot = x[..., :r].float()
+            x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
+            formula = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+            want = torch.cat([formula.to(dtype), x[..., r:]], dim=-1)
+            got = apply_rope(x, cos, sin)
+            assert got.dtype == dtype and torch.equal(got, want)
+            assert torch.equal(apply_rope(x, cos, sin, signed_sin=rope_module.half_signed(sin)), want)

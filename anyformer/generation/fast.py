@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..native import decode_kernels
+
 
 def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """One row times a weight: x (k,), weight (o, k), bias (o,) or None -> (o,), summed in fp32
@@ -47,8 +49,6 @@ def native_gemv() -> Any | None:
     """The C++ kernel module (functions `supported()`, `gemv(x, weight, bias)` and
     `gemv_multi(x, weights, biases)`), built on first use; None if it cannot be built here (no
     compiler) or this CPU lacks AVX-512 BF16 (see anyformer.native)."""
-    from ..native import decode_kernels
-
     return decode_kernels()
 
 
@@ -105,6 +105,10 @@ class _Siblings:
         self.x: Tensor | None = None
         self.parts: dict[int, Tensor] = {}
         self.enabled = True
+        # the weights as they are when decoding starts (FastLinears is made per generation)
+        self.weights = [layer.weight for layer in layers]
+        self.biases = [layer.bias.contiguous() for layer in layers] if layers[0].bias is not None else []  # type: ignore[union-attr]
+        self.dtype = self.weights[0].dtype
 
     @staticmethod
     def find(module: nn.Module) -> "list[_Siblings]":
@@ -116,36 +120,32 @@ class _Siblings:
             first = layers[0]
             same = all(
                 layer.in_features == first.in_features and layer.weight.dtype == first.weight.dtype
-                and layer.weight.device == first.weight.device and (layer.bias is None) == (first.bias is None)
+                and layer.weight.device.type == "cpu" and layer.weight.is_contiguous() and (layer.bias is None) == (first.bias is None)
+                and (layer.bias is None or layer.bias.dtype == first.weight.dtype)
                 for layer in layers
             )
             if same:
                 out.append(_Siblings(layers))  # type: ignore[arg-type]
         return out
 
-    def run(self, layer: nn.Linear, x: Tensor, module: Any) -> Tensor | None:
+    def run(self, layer: nn.Linear, x: Tensor, multi: Callable[..., Tensor]) -> Tensor | None:
         """layer's output for the one-row x, from a fused call; None if this group cannot serve it."""
-        if not self.enabled:
+        if self.x is x:
+            part = self.parts.pop(id(layer), None)
+            if part is not None:
+                if not self.parts:
+                    self.x = None
+                return part
+        if not self.enabled or x.dtype != self.dtype:
             return None
-        if self.x is x and id(layer) in self.parts:
-            part = self.parts.pop(id(layer))
-            if not self.parts:
-                self.x = None
-            return part
         if self.parts:  # a part from the last fused call went unclaimed
             self.enabled, self.x, self.parts = False, None, {}
             return None
-        weights = [lay.weight for lay in self.layers]
-        if not all(w.is_contiguous() and w.dtype == x.dtype for w in weights):
-            return None
-        biases = [lay.bias for lay in self.layers] if layer.bias is not None else []
-        if any(b.dtype != x.dtype for b in biases):  # type: ignore[union-attr]
-            return None
-        call = torch.ops.anyformer.gemv_multi if torch.compiler.is_compiling() else module.gemv_multi
-        out = call(x.reshape(-1).contiguous(), weights, [b.contiguous() for b in biases])  # type: ignore[union-attr]
+        out = multi(x.reshape(-1).contiguous(), self.weights, self.biases)
+        shape = x.shape[:-1]
         mine = None
         for lay, part in zip(self.layers, out.split(self.sizes)):
-            part = part.view(*x.shape[:-1], lay.out_features)
+            part = part.view(*shape, lay.out_features)
             if lay is layer:
                 mine = part
             else:
@@ -174,8 +174,33 @@ class FastLinears:
                 for layer in group.layers:
                     self.groups[id(layer)] = group
         self.failed = False
+        self.native = native_gemv()
         # made once, so each entry installs the same objects (a compiled step's guards on them hold)
-        self.forwards = [functools.partial(self._forward, layer) for layer in self.layers]
+        self.forwards = [self._direct(layer) or functools.partial(self._forward, layer) for layer in self.layers]
+
+    def _direct(self, layer: nn.Linear) -> Callable[[Tensor], Tensor] | None:
+        """A lean forward for a CPU fp32/bf16 layer when the C++ kernel is here: per call it
+        checks only what can change between calls (the input), and calls the kernel directly;
+        everything else goes to the general `_forward`. None where the kernel cannot serve it."""
+        native, weight, bias = self.native, layer.weight, layer.bias
+        if (native is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
+                or not weight.is_contiguous() or (bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))):
+            return None
+        gemv, multi, dtype, out_features = native.gemv, native.gemv_multi, weight.dtype, weight.shape[0]
+        group = self.groups.get(id(layer))
+        general = functools.partial(self._forward, layer)
+
+        def forward(x: Tensor) -> Tensor:
+            if (x.numel() != x.shape[-1] or x.dtype != dtype or (torch.is_grad_enabled() and weight.requires_grad)
+                    or torch.compiler.is_compiling() or self.failed):
+                return general(x)
+            if group is not None:
+                out = group.run(layer, x, multi)
+                if out is not None:
+                    return out
+            return gemv(x.reshape(-1).contiguous(), weight, bias).view(*x.shape[:-1], out_features)
+
+        return forward
 
     def _forward(self, layer: nn.Linear, x: Tensor) -> Tensor:
         weight, bias = layer.weight, layer.bias
@@ -183,10 +208,12 @@ class FastLinears:
             try:
                 group = self.groups.get(id(layer))
                 if group is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-                    module = native_gemv()
-                    out = None if module is None else group.run(layer, x, module)
-                    if out is not None:
-                        return out
+                    module = self.native
+                    if module is not None:
+                        multi = torch.ops.anyformer.gemv_multi if torch.compiler.is_compiling() else module.gemv_multi
+                        out = group.run(layer, x, multi)
+                        if out is not None:
+                            return out
                 return fast_gemv(x.reshape(-1), weight, bias).view(*x.shape[:-1], weight.shape[0])
             except Exception as err:  # compile/toolchain failure: keep decoding, eagerly
                 self.failed = True
