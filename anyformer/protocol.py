@@ -13,8 +13,10 @@ implements:
   of `sinks` first tokens plus the `window` most recent ones (with `true_positions`, a Λ cache
   whose keys keep their own positions, for models whose DecodingInfo has `long_context`). Each layer decides what it stores (keys and values, a recurrent
   state, ...). The cache offers `length`, `next_positions(keep)` and `reorder(index)` (beams).
-- `decode_step(tokens, cache, positions, *, attention_mask=None, source=None) -> logits`:
-  run (b, n) tokens at (b, n) positions through the cache (extending it) -> (b, n, V) logits.
+- `decode_step(tokens, cache, positions, *, attention_mask=None, source=None, last_only=False)
+  -> logits`: run (b, n) tokens at (b, n) positions through the cache (extending it) -> (b, n, V)
+  logits; with `last_only`, the last position's only, (b, 1, V): all that a prefill needs (a
+  model may then skip the vocabulary projection of the others).
 - `fast_decoder(cache) -> Callable[[Tensor], Tensor] | None`: optionally, a faster exact
   one-token step over `cache` (tokens (1, 1) -> logits (1, V)), or None where it does not apply.
 """
@@ -67,6 +69,7 @@ class Decodable(Protocol):
 
     def make_cache(self, batch: int, max_len: int | None = None, **kwargs: Any) -> Any: ...
 
-    def decode_step(self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None) -> Tensor: ...
+    def decode_step(self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None,
+                    last_only: bool = False) -> Tensor: ...
 
     def fast_decoder(self, cache: Any) -> Callable[[Tensor], Tensor] | None: ...

@@ -170,3 +170,44 @@ def test_bad_prompts_raise_clear_errors() -> None:
         generate(model, [1, 2], max_new_tokens=200)
     with pytest.raises(ValueError, match="relative positional"):
         generate(_decoder("learned"), [1, 2], max_new_tokens=4, window=8)
+
+
+def _decodables() -> list[tuple[str, torch.nn.Module]]:
+    from .helpers import build
+
+    return [
+        ("decoder", build("decoder")),
+        ("encoder_decoder", build("encoder_decoder")),
+        ("megabyte", build("megabyte", vocab_size=64, max_seq_len=32, megabyte__patch_size=4, megabyte__local_dim=16, megabyte__local_heads=2)),
+        ("rmt", build("decoder", memory__kind="rmt", memory__options={"num_memory": 2, "segment_len": 8})),
+        ("infinite_former", build("decoder", memory__kind="infinite_former", memory__options={"segment_len": 8, "num_basis": 4})),
+    ]
+
+
+@pytest.mark.parametrize("name", ["decoder", "encoder_decoder", "megabyte", "rmt", "infinite_former"])
+def test_last_only_logits_are_the_last_row_of_the_full_logits(name: str) -> None:
+    """Protocol: decode_step(..., last_only=True) returns (b, 1, V), equal to the last position of
+    the full call on a fresh cache (prefill asks for no more); a decoder runs its head on that
+    position alone."""
+    model = dict(_decodables())[name]
+    torch.manual_seed(1)
+    b, n = 2, 11  # several segments / patches for the memory and byte models
+    tokens = torch.randint(1, 60, (b, n))
+    source = model.encode_source(tokens, torch.ones_like(tokens, dtype=torch.bool)) if name == "encoder_decoder" else None
+    outs = []
+    for last_only in (False, True):
+        cache = model.make_cache(b, 32)
+        with torch.no_grad():
+            outs.append(model.decode_step(tokens, cache, cache.next_positions(torch.ones_like(tokens, dtype=torch.bool)),
+                                          source=source, last_only=last_only))
+    full, last = outs
+    assert full.shape[:2] == (b, n) and last.shape[:2] == (b, 1)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+    if name == "decoder":
+        rows: list[int] = []
+        hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+        cache = model.make_cache(b, 32)
+        with torch.no_grad():
+            model.decode_step(tokens, cache, cache.next_positions(torch.ones_like(tokens, dtype=torch.bool)), last_only=True)
+        hook.remove()
+        assert rows == [1]

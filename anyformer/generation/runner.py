@@ -118,11 +118,12 @@ class Runner:
         wide = self.fast is not None and p.dtype in (torch.bfloat16, torch.float16)
         return self.model.make_cache(batch, total, dtype=torch.float32 if wide else None)  # type: ignore[operator]
 
-    def _forward(self, tokens: Tensor, keep: Tensor | None) -> Tensor:
+    def _forward(self, tokens: Tensor, keep: Tensor | None, last_only: bool = False) -> Tensor:
         cache = self.cache
         ones = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep
         positions = cache.next_positions(ones)
-        return self.model.decode_step(tokens, cache, positions, attention_mask=keep, source=self.source)  # type: ignore[operator]
+        return self.model.decode_step(tokens, cache, positions, attention_mask=keep, source=self.source,  # type: ignore[operator]
+                                      last_only=last_only)
 
     def prefill(self, tokens: Tensor, keep: Tensor) -> Tensor:
         """Run the (b, n) prompt through a fresh cache; logits (b, V) of the last position."""
@@ -131,7 +132,8 @@ class Runner:
         lc = self.info.long_context
         chunk = self.config.window or (lc.window if lc is not None else tokens.shape[1])
         for i in range(0, tokens.shape[1], chunk):
-            logits = self._forward(tokens[:, i : i + chunk], keep[:, i : i + chunk])
+            # only the last position's logits are used: the model may skip the head for the rest
+            logits = self._forward(tokens[:, i : i + chunk], keep[:, i : i + chunk], last_only=True)
         if self.fast is not None:
             self.native = self.model.fast_decoder(self.cache)  # type: ignore[operator]
         return logits[:, -1]

@@ -84,10 +84,13 @@ class DecoderLM(GenerativeModel, PretrainedIO, nn.Module):
         return self.stack(x, ctx, None if cache is None else list(cache.layers))
 
     def decode_step(
-        self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None
+        self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Protocol (anyformer.protocol): (b, n) tokens through the cache -> logits (b, n, V)."""
-        return self(tokens, cache, positions, attention_mask=attention_mask)
+        """Protocol (anyformer.protocol): (b, n) tokens through the cache -> logits (b, n, V), or
+        (b, 1, V) of the last position with `last_only` (the head runs on that position only)."""
+        h = self.hidden(tokens, cache, positions, attention_mask=attention_mask)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
     def fast_decoder(self, cache: Any) -> Callable[[Tensor], Tensor] | None:
         """Protocol: the whole one-token step in one native call, where it applies (see

@@ -125,12 +125,14 @@ class EncoderDecoder(GenerativeModel, PretrainedIO, nn.Module):
         return self.encode(src, src_keep), src_keep
 
     def decode_step(
-        self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None
+        self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None,
+        last_only: bool = False,
     ) -> Tensor:
         """Protocol: (b, n) decoder tokens through the cache, attending to `source` (from
-        `encode_source`) -> logits (b, n, V)."""
+        `encode_source`) -> logits (b, n, V), or (b, 1, V) of the last position with `last_only`."""
         memory, src_keep = source
-        return self.decode(tokens, memory, src_keep, cache=cache, positions=positions, attention_mask=attention_mask)
+        logits = self.decode(tokens, memory, src_keep, cache=cache, positions=positions, attention_mask=attention_mask)
+        return logits[:, -1:] if last_only else logits
 
 
 @ARCHITECTURES.register("encoder_decoder")

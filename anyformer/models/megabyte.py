@@ -198,7 +198,7 @@ class Megabyte(nn.Module):
         return self._local(cache.cond[:, :1] + first, cache.local_cache)
 
     def decode_step(self, tokens: Tensor, cache: MegabyteCache, positions: Tensor, *, attention_mask: Tensor | None = None,
-                    source: Any = None) -> Tensor:
+                    source: Any = None, last_only: bool = False) -> Tensor:
         """(b, n) bytes through both caches -> logits (b, n, V), each predicting the next byte."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("MEGABYTE generates rows of equal length only (no padding); give prompts one at a time")
@@ -218,7 +218,7 @@ class Megabyte(nn.Module):
             else:  # the patch is complete: the global model reads it
                 e = self.local_bytes.embedding_dim
                 outs.append(self._start_patch(cache, self.patch_in(self.global_bytes(cache.patch_bytes).reshape(b, 1, self.patch * e))))
-        return torch.cat(outs, 1)
+        return outs[-1][:, -1:] if last_only else torch.cat(outs, 1)
 
     def fast_decoder(self, cache: Any) -> None:
         return None

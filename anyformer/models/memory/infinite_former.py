@@ -282,7 +282,7 @@ class InfiniteFormer(nn.Module):
         return cache
 
     def decode_step(self, tokens: Tensor, cache: InfiniteFormerCache, positions: Tensor, *, attention_mask: Tensor | None = None,
-                    source: Any = None) -> Tensor:
+                    source: Any = None, last_only: bool = False) -> Tensor:
         """(b, n) tokens -> logits (b, n, V); a full segment updates the memories."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("the ∞-former generates rows of equal length only (no padding); give prompts one at a time")
@@ -306,7 +306,7 @@ class InfiniteFormer(nn.Module):
                 pending["inputs"] = [[] for _ in self.attention]
                 pending["densities"] = [[] for _ in self.attention]
                 cache.inner, cache.filled = cache.make_inner(), 0
-        return torch.cat(outs, 1)
+        return outs[-1][:, -1:] if last_only else torch.cat(outs, 1)
 
     def fast_decoder(self, cache: Any) -> None:
         return None

@@ -202,7 +202,7 @@ class RecurrentMemory(nn.Module):
             return self.inner.hidden(ids, cache.inner)  # type: ignore[operator]
 
     def decode_step(self, tokens: Tensor, cache: RMTCache, positions: Tensor, *, attention_mask: Tensor | None = None,
-                    source: Any = None) -> Tensor:
+                    source: Any = None, last_only: bool = False) -> Tensor:
         """(b, n) tokens through the cache -> logits (b, n, V), closing segments as they fill."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("a memory-token decoder generates rows of equal length only (no padding); give prompts one at a time")
@@ -222,7 +222,7 @@ class RecurrentMemory(nn.Module):
                 if m:
                     cache.memory = self._run_memory(cache)
                 cache.inner, cache.filled, cache.started = cache.make_inner(), 0, False
-        return torch.cat(outs, 1)
+        return outs[-1][:, -1:] if last_only else torch.cat(outs, 1)
 
     def fast_decoder(self, cache: Any) -> None:
         return None
