@@ -63,17 +63,17 @@ class KVCache(nn.Module):
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write (b, g, n, d) new keys/values at the current length; return all (b, g, start+n, d)."""
-        n = k.shape[2]
-        end = self.start + n
-        if end > self.max_len:
+        n, start, ck, cv = k.shape[2], self.start, self.k, self.v
+        end = start + n
+        if end > ck.shape[2]:
             raise ValueError(
-                f"KV cache holds {self.max_len} positions; cannot add {n} tokens after {self.start}. "
+                f"KV cache holds {ck.shape[2]} positions; cannot add {n} tokens after {start}. "
                 "Allocate a larger cache or use a rolling (sink + window) cache"
             )
-        self.k[:, :, self.start : end] = k.to(self.k.dtype)
-        self.v[:, :, self.start : end] = v.to(self.v.dtype)
+        ck[:, :, start:end] = k  # the copy casts to the cache's dtype (a wider cache holds bf16 values exactly)
+        cv[:, :, start:end] = v
         self.start = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return ck[:, :, :end], cv[:, :, :end]
 
     def store(self, q: Tensor, k: Tensor, v: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[no-untyped-def]
         """Position the new q (b, h, n, d) and k (b, g, n, d) with `ctx.positional`, cache k/v;

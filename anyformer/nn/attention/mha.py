@@ -48,6 +48,11 @@ def projections(
     }
 
 
+def _apply(norm: nn.Module, x: Tensor) -> Tensor:
+    """norm(x), without a module call for the absent norm (nn.Identity): decoding pays per call."""
+    return x if type(norm) is nn.Identity else norm(x)
+
+
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention over `num_heads` heads (Vaswani et al. 2017), with
     `num_kv_heads` < `num_heads` for grouped-query (Ainslie et al. 2023) or multi-query
@@ -118,14 +123,14 @@ class MultiHeadAttention(nn.Module):
         return proj(x).view(b, n, heads, self.head_dim).transpose(1, 2)  # (b, heads, n, d)
 
     def _kv(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        k = self.k_norm(self._heads(src, self.k_proj, self.num_kv_heads))  # (b, g, m, d)
+        k = _apply(self.k_norm, self._heads(src, self.k_proj, self.num_kv_heads))  # (b, g, m, d)
         v = self._heads(src, self.v_proj, self.num_kv_heads)  # (b, g, m, d)
         return k, v
 
     def qkv(self, x: Tensor, ctx: AttentionContext, *, memory: Tensor | None, cache: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (b, h, n, d) and all keys/values (b, g, m, d): projected, normed, positioned
         and merged with the cache."""
-        q = self.q_norm(self._heads(x, self.q_proj, self.num_heads))  # (b, h, n, d)
+        q = _apply(self.q_norm, self._heads(x, self.q_proj, self.num_heads))  # (b, h, n, d)
         if memory is None:
             k, v = self._kv(x)
             if cache is None:
