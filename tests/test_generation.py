@@ -172,16 +172,17 @@ def test_bad_prompts_raise_clear_errors() -> None:
         generate(_decoder("learned"), [1, 2], max_new_tokens=4, window=8)
 
 
-def _decodables() -> list[tuple[str, torch.nn.Module]]:
+def _decodable(name: str) -> torch.nn.Module:
     from .helpers import build
 
-    return [
-        ("decoder", build("decoder")),
-        ("encoder_decoder", build("encoder_decoder")),
-        ("megabyte", build("megabyte", vocab_size=64, max_seq_len=32, megabyte__patch_size=4, megabyte__local_dim=16, megabyte__local_heads=2)),
-        ("rmt", build("decoder", memory__kind="rmt", memory__options={"num_memory": 2, "segment_len": 8})),
-        ("infinite_former", build("decoder", memory__kind="infinite_former", memory__options={"segment_len": 8, "num_basis": 4})),
-    ]
+    return {
+        "decoder": lambda: build("decoder"),
+        "encoder_decoder": lambda: build("encoder_decoder"),
+        "megabyte": lambda: build("megabyte", vocab_size=64, max_seq_len=32, megabyte__patch_size=4, megabyte__local_dim=16,
+                                  megabyte__local_heads=2),
+        "rmt": lambda: build("decoder", memory__kind="rmt", memory__options={"num_memory": 2, "segment_len": 8}),
+        "infinite_former": lambda: build("decoder", memory__kind="infinite_former", memory__options={"segment_len": 8, "num_basis": 4}),
+    }[name]()
 
 
 @pytest.mark.parametrize("name", ["decoder", "encoder_decoder", "megabyte", "rmt", "infinite_former"])
@@ -189,7 +190,7 @@ def test_last_only_logits_are_the_last_row_of_the_full_logits(name: str) -> None
     """Protocol: decode_step(..., last_only=True) returns (b, 1, V), equal to the last position of
     the full call on a fresh cache (prefill asks for no more); a decoder runs its head on that
     position alone."""
-    model = dict(_decodables())[name]
+    model = _decodable(name)
     torch.manual_seed(1)
     b, n = 2, 11  # several segments / patches for the memory and byte models
     tokens = torch.randint(1, 60, (b, n))
