@@ -142,6 +142,6 @@ _DECODE_SOURCE = os.path.join(os.path.dirname(__file__), "generation", "cpu_deco
 
 
 def decode_kernels() -> Any | None:
-    """The decoding kernels (cpu_decode.cpp: `gemv`, `gemv_multi`, `Decoder`), built on first
+    """The decoding kernels (cpu_decode.cpp: `gemv`, `gemv_multi`), built on first
     use; None where they cannot run here. Called per decoding step: a dictionary lookup once loaded."""
     return loaded("anyformer_cpu_decode", _DECODE_SOURCE)

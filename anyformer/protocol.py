@@ -17,14 +17,12 @@ implements:
   -> logits`: run (b, n) tokens at (b, n) positions through the cache (extending it) -> (b, n, V)
   logits; with `last_only`, the last position's only, (b, 1, V): all that a prefill needs (a
   model may then skip the vocabulary projection of the others).
-- `fast_decoder(cache) -> Callable[[Tensor], Tensor] | None`: optionally, a faster exact
-  one-token step over `cache` (tokens (1, 1) -> logits (1, V)), or None where it does not apply.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -71,5 +69,3 @@ class Decodable(Protocol):
 
     def decode_step(self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None,
                     last_only: bool = False) -> Tensor: ...
-
-    def fast_decoder(self, cache: Any) -> Callable[[Tensor], Tensor] | None: ...

@@ -80,17 +80,6 @@ def main() -> None:
             variants = {"hf": run_hf, "anyformer_plain": lambda: generate(ours, prompt, max_new_tokens=n, compile=False)}
             if not args.no_compile:
                 variants["anyformer_default"] = lambda: generate(ours, prompt, max_new_tokens=n)
-
-                def module_step() -> torch.Tensor:
-                    """The default path with the whole-step C++ decoder declined: each step runs the Python
-                    modules, with the GEMV and one-query attention primitives."""
-                    ours.fast_decoder = lambda cache: None
-                    try:
-                        return generate(ours, prompt, max_new_tokens=n)
-                    finally:
-                        del ours.fast_decoder
-
-                variants["anyformer_module_step"] = module_step
                 bound = weights_only(ours)
                 variants["weights_only_bound"] = lambda: bound(n)
             first, outputs = {}, {}

@@ -74,8 +74,6 @@ def main() -> None:
     ap.add_argument("--e2e-prompt", type=int, default=700, help="prompt tokens of the end-to-end generate row (0: skip it)")
     ap.add_argument("--e2e-new", type=int, default=100, help="new tokens of the end-to-end generate row")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--module-step", action="store_true",
-                    help="also time decode and end-to-end with the whole-step C++ decoder declined (Python module step)")
     ap.add_argument("--out", default="bench_pretrained.json")
     args = ap.parse_args()
     if args.threads:
@@ -126,10 +124,9 @@ def main() -> None:
     a = args.new_tokens / best_time(lambda: (ours_decode(ours, prompt, args.new_tokens), sync()), args.repeats)
     b = args.new_tokens / best_time(lambda: (hf_decode(hf, prompt, args.new_tokens), sync()), args.repeats)
     rows.append(dict(phase="decode", tokens=args.new_tokens, anyformer_tok_s=a, transformers_tok_s=b, ratio=a / b, same_tokens=same))
-    hf_decode_tok_s = b
     from anyformer.generation import generate
 
-    if args.device == "cpu":  # `generate(...)`'s default fast path (native GEMVs, fused siblings, whole-step kernel)
+    if args.device == "cpu":  # `generate(...)`'s default fast path (native GEMVs, fused siblings)
 
         def ours_fast() -> list[int]:
             return generate(ours, prompt, max_new_tokens=args.new_tokens)[0, prompt.shape[1]:].tolist()
@@ -156,21 +153,6 @@ def main() -> None:
         a, b = new / best_time(ours_e2e, args.repeats), new / best_time(hf_e2e, args.repeats)
         rows.append(dict(phase="end-to-end", tokens=new, prompt_tokens=args.e2e_prompt, anyformer_tok_s=a, transformers_tok_s=b,
                          ratio=a / b, same_tokens=same_e2e))
-        if args.device == "cpu" and args.module_step:
-            # the same `generate()` with the whole-step C++ decoder declined (the model offers no fast_decoder):
-            # every step through the Python modules, with the GEMV and one-query attention primitives
-            ours.fast_decoder = lambda cache: None  # type: ignore[method-assign]
-            try:
-                same_mod = ours_fast() == hf_decode(hf, prompt, args.new_tokens)
-                c = args.new_tokens / best_time(ours_fast, args.repeats)
-                rows.append(dict(phase="decode-module-step", tokens=args.new_tokens, anyformer_tok_s=c, transformers_tok_s=hf_decode_tok_s,
-                                 ratio=c / hf_decode_tok_s, same_tokens=same_mod))
-                same_mod = ours_e2e() == hf_e2e()
-                a = new / best_time(ours_e2e, args.repeats)
-                rows.append(dict(phase="end-to-end-module-step", tokens=new, prompt_tokens=args.e2e_prompt, anyformer_tok_s=a,
-                                 transformers_tok_s=b, ratio=a / b, same_tokens=same_mod))
-            finally:
-                del ours.fast_decoder
 
     print(f"{'phase':22} {'tokens':>6} {'anyformer tok/s':>16} {'transformers tok/s':>19} {'ratio':>6}")
     for r in rows:

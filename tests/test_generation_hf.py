@@ -106,8 +106,8 @@ def test_repetition_penalty_and_ngram_match_hf(pair: tuple[torch.nn.Module, torc
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_single_prompt_with_fast_decoding_matches_hf(pair: tuple[torch.nn.Module, torch.nn.Module], prompt: list[int]) -> None:
-    """compile=True at batch 1 runs the whole step in C++ where the kernels build (NativeStep);
-    its greedy tokens must still be HF's."""
+    """compile=True (the default) at batch 1 runs the one-row linear layers as native GEMVs
+    where the kernels build; its greedy tokens must still be HF's."""
     hf, ours = pair
     want = _hf_generate(hf, [prompt], max_new_tokens=12, eos_token_id=None)
     assert torch.equal(generate(ours, prompt, max_new_tokens=12, compile=True), want)

@@ -25,10 +25,10 @@ class GenerationConfig:
     window: when set, a rolling cache of `sink_tokens` first tokens plus the `window` most
       recent ones (StreamingLLM, Xiao et al. 2023) lets generation run past max_seq_len.
     compile: the fast exact decoding path (on by default): on CPU, one-row linear layers of
-      each step run as native GEMVs (sibling q/k/v and gate/up fused), a bf16 model keeps its
-      keys/values in an fp32 cache, and a model that offers a whole native step
-      (`fast_decoder`) uses it. Where the native kernels are unavailable (no compiler, other
-      CPUs, GPUs) decoding takes the plain module path; False forces the plain path.
+      each step run as native GEMVs (sibling q/k/v and gate/up fused) and a bf16 model keeps
+      its keys/values in an fp32 cache; every step is the model's own modules. Where the
+      native kernels are unavailable (no compiler, other CPUs, GPUs) decoding takes the plain
+      module path; False forces the plain path.
     """
 
     max_new_tokens: int = 32

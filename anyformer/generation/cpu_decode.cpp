@@ -1,5 +1,5 @@
-// Batch-1 decoding on CPU: one-row linear layers that read each weight once, and a whole
-// decoder step (every block, the final norm and the LM head) in one call.
+// Batch-1 decoding on CPU: one-row linear layers that read each weight once (the decoding
+// step itself is the model's Python modules; these are the primitives it calls).
 //
 // One-row linear layers: out = W x + b.
 //
@@ -10,12 +10,6 @@
 // instruction (pairs of bf16 products summed into fp32 lanes); fp32 weights use AVX-512 FMA.
 // Accumulation is fp32 in both, the bias is added in fp32, and the result is rounded once to
 // the input's dtype, as F.linear does.
-//
-// The decoder step (class Decoder) replaces ~25 Python-level calls per block with C++: norms,
-// activations, residual additions and rotary embedding through the same ATen functions the
-// library's modules call, in the same order and dtypes (so it computes what the Python step
-// computes, bit for bit), the projections through the GEMV below, and attention through the
-// one-query kernel shared with the attention kernels (cpu_one_query.h).
 //
 // Built at run time by anyformer.native; the AVX-512 code is compiled per function (target
 // attributes), and `supported` tells the caller whether this CPU can run it.
@@ -30,7 +24,6 @@
 #include <string>
 #include <vector>
 
-#include "../nn/attention/cpu_one_query.h"
 
 namespace {
 
@@ -166,177 +159,6 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const c1
 }
 
 
-namespace {
-
-bool given(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
-
-std::vector<torch::Tensor> present(std::initializer_list<torch::Tensor> ts) {
-  std::vector<torch::Tensor> out;
-  for (const auto& t : ts)
-    if (given(t)) out.push_back(t);
-  return out;
-}
-
-// A norm as anyformer.nn.norm computes it. kind 0: identity, 1: LayerNorm (weights in x's dtype:
-// one layer_norm call), 2: RMSNorm (fp32 statistics, weight applied in fp32, cast back).
-struct Norm {
-  int64_t kind = 0;
-  double eps = 0.0;
-  torch::Tensor w, b;
-
-  torch::Tensor operator()(const torch::Tensor& x) const {
-    if (kind == 1) return at::layer_norm(x, {x.size(-1)}, w, given(b) ? c10::optional<torch::Tensor>(b) : c10::nullopt, eps);
-    if (kind == 2) {
-      const auto xf = x.to(torch::kFloat);
-      const auto y = xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps);
-      return (w.to(torch::kFloat) * y).to(x.scalar_type());
-    }
-    return x;
-  }
-};
-
-struct Block {
-  Norm norm1, norm2;
-  torch::Tensor wq, wk, wv, bq, bk, bv, wo, bo;
-  torch::Tensor w_gate, b_gate, w_up, b_up, w_down, b_down;  // w_gate undefined: plain MLP
-  torch::Tensor k_cache, v_cache;                            // (1, g, L, d)
-};
-
-// Activations by index, as anyformer.nn.feedforward.ACTIVATIONS: gelu, gelu_tanh, relu, silu.
-torch::Tensor activate(const torch::Tensor& x, int64_t act) {
-  switch (act) {
-    case 0: return at::gelu(x);
-    case 1: return at::gelu(x, "tanh");
-    case 2: return at::relu(x);
-    default: return at::silu(x);
-  }
-}
-
-}  // namespace
-
-// A decoder-only model's one-token step at batch 1 (pre-norm blocks, exact attention over a
-// preallocated cache, MLP or gated feed-forward, final norm, LM head), built once per cache.
-class Decoder {
- public:
-  // blocks: per block 20 tensors, an empty tensor where a part is absent: norm1 weight, bias;
-  // q, k, v weights; q, k, v biases; out weight, bias; norm2 weight, bias; gate weight, bias;
-  // up weight, bias; down weight, bias; key cache, value cache (1, g, L, d).
-  // norms: per block (norm1 kind, eps, norm2 kind, eps); final: (kind, eps) of the final norm.
-  Decoder(const std::vector<std::vector<torch::Tensor>>& blocks, const std::vector<std::vector<double>>& norms,
-          const std::vector<torch::Tensor>& final_norm, std::vector<double> final_meta, torch::Tensor head,
-          double head_scale, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale, int64_t act,
-          int64_t rotary_dim, bool interleaved)
-      : head_(std::move(head)), head_scale_(head_scale), h_(num_heads), g_(num_kv_heads), d_(head_dim), scale_(scale),
-        act_(act), rotary_dim_(rotary_dim), interleaved_(interleaved) {
-    TORCH_CHECK(blocks.size() == norms.size() && !blocks.empty(), "Decoder: one norms entry per block");
-    TORCH_CHECK(h_ > 0 && g_ > 0 && h_ % g_ == 0 && d_ > 0, "Decoder: bad head counts");
-    TORCH_CHECK(rotary_dim_ % 2 == 0 && rotary_dim_ <= d_, "Decoder: rotary_dim must be even and at most head_dim");
-    for (size_t i = 0; i < blocks.size(); ++i) {
-      const auto& t = blocks[i];
-      TORCH_CHECK(t.size() == 20 && norms[i].size() == 4, "Decoder: block ", i, " needs 20 tensors and 4 norm values");
-      Block b;
-      b.norm1 = Norm{static_cast<int64_t>(norms[i][0]), norms[i][1], t[0], t[1]};
-      b.wq = t[2], b.wk = t[3], b.wv = t[4], b.bq = t[5], b.bk = t[6], b.bv = t[7], b.wo = t[8], b.bo = t[9];
-      b.norm2 = Norm{static_cast<int64_t>(norms[i][2]), norms[i][3], t[10], t[11]};
-      b.w_gate = t[12], b.b_gate = t[13], b.w_up = t[14], b.b_up = t[15], b.w_down = t[16], b.b_down = t[17];
-      b.k_cache = t[18], b.v_cache = t[19];
-      TORCH_CHECK(b.k_cache.dim() == 4 && b.k_cache.size(0) == 1 && b.k_cache.size(1) == g_ && b.k_cache.size(3) == d_ &&
-                      b.k_cache.sizes() == b.v_cache.sizes() && b.k_cache.is_contiguous() && b.v_cache.is_contiguous() &&
-                      b.k_cache.scalar_type() == torch::kFloat && b.v_cache.scalar_type() == torch::kFloat,
-                  "Decoder: block ", i, ": caches must be contiguous float32 (1, ", g_, ", L, ", d_, ")");
-      blocks_.push_back(std::move(b));
-    }
-    TORCH_CHECK(final_norm.size() == 2 && final_meta.size() == 2, "Decoder: final norm needs (weight, bias) and (kind, eps)");
-    final_ = Norm{static_cast<int64_t>(final_meta[0]), final_meta[1], final_norm[0], final_norm[1]};
-  }
-
-  // x: the embedded token (dim,) in the model's dtype; pos: the cache slot it fills (keys
-  // 0..pos are attended); cos, sin: (rotary_dim,) fp32 angles of its position (empty
-  // without rotary embedding). Returns the logits (V,) in the model's dtype.
-  torch::Tensor step(torch::Tensor x, int64_t pos, const torch::Tensor& cos, const torch::Tensor& sin) {
-    const int64_t L = blocks_[0].k_cache.size(2);
-    TORCH_CHECK(pos >= 0 && pos < L, "Decoder: position ", pos, " is outside the cache (", L, " slots)");
-    TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "Decoder: x must be one contiguous vector");
-    for (auto& b : blocks_) {
-      x = x + attention(b, b.norm1(x), pos, cos, sin);
-      x = x + feed_forward(b, b.norm2(x));
-    }
-    x = final_(x);
-    if (head_scale_ != 1.0) x = x * head_scale_;
-    return gemv_multi(x.contiguous(), {head_}, {});
-  }
-
- private:
-  // Rotary embedding of the first rotary_dim channels of (heads, d), in fp32, as
-  // anyformer.nn.positional.rope.apply_rope.
-  torch::Tensor rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) const {
-    const int64_t r = rotary_dim_;
-    const auto rot = x.slice(-1, 0, r).to(torch::kFloat);
-    torch::Tensor out;
-    if (interleaved_) {
-      const auto pairs = rot.unflatten(-1, {-1, 2});  // (heads, r/2, 2)
-      const auto c = cos.slice(-1, 0, r / 2).unsqueeze(-1), s = sin.slice(-1, 0, r / 2).unsqueeze(-1);
-      const auto x1 = pairs.slice(-1, 0, 1), x2 = pairs.slice(-1, 1, 2);
-      out = at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1).flatten(-2);
-    } else {
-      const auto x1 = rot.slice(-1, 0, r / 2), x2 = rot.slice(-1, r / 2, r);
-      out = rot * cos + at::cat({-x2, x1}, -1) * sin;
-    }
-    return at::cat({out.to(x.scalar_type()), x.slice(-1, r)}, -1);
-  }
-
-  torch::Tensor attention(Block& b, const torch::Tensor& x, int64_t pos, const torch::Tensor& cos, const torch::Tensor& sin) {
-    const auto qkv = gemv_multi(x, {b.wq, b.wk, b.wv}, present({b.bq, b.bk, b.bv}));
-    auto q = qkv.slice(0, 0, h_ * d_).view({h_, d_});
-    auto k = qkv.slice(0, h_ * d_, (h_ + g_) * d_).view({g_, d_});
-    const auto v = qkv.slice(0, (h_ + g_) * d_).view({g_, d_});
-    if (rotary_dim_ > 0) {
-      q = rotate(q, cos, sin);
-      k = rotate(k, cos, sin);
-    }
-    b.k_cache.select(0, 0).select(1, pos).copy_(k);
-    b.v_cache.select(0, 0).select(1, pos).copy_(v);
-    const auto qf = q.to(torch::kFloat).contiguous();
-    auto out = torch::empty({h_, d_}, qf.options());
-    const int64_t m = pos + 1, L = b.k_cache.size(2), r = h_ / g_;
-    const float c = static_cast<float>(scale_ * 1.4426950408889634);
-    const float* qp = qf.data_ptr<float>();
-    const float* kp = b.k_cache.data_ptr<float>();
-    const float* vp = b.v_cache.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, m * d_));  // threads only for long caches
-    at::parallel_for(0, h_, grain, [&](int64_t i0, int64_t i1) {
-      std::vector<float> buf(m);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t gi = i / r;
-        anyformer_attention::one_query(qp + i * d_, kp + gi * L * d_, vp + gi * L * d_, op + i * d_, buf.data(), m, d_, d_, d_, c);
-      }
-    });
-    return gemv_multi(out.view({h_ * d_}).to(x.scalar_type()), {b.wo}, present({b.bo}));
-  }
-
-  torch::Tensor feed_forward(const Block& b, const torch::Tensor& x) const {
-    torch::Tensor hidden;
-    if (given(b.w_gate)) {
-      const auto gu = gemv_multi(x, {b.w_gate, b.w_up}, present({b.b_gate, b.b_up}));
-      const int64_t f = b.w_gate.size(0);
-      hidden = activate(gu.slice(0, 0, f), act_) * gu.slice(0, f);
-    } else {
-      hidden = activate(gemv_multi(x, {b.w_up}, present({b.b_up})), act_);
-    }
-    return gemv_multi(hidden.contiguous(), {b.w_down}, present({b.b_down}));
-  }
-
-  std::vector<Block> blocks_;
-  Norm final_;
-  torch::Tensor head_;
-  double head_scale_;
-  int64_t h_, g_, d_;
-  double scale_;
-  int64_t act_, rotary_dim_;
-  bool interleaved_;
-};
-
 void set_prefetch(int64_t bytes) { g_prefetch = bytes; }
 
 // The primitives as PyTorch operators (torch.ops.anyformer.*), so that torch.compile traces
@@ -360,11 +182,6 @@ TORCH_LIBRARY_IMPL(anyformer, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<Decoder>(m, "Decoder", "a decoder-only model's batch-1 step over a preallocated cache")
-      .def(pybind11::init<const std::vector<std::vector<torch::Tensor>>&, const std::vector<std::vector<double>>&,
-                          const std::vector<torch::Tensor>&, std::vector<double>, torch::Tensor, double, int64_t, int64_t,
-                          int64_t, double, int64_t, int64_t, bool>())
-      .def("step", &Decoder::step, "logits of one token; writes its keys/values at cache slot pos");
   m.def("set_prefetch", &set_prefetch, "prefetch distance in bytes (0: off)");
   m.def("supported", &supported, "whether this CPU has AVX-512 with BF16 dot products");
   m.def("gemv", &gemv, "one-row linear layer", pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());

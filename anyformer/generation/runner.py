@@ -5,7 +5,7 @@ Legend: `b` batch, `n` prompt length, `s` source length, `V` vocabulary.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,6 @@ class Runner:
         self.source = model.encode_source(src, src_keep) if self.seq2seq else None  # type: ignore[operator]
         self.cache: Any = None
         self.fast = FastLinears(model) if config.compile and fast_path_available(model) else None
-        self.native: Callable[[Tensor], Tensor] | None = None  # the model's own fast step, where it has one
 
     def start_tokens(self, batch: int, device: torch.device) -> Tensor:
         """The decoder's first input (b, 1) of an encoder-decoder."""
@@ -128,20 +127,15 @@ class Runner:
     def prefill(self, tokens: Tensor, keep: Tensor) -> Tensor:
         """Run the (b, n) prompt through a fresh cache; logits (b, V) of the last position."""
         self.cache = self.make_cache(tokens.shape[0], tokens.shape[1])
-        self.native = None
         lc = self.info.long_context
         chunk = self.config.window or (lc.window if lc is not None else tokens.shape[1])
         for i in range(0, tokens.shape[1], chunk):
             # only the last position's logits are used: the model may skip the head for the rest
             logits = self._forward(tokens[:, i : i + chunk], keep[:, i : i + chunk], last_only=True)
-        if self.fast is not None:
-            self.native = self.model.fast_decoder(self.cache)  # type: ignore[operator]
         return logits[:, -1]
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed (b, 1) new tokens; logits (b, V)."""
-        if self.native is not None:
-            return self.native(tokens)
         if self.fast is None:
             return self._forward(tokens, None)[:, -1]
         with self.fast:

@@ -6,7 +6,7 @@ Legend: `b` batch, `n` length, `m` key length, `d` width, `V` vocabulary.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -94,10 +94,6 @@ class GenerativeModel:
         layers = stack.make_caches(spec)  # type: ignore[operator]
         cross = [CrossKVCache() for _ in layers] if self.cross_attention else None
         return spec.model_cache(layers, cross)
-
-    def fast_decoder(self, cache: Any) -> Callable[[Tensor], Tensor] | None:
-        """Protocol: a faster exact one-token step over `cache`, or None (none by default)."""
-        return None
 
 
 class Embeddings(nn.Module):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -91,13 +91,6 @@ class DecoderLM(GenerativeModel, PretrainedIO, nn.Module):
         (b, 1, V) of the last position with `last_only` (the head runs on that position only)."""
         h = self.hidden(tokens, cache, positions, attention_mask=attention_mask)
         return self.lm_head(h[:, -1:] if last_only else h)
-
-    def fast_decoder(self, cache: Any) -> Callable[[Tensor], Tensor] | None:
-        """Protocol: the whole one-token step in one native call, where it applies (see
-        models/native_step.py), else None."""
-        from .native_step import NativeStep
-
-        return NativeStep.create(self, cache)
 
 
 @ARCHITECTURES.register("decoder")

@@ -220,9 +220,6 @@ class Megabyte(nn.Module):
                 outs.append(self._start_patch(cache, self.patch_in(self.global_bytes(cache.patch_bytes).reshape(b, 1, self.patch * e))))
         return outs[-1][:, -1:] if last_only else torch.cat(outs, 1)
 
-    def fast_decoder(self, cache: Any) -> None:
-        return None
-
 
 @ARCHITECTURES.register("megabyte")
 def build_megabyte(cfg: ModelConfig, parts: Parts) -> Megabyte:

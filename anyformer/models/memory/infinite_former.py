@@ -308,9 +308,6 @@ class InfiniteFormer(nn.Module):
                 cache.inner, cache.filled = cache.make_inner(), 0
         return outs[-1][:, -1:] if last_only else torch.cat(outs, 1)
 
-    def fast_decoder(self, cache: Any) -> None:
-        return None
-
 
 @MEMORIES.register("infinite_former")
 def build_infinite_former(model: nn.Module, cfg: ModelConfig) -> InfiniteFormer:

@@ -224,9 +224,6 @@ class RecurrentMemory(nn.Module):
                 cache.inner, cache.filled, cache.started = cache.make_inner(), 0, False
         return outs[-1][:, -1:] if last_only else torch.cat(outs, 1)
 
-    def fast_decoder(self, cache: Any) -> None:
-        return None
-
 
 @MEMORIES.register("rmt")
 def build_rmt(model: nn.Module, cfg: ModelConfig) -> RecurrentMemory:
