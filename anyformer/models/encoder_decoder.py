@@ -134,8 +134,8 @@ class EncoderDecoder(GenerativeModel, PretrainedIO, nn.Module):
         """Protocol: (b, n) decoder tokens through the cache, attending to `source` (from
         `encode_source`) -> logits (b, n, V), or (b, 1, V) of the last position with `last_only`."""
         memory, src_keep = source
-        logits = self.decode(tokens, memory, src_keep, cache=cache, positions=positions, attention_mask=attention_mask)
-        return logits[:, -1:] if last_only else logits
+        h = self.decode_hidden(tokens, memory, src_keep, cache=cache, positions=positions, attention_mask=attention_mask)
+        return self.lm_head(h[:, -1:] if last_only else h)
 
 
 def standard_parts(cfg: ModelConfig, parts: Parts) -> dict[str, Any]:

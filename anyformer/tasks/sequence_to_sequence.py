@@ -123,11 +123,11 @@ class PairSampler:
         self.generator.set_state(state)
 
 
-def source_ids(tokenizer: PairTokenizer, text: str, memory: str | None, limit: int) -> list[int]:
-    """The encoder's input: the source's ids, then (with a translation memory) the end token and
-    the memory's target-side ids, the memory cut to keep the whole at most `limit` tokens (the
-    source itself is never cut)."""
-    ids = tokenizer.source.encode(text)
+def source_ids(tokenizer: PairTokenizer, text: str | list[int], memory: str | None, limit: int) -> list[int]:
+    """The encoder's input: the source's ids (`text`, or its ids when already encoded), then
+    (with a translation memory) the end token and the memory's target-side ids, the memory cut
+    to keep the whole at most `limit` tokens (the source itself is never cut)."""
+    ids = tokenizer.source.encode(text) if isinstance(text, str) else text
     if memory is None:
         return ids
     room = limit - len(ids) - 1
@@ -283,10 +283,10 @@ class SequenceToSequence(Task):
         def encode(split: list[Pair], mems: list[str | None]) -> tuple[list[tuple[Tensor, Tensor]], list[Pair], list[str | None], int]:
             kept, kept_pairs, kept_mems = [], [], []
             for p, m in zip(split, mems):
-                n_src = len(tok.source.encode(p.source))
-                src = torch.tensor(source_ids(tok, p.source, m, o.max_source_tokens), dtype=torch.long)
+                own = tok.source.encode(p.source)
+                src = torch.tensor(source_ids(tok, own, m, o.max_source_tokens), dtype=torch.long)
                 tgt = torch.tensor(tok.target.encode(p.target), dtype=torch.long)
-                if 0 < n_src <= o.max_source_tokens and len(tgt) + 1 <= o.max_target_tokens:
+                if 0 < len(own) <= o.max_source_tokens and len(tgt) + 1 <= o.max_target_tokens:
                     kept.append((src, tgt)), kept_pairs.append(p), kept_mems.append(m)
             return kept, kept_pairs, kept_mems, len(split) - len(kept)
 

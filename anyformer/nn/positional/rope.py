@@ -23,15 +23,10 @@ def rope_angles(positions: Tensor, rotary_dim: int, base: float) -> tuple[Tensor
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def half_signed(sin: Tensor) -> Tensor:
-    """sin (..., r) with its first half negated: rotate_half(x) * sin == x.roll(r/2) * half_signed(sin)
-    exactly (a sign flip is exact), in two fewer operations per rotation."""
+    """sin (..., r) with its first half negated. With rotate_half(x1, x2) = (-x2, x1),
+    rotate_half(x) * sin == x.roll(r/2) * half_signed(sin) exactly (a sign flip is exact), in
+    two fewer operations per rotation."""
     h = sin.shape[-1] // 2
     return torch.cat([-sin[..., :h], sin[..., h:]], dim=-1)
 
