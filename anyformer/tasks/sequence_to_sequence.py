@@ -55,6 +55,7 @@ class SequenceToSequenceOptions:
     length_batches: bool = True
     no_repeat_ngram: int = 0  # translation (eval, translate): never repeat a target n-gram of this size (0 = off)
     memory: bool = False  # append the target of the most similar other training pair to each source (needs shared_vocab)
+    memory_verses: int = 1  # with memory: how many retrieved targets to append, most similar first
 
 
 @dataclass
@@ -68,8 +69,8 @@ class ParallelData:
     val_pairs: list[Pair]
     dropped: int  # training pairs over the length limits
     target_language: str
-    train_memory: list[str] | None = None  # with task.options.memory: each kept pair's retrieved target
-    val_memory: list[str] | None = None
+    train_memory: list[list[str]] | None = None  # with task.options.memory: each kept pair's retrieved targets, best first
+    val_memory: list[list[str]] | None = None
 
     def mean_tokens(self) -> float:
         """The mean of source and target lengths: the model summary counts one position
@@ -123,24 +124,25 @@ class PairSampler:
         self.generator.set_state(state)
 
 
-def source_ids(tokenizer: PairTokenizer, text: str | list[int], memory: str | None, limit: int) -> list[int]:
+def source_ids(tokenizer: PairTokenizer, text: str | list[int], memory: str | list[str] | None, limit: int) -> list[int]:
     """The encoder's input: the source's ids (`text`, or its ids when already encoded), then
-    (with a translation memory) the end token and the memory's target-side ids, the memory cut
-    to keep the whole at most `limit` tokens (the source itself is never cut)."""
+    (with a translation memory) each retrieved target as the decoder would write it: the start
+    token, its target-side ids and the end token. The memory is cut at the end to keep the whole
+    at most `limit` tokens; the source itself is never cut."""
     ids = tokenizer.source.encode(text) if isinstance(text, str) else text
     if memory is None:
         return ids
-    room = limit - len(ids) - 1
-    return ids + [EOS] + tokenizer.target.encode(memory)[: max(0, room)] if room > 0 else ids
+    tail = [t for verse in ([memory] if isinstance(memory, str) else memory) for t in [BOS, *tokenizer.target.encode(verse), EOS]]
+    return ids + tail[: max(0, limit - len(ids))]
 
 
 @torch.no_grad()
 def translate(model: nn.Module, tokenizer: PairTokenizer, sources: list[str], *, beams: int = 4,
               max_new_tokens: int = 128, batch_size: int = 16, no_repeat_ngram: int = 0,
-              memories: list[str] | None = None, max_source_tokens: int | None = None) -> list[str]:
+              memories: list[str] | list[list[str]] | None = None, max_source_tokens: int | None = None) -> list[str]:
     """Beam-search translations of `sources` (greedy when beams is 1); with `no_repeat_ngram`
-    n > 0 no target n-gram appears twice in a translation. `memories` (one retrieved target per
-    source, for a model trained with task.options.memory) are appended as in training."""
+    n > 0 no target n-gram appears twice in a translation. `memories` (per source, the retrieved
+    target or targets, for a model trained with task.options.memory) are appended as in training."""
     from ..generation import generate
 
     device = next(model.parameters()).device
@@ -185,6 +187,12 @@ def nearest_pairs(train: list[Pair], queries: list[str], bigrams: bool, *, exclu
     """For each query, the index of the training pair whose source is most similar (cosine of
     TF-IDF vectors over the training sources; ties go to the earlier pair). With `exclude_self`
     the queries are the training sources themselves, in order, and none may pick its own pair."""
+    return [row[0] for row in nearest_pairs_top(train, queries, bigrams, 1, exclude_self=exclude_self)]
+
+
+def nearest_pairs_top(train: list[Pair], queries: list[str], bigrams: bool, k: int, *, exclude_self: bool = False) -> list[list[int]]:
+    """For each query, the indices of the k training pairs whose sources are most similar, most
+    similar first (as `nearest_pairs`; for k = 1 ties go to the earlier pair)."""
     docs = [Counter(_features(p.source, bigrams)) for p in train]
     df = Counter(term for d in docs for term in d)
     vocab = {term: i for i, term in enumerate(df)}
@@ -204,14 +212,17 @@ def nearest_pairs(train: list[Pair], queries: list[str], bigrams: bool, *, exclu
         return m.to_dense() if dense else m.coalesce()
 
     train_m = matrix(docs, dense=False)
-    out: list[int] = []
+    out: list[list[int]] = []
     for start in range(0, len(queries), 512):
         q = matrix([Counter(_features(text, bigrams)) for text in queries[start : start + 512]], dense=True)  # (m, V)
         sims = torch.sparse.mm(train_m, q.T.contiguous())  # (N, m)
         if exclude_self:
             cols = torch.arange(sims.shape[1])
             sims[start + cols, cols] = float("-inf")
-        out += sims.argmax(0).tolist()
+        if k == 1:  # argmax: ties to the earlier pair
+            out += [[i] for i in sims.argmax(0).tolist()]
+        else:
+            out += sims.topk(min(k, sims.shape[0]), dim=0).indices.T.tolist()
     return out
 
 
@@ -233,6 +244,8 @@ class SequenceToSequence(Task):
         for name in ("max_source_tokens", "max_target_tokens", "bleu_sentences", "beams"):
             if getattr(o, name) < 1:
                 raise ConfigError(f"task.options.{name} must be positive, got {getattr(o, name)}")
+        if o.memory_verses < 1:
+            raise ConfigError(f"task.options.memory_verses must be at least 1 (retrieved targets appended with memory=true), got {o.memory_verses}")
         if o.no_repeat_ngram < 0:
             raise ConfigError(f"task.options.no_repeat_ngram must be 0 (off) or a positive n-gram size, got {o.no_repeat_ngram}")
         self._mean_tokens: float | None = None
@@ -274,13 +287,14 @@ class SequenceToSequence(Task):
             tok = PairTokenizer(train_subword_bpe([p.source for p in train], o.source_vocab),
                                 train_subword_bpe([p.target for p in train], o.target_vocab))
 
-        memory: dict[str, list[str | None]] = {"train": [None] * len(train), "val": [None] * len(val)}
-        if o.memory:  # the target of the most similar other training pair (a translation memory)
-            bigrams = self._bigrams()
-            memory["train"] = [train[i].target for i in nearest_pairs(train, [p.source for p in train], bigrams, exclude_self=True)]
-            memory["val"] = [train[i].target for i in nearest_pairs(train, [p.source for p in val], bigrams)]
+        memory: dict[str, list[list[str] | None]] = {"train": [None] * len(train), "val": [None] * len(val)}
+        if o.memory:  # the targets of the most similar other training pairs (a translation memory)
+            bigrams, k = self._bigrams(), o.memory_verses
+            memory["train"] = [[train[i].target for i in row]
+                               for row in nearest_pairs_top(train, [p.source for p in train], bigrams, k, exclude_self=True)]
+            memory["val"] = [[train[i].target for i in row] for row in nearest_pairs_top(train, [p.source for p in val], bigrams, k)]
 
-        def encode(split: list[Pair], mems: list[str | None]) -> tuple[list[tuple[Tensor, Tensor]], list[Pair], list[str | None], int]:
+        def encode(split: list[Pair], mems: list[list[str] | None]) -> tuple[list[tuple[Tensor, Tensor]], list[Pair], list[list[str] | None], int]:
             kept, kept_pairs, kept_mems = [], [], []
             for p, m in zip(split, mems):
                 own = tok.source.encode(p.source)
@@ -308,13 +322,13 @@ class SequenceToSequence(Task):
         val = [p for p in pairs if held_out(f"{d.corpus}/{p.id}", d.val_fraction)]
         return [p for p in pairs if not held_out(f"{d.corpus}/{p.id}", d.val_fraction)], val
 
-    def memories(self, sources: list[str]) -> list[str] | None:
-        """With task.options.memory, the retrieved training target for each source (what
-        `translate` appends, as in training); else None."""
+    def memories(self, sources: list[str]) -> list[list[str]] | None:
+        """With task.options.memory, the retrieved training targets for each source, best first
+        (what `translate` appends, as in training); else None."""
         if not self.options.memory:
             return None
         train, _ = self._splits()
-        return [train[i].target for i in nearest_pairs(train, sources, self._bigrams())]
+        return [[train[i].target for i in row] for row in nearest_pairs_top(train, sources, self._bigrams(), self.options.memory_verses)]
 
     def describe(self, data: ParallelData) -> str:
         o = self.options
@@ -340,8 +354,14 @@ class SequenceToSequence(Task):
             return model(src, dec_in, keep).float()
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        src, keep, dec_in, labels = batch
+        if getattr(getattr(model, "module", model), "scores_labels", False):  # the model gives log p(label) without all logits
+            with torch.autocast(src.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                log_p = model(src, dec_in, keep, labels=labels).float()
+            counted = labels != IGNORE
+            return -(log_p * counted).sum() / counted.sum().clamp_min(1)
         logits = self._logits(model, batch, dtype)
-        return F.cross_entropy(logits.flatten(0, 1), batch[3].flatten(), ignore_index=IGNORE)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
     def count(self, batch: tuple[Tensor, ...]) -> Tensor:
         return (batch[3] != IGNORE).sum()
