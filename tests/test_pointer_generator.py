@@ -1,7 +1,8 @@
 """Pointer-generator encoder-decoder (model.arch pointer_generator): the output distribution
-against the mixture written out with loops (match bonuses included), probabilities that sum to
-one, no copy mass from padding, cached greedy decoding equal to recomputation, a copy driven by
-the match bonuses alone reproduces the memory, and the configuration errors."""
+against the mixture written out with loops (match, gate and follow terms included),
+probabilities that sum to one, label scores equal to the full distribution at the labels, bf16
+autocast, no copy mass from padding, cached greedy decoding equal to recomputation, a copy
+driven by the match and follow terms alone reproduces the memory, and the configuration errors."""
 
 from __future__ import annotations
 
