@@ -41,6 +41,8 @@ def test_eval_reports_loss_perplexity_bpc(run_dir: Path, capsys) -> None:
     bpc = float(re.search(r"bits/char\s+([\d.]+)", out).group(1))
     assert ppl == pytest.approx(math.exp(loss), rel=1e-3)
     assert bpc == pytest.approx(loss / math.log(2), rel=1e-3)  # one character per token
+    assert main(["eval", str(run_dir), "--task-option", "beams=1"]) == 2  # a causal LM has no task options to change
+    assert "causal LM" in capsys.readouterr().err
 
 
 def test_generate_streams_continuation(run_dir: Path, capsys) -> None:

