@@ -128,6 +128,25 @@ def test_gradients_reach_every_parameter() -> None:
     assert not missing
 
 
+def test_the_summary_counts_flops_per_token_like_a_flop_counter() -> None:
+    """The summary's forward FLOPs per token against torch's FLOP counter on one cloud: the
+    PointNet runs once per point of each group (its biases and norms, which the counter skips,
+    keep the summary a few percent above); counting every weight once per token, as a plain
+    stack's formula does, misses most of the work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anyformer.models.summary import flops_per_token, summarize
+
+    cfg = tiny_model_config(num_points=128, num_groups=16, group_size=16, widths=[32, 64])
+    model = build_model(cfg).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 128, 3))
+    measured = counter.get_total_flops() / 17  # the class token and 16 groups
+    ours = summarize(model, seq_len=17).flops_per_token_forward
+    assert measured <= ours <= 1.06 * measured
+    assert flops_per_token(cfg, sum(p.numel() for p in model.parameters()), 17) < 0.2 * measured
+
+
 def test_points_config_round_trips_and_overrides() -> None:
     cfg = tiny_model_config(widths=[8, 24, 40])
     again = from_dict(ModelConfig, to_dict(cfg))

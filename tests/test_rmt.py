@@ -125,3 +125,21 @@ def test_bad_settings_are_named() -> None:
         build(memory__kind="lstm")
     with pytest.raises(ValueError, match="rolling cache"):
         rmt().make_cache(1, window=8)
+
+
+@pytest.mark.parametrize("num_memory, length", [(4, 64), (8, 64), (4, 40)])
+def test_the_summary_counts_flops_per_token_like_a_flop_counter(num_memory, length) -> None:
+    """The summary's forward FLOPs per text token against torch's FLOP counter: every segment
+    runs 2m + s positions (a short last one padded to s), so memory tokens and padding count.
+    The counter counts attention over the whole segment, not its causal half, so the summary
+    sits a few percent below it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anyformer.models.summary import summarize
+
+    model = rmt(num_memory=num_memory, segment_len=16, dim=64, num_layers=2, vocab_size=256, max_seq_len=64,
+                attention__kernel="eager").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, 256, (1, length)))
+    measured = counter.get_total_flops() / length
+    assert 0.9 * measured <= summarize(model, seq_len=length).flops_per_token_forward <= measured

@@ -119,6 +119,20 @@ class PointCloudTransformer(nn.Module):
         sequence_classification."""
         return self.head(self.hidden(points, attn_store=attn_store), None)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token (model summary) for `seq_len` tokens, the class token and
+        seq_len - 1 groups: each group runs the shared PointNet once per point of the group and
+        the centre MLP once; every token runs the stack's weights (per block application) and
+        attention over all tokens (Kaplan et al.); the head runs once per cloud. Finding the
+        groups (distances of every point to the centres) multiplies no weights and is left out."""
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        cfg, stack = self.config, self.stack
+        groups = max(0, seq_len - 1)
+        embed = groups * (2 * self.embed.group_size * count(self.embed.pointnet) + 2 * count(self.embed.position))
+        calls = stack.block_calls()
+        blocks = 2 * count(stack) * calls / max(1, len(stack.blocks)) + 2 * 2 * calls * seq_len * cfg.attention.num_heads * cfg.head_dim
+        return (embed + 2 * count(self.head)) / seq_len + blocks
+
 
 def check_point_cloud_config(cfg: ModelConfig) -> None:
     """Raise ConfigError when `cfg` cannot build a point_cloud model."""
