@@ -125,7 +125,8 @@ class PointCloudTransformer(nn.Module):
         the centre MLP once; every token runs the stack's weights (per block application) and
         attention over all tokens (Kaplan et al.); the head runs once per cloud. Finding the
         groups (distances of every point to the centres) multiplies no weights and is left out."""
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        from .builders import count_parameters as count
+
         cfg, stack = self.config, self.stack
         groups = max(0, seq_len - 1)
         embed = groups * (2 * self.embed.group_size * count(self.embed.pointnet) + 2 * count(self.embed.position))

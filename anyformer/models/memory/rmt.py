@@ -173,12 +173,13 @@ class RecurrentMemory(nn.Module):
         of its ceil(seq_len / s) segments runs the wrapped model's blocks over s + 2m positions
         (the memory at both ends; a short last segment is padded to s), with attention over that
         segment however long the input, and the head over the text tokens only."""
+        from ..builders import count_parameters
         from ..summary import _embedding_params, flops_per_token
 
         s, m = self.options.segment_len, self.options.num_memory
         positions = s + 2 * m
         segments = max(1, -(-seq_len // s))
-        weights = sum(p.numel() for p in self.inner.parameters()) - _embedding_params(self.inner)
+        weights = count_parameters(self.inner) - _embedding_params(self.inner)
         head = flops_per_token(self.config, 0, 0)  # the head alone: no weights and no context
         per_position = flops_per_token(self.config, weights, positions) - head
         return (segments * positions * per_position + seq_len * head) / max(1, seq_len)
