@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from anyformer.generation import GenerationConfig, generate
     from anyformer.generation.diffusion import DiffusionConfig, diffusion_fill, diffusion_generate
     from anyformer.tasks import TASKS
-    from anyformer.training.distributed import DistEnv
+    from anyformer.distributed import DistEnv
     from anyformer.training.run import load_run
 
     if args.threads:

@@ -1,5 +1,6 @@
-"""The package's import graph: no cycles, and generation reaches models only through the
-protocol (anyformer.protocol), never through model or layer modules."""
+"""The package's import graph: no cycles, layers that only point down (every import statement,
+those inside functions too), and generation reaches models only through the protocol
+(anyformer.protocol), never through model or layer modules."""
 
 from __future__ import annotations
 
@@ -99,3 +100,57 @@ def test_generation_does_not_import_model_internals() -> None:
         if dep.startswith(("anyformer.models", "anyformer.nn", "anyformer.convert", "anyformer.training"))
     }
     assert not bad, f"generation modules importing model internals: {sorted(bad)}"
+
+
+# The layers, ground floor first. A module may import modules of its own top-level unit and of
+# lower layers only; a unit of the package that is not listed here fails the test, so a new
+# package is placed deliberately.
+LAYERS: list[set[str]] = [
+    {"registry", "config", "protocol", "native", "dtypes", "distributed"},  # the ground floor
+    {"nn", "tokenizers", "generation"},
+    {"models", "data", "longcontext", "bench"},
+    {"convert"},
+    {"tasks"},
+    {"training"},
+    {"pretrained"},
+    {"commands"},
+    {"cli"},
+    {"__main__", ""},  # "" is the package's own __init__: the public facade
+]
+
+
+def unit(module: str) -> str:
+    """The top-level unit of `anyformer.a.b` ("a"; "" for the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[set[str]]) -> list[str]:
+    """Each import of a module in a higher (or the same, other) layer, as 'a -> b (layer i -> j)';
+    units missing from `layers` are reported too."""
+    level = {name: i for i, names in enumerate(layers) for name in names}
+    out = sorted({f"{unit(m)!r} is in no layer" for m in graph if unit(m) not in level})
+    for mod, deps in graph.items():
+        for dep in deps:
+            a, b = unit(mod), unit(dep)
+            if a != b and a in level and b in level and level[b] >= level[a]:
+                out.append(f"{mod} -> {dep} (layer {level[a]} -> {level[b]})")
+    return sorted(out)
+
+
+def test_layer_check_finds_planted_upward_imports() -> None:
+    layers = [{"config"}, {"nn"}, {"tasks", "data"}, {"training"}]
+    graph = {"anyformer.tasks.a": {"anyformer.training.t", "anyformer.nn.x", "anyformer.tasks.b"},
+             "anyformer.tasks.b": {"anyformer.data.d"}, "anyformer.training.t": {"anyformer.tasks.a"},
+             "anyformer.nn.x": {"anyformer.config"}, "anyformer.config": set(), "anyformer.data.d": set(),
+             "anyformer.extra.e": set()}
+    assert upward_imports(graph, layers) == [
+        "'extra' is in no layer",
+        "anyformer.tasks.a -> anyformer.training.t (layer 2 -> 3)",
+        "anyformer.tasks.b -> anyformer.data.d (layer 2 -> 2)",
+    ]
+
+
+def test_imports_point_down_the_layers() -> None:
+    bad = upward_imports(import_graph(), LAYERS)
+    assert not bad, "imports against the layer order (tests/test_imports.py LAYERS):\n" + "\n".join(bad)

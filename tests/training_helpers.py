@@ -67,7 +67,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str, resum
     from anyformer.config import load_yaml
     from anyformer.training import Trainer
     from anyformer.training.config import RunConfig
-    from anyformer.training.distributed import teardown
+    from anyformer.distributed import teardown
 
     cfg = load_yaml(RunConfig, cfg_path)
     run_dir = Path(resume) if resume else Path(out) / "run"

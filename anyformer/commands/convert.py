@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     """Convert and print where the files went."""
     from ..convert import save_pretrained
     from ..pretrained import load_pretrained
-    from ..pretrained.loading import check_checkpoint_path, parse_dtype
+    from ..dtypes import parse_dtype
+    from ..pretrained.loading import check_checkpoint_path
 
     start = time.perf_counter()
     src, dst = check_checkpoint_path(args.src), Path(args.dst)

@@ -1,8 +1,9 @@
 """`anyformer eval RUN_DIR`: a run's held-out metrics (a causal LM: loss, perplexity, bits per
 character; other tasks: their own metrics, e.g. a masked LM's perplexity, accuracy and unigram
 baseline; --task-option KEY=VALUE changes one of the run's task options for this evaluation,
-e.g. how many held-out verses a translation run translates). A causal LM can be read at
-another length (--seq-len), with LM-Infinite past its trained context (--lm-infinite);
+e.g. how many held-out verses a translation run translates). What is printed is the task's
+(`Task.eval_lines`). A task that reads any length (the causal LM) can be read at another
+length (--seq-len), with LM-Infinite past its trained context (--lm-infinite);
 `anyformer eval --model PATH --text FILE --seq-len N` does the same for a pretrained
 checkpoint on any text."""
 
@@ -38,10 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the figures."""
-    from ..data import prepare_tokens
-    from ..training.distributed import DistEnv
+    from ..config import ConfigError, apply_overrides
+    from ..distributed import DistEnv
+    from ..tasks import TASKS
     from ..training.run import load_run
-    from ..training.trainer import evaluate
 
     if (args.run_dir is None) == (args.model is None):
         raise ValueError("give either a run folder (anyformer eval RUN_DIR) or --model PATH with --text FILE, not both or neither")
@@ -52,63 +53,32 @@ def run(args: argparse.Namespace) -> int:
     if args.text is not None:
         raise ValueError("--text applies to --model; a run is scored on its own held-out split")
     r = load_run(args.run_dir, args.checkpoint, args.device)
-    if args.task_option and r.cfg.task.kind == "causal_lm":
-        raise ValueError(f"--task-option changes task.options of other tasks; {args.run_dir} is a causal LM, which has none to change")
-    if r.cfg.task.kind != "causal_lm":
-        if args.seq_len is not None or args.lm_infinite:
-            raise ValueError(f"--seq-len and --lm-infinite apply to causal LM runs; {args.run_dir} has task {r.cfg.task.kind!r}")
-        return _run_task(args, r)
-    apply_lm_infinite_option(args, r.model)
-    train = r.cfg.train
-    if args.seq_len is not None:  # the same tokens per batch, in windows of the asked length
-        train = dataclasses.replace(train, seq_len=args.seq_len, batch_size=max(1, train.batch_size * train.seq_len // args.seq_len))
-    d = r.cfg.data
-    data = prepare_tokens(d.corpus, path=d.path, tokenizer=d.tokenizer, vocab_size=d.vocab_size,
-                          val_fraction=d.val_fraction, cache_dir=d.cache_dir)
-    if data.tokenizer.to_json() != r.tokenizer.to_json():
-        raise ValueError(f"the corpus now tokenizes differently from the run's tokenizer.json; the data of {args.run_dir} changed")
-    device = next(r.model.parameters()).device
-    batches = args.batches or 4 * r.cfg.train.eval_batches
-    if len(data.val) < train.seq_len + 2:
-        raise ValueError(f"the held-out split has {len(data.val):,} tokens, fewer than one window of --seq-len {train.seq_len}")
-    loss = evaluate(r.model, data.val, train, DistEnv(0, 1, 0, device), batches=batches)
-    tokens = batches * train.batch_size * train.seq_len
-    text = data.tokenizer.decode(data.val[: min(len(data.val), 200_000)].astype("int64").tolist())
-    chars_per_token = len(text) / min(len(data.val), 200_000)
-    bpc = loss / math.log(2) / chars_per_token
-    print(f"run            {args.run_dir} ({r.checkpoint.name}, step {r.state['step']})")
-    print(f"validation     {tokens:,} tokens in windows of {train.seq_len} from held-out documents: {', '.join(data.val_names)}")
-    print(f"loss           {loss:.4f} nats/token")
-    print(f"perplexity     {math.exp(loss):.3f} (per token)")
-    print(f"bits/char      {bpc:.4f} ({chars_per_token:.3f} characters per token)")
-    return 0
-
-
-def _run_task(args: argparse.Namespace, r) -> int:  # type: ignore[no-untyped-def]
-    """Any other task: its own evaluation on its held-out data, every metric printed."""
-    from ..config import ConfigError, apply_overrides
-    from ..tasks import TASKS
-    from ..training.distributed import DistEnv
-
     cfg = r.cfg
     for item in args.task_option:
         if "=" not in item or item.startswith(("-", "task.")):
             raise ConfigError(f"--task-option {item!r} must look like KEY=VALUE with KEY one of task.options, e.g. bleu_sentences=1505")
         cfg = apply_overrides(cfg, [f"task.options.{item}"])
-    task = TASKS.get(cfg.task.kind)(cfg)
-    device = next(r.model.parameters()).device
-    env = DistEnv(0, 1, 0, device)
+    task_class = TASKS.get(cfg.task.kind)
+    task_class.check(cfg)
+    if (args.seq_len is not None or args.lm_infinite) and not task_class.reads_any_length:
+        raise ValueError(f"--seq-len and --lm-infinite read held-out data at another length, which task {cfg.task.kind!r} "
+                         f"of {args.run_dir} does not do (tasks that do: "
+                         f"{', '.join(n for n in TASKS.names() if TASKS.get(n).reads_any_length)})")
+    if args.seq_len is not None:  # the same tokens per batch, in windows of the asked length
+        t = cfg.train
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, seq_len=args.seq_len,
+                                                                 batch_size=max(1, t.batch_size * t.seq_len // args.seq_len)))
+    apply_lm_infinite_option(args, r.model)
+    task = task_class(cfg)
+    env = DistEnv(0, 1, 0, next(r.model.parameters()).device)
     data = task.prepare(env)
     if data.tokenizer is not None and (r.tokenizer is None or data.tokenizer.to_json() != r.tokenizer.to_json()):
         raise ValueError(f"the data now tokenizes differently from the run's tokenizer.json; the data of {args.run_dir} changed")
     batches = args.batches or 4 * r.cfg.train.eval_batches
-    scores = task.evaluate(r.model, data, env, batches=batches)
-    print(f"run            {args.run_dir} ({r.checkpoint.name}, step {r.state['step']}, task {r.cfg.task.kind})")
-    print(f"validation     the held-out split ({task.describe(data)})")
-    for name, value in scores.items():
-        print(f"{name:<14} {value:.4f}")
-    for name, value in task.report(r.model, data, env, r.checkpoint.parent.parent).items():
-        print(f"{name:<14} {value:.4f}" if isinstance(value, float) else f"{name:<14} {value}")
+    rows = task.eval_lines(r.model, data, env, batches=batches, folder=r.checkpoint.parent.parent)
+    print(f"{'run':<14} {args.run_dir} ({r.checkpoint.name}, step {r.state['step']}, task {cfg.task.kind})")
+    for label, text in rows:
+        print(f"{label:<14} {text}")
     return 0
 
 

@@ -9,9 +9,9 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from ..pretrained.chat import add_model_arguments
 from ._diffusion import add_diffusion_arguments, check_not_diffusion, run_diffusion_generate
 from ._long_context import add_lm_infinite_arguments, apply_lm_infinite_option
+from ._pretrained_generate import add_model_arguments, run_generate
 from ._sampling import sampling_config
 
 if TYPE_CHECKING:
@@ -42,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either a run folder (anyformer generate RUN_DIR ...) or --model PATH, not both or neither")
     config = sampling_config(args)  # bad sampling options fail here, before any model is loaded
     if args.model is not None:
-        from ..pretrained.chat import run_generate
-
         check_not_diffusion(args, "a pretrained checkpoint")
         return run_generate(args, config=config)
     if args.chat or args.system is not None:

@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     """Train, then print samples and where the files went."""
     start = time.perf_counter() - process_age()  # the time budget covers the whole command
     from ..config import load_yaml
+    from ..distributed import teardown
+    from ..tasks import TASKS
     from ..training import Trainer, load_run_config
     from ..training.config import RunConfig
-    from ..training.distributed import teardown
 
     if args.resume:
         if args.config:
@@ -69,13 +70,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n--- sample {i + 1} ---\n{text}")
         d = result.run_dir
         tokenizer = ", tokenizer.json" if (d / "tokenizer.json").is_file() else ""
-        use = {"causal_lm": f"anyformer generate {d} --prompt \"ROMEO:\"", "masked_lm": f"anyformer fill-mask {d} \"SEQUENCE\"",
-               "sequence_classification": f"anyformer classify {d} \"TEXT\"", "image_classification": f"anyformer classify {d} IMAGE.png",
-               "sequence_to_sequence": f"anyformer translate {d} \"TEXT\""}.get(cfg.task.kind)
-        per = "nats/token" if cfg.task.kind in ("causal_lm", "masked_lm", "sequence_to_sequence") else "nats/example"
+        task = TASKS.get(cfg.task.kind)
         print(
-            f"\ndone: {result.step} steps in {result.seconds / 60:.1f} min | val loss {result.val_loss:.4f} {per} "
+            f"\ndone: {result.step} steps in {result.seconds / 60:.1f} min | val loss {result.val_loss:.4f} {task.loss_unit} "
             f"(best {result.best_val_loss:.4f})\nfiles: {d}/config.yaml{tokenizer}, metrics.jsonl, loss.png, "
-            f"checkpoints/ (latest and best)\nnext: anyformer eval {d}" + (f" | {use}" if use else "")
+            f"checkpoints/ (latest and best)\nnext: {task.next_commands(d)}"
         )
     return 0

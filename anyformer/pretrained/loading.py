@@ -12,19 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..dtypes import parse_dtype
 from .gguf import is_gguf_file, load_gguf
 from .tokenizer import PretrainedTokenizer
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from its name ("float32", "bf16", ...)."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def _packaged_checkpoint(name: str) -> Path | None:

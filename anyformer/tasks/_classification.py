@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import mean_across, split_evenly
+from ..dtypes import DTYPES
+
 
 @torch.no_grad()
 def predict(model: nn.Module, inputs: Callable[[Tensor], Tensor], labels: Tensor, env: Any, dtype_name: str, batch: int,
             limit: int | None = None) -> tuple[Tensor, Tensor]:
     """(summed loss, predicted classes) of this process's share of the first `limit` examples;
     `inputs(indices)` builds the model input of the examples at `indices`."""
-    from ..training.distributed import split_evenly
-    from ..training.trainer import DTYPES
-
     n = len(labels) if limit is None else min(limit, len(labels))
     idx = torch.arange(n)[env.rank :: env.world]
     dtype = DTYPES[dtype_name]
@@ -40,7 +40,6 @@ def held_out_metrics(loss: Tensor, preds: Tensor, labels: Tensor, train_labels: 
     """Loss and accuracy of this process's predictions `preds` of the first `limit` of `labels`,
     and the accuracy of always answering the training split's most frequent class, summed over
     every process."""
-    from ..training.distributed import mean_across
 
     n = len(labels) if limit is None else min(limit, len(labels))
     mine = labels[:n][env.rank :: env.world]

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig
+from ..distributed import DistEnv
 from ..registry import Registry
 
-RunConfig = Any  # anyformer.training.config.RunConfig (not imported: training imports tasks)
-DistEnv = Any  # anyformer.training.distributed.DistEnv
+RunConfig = Any  # anyformer.training.config.RunConfig (a layer above: training imports tasks)
 
 TASKS: Registry[type["Task"]] = Registry("task")
 
@@ -44,6 +44,11 @@ class Task:
 
     architectures: ClassVar[tuple[str, ...]] = ()
     reads_seq_len: ClassVar[bool] = True  # whether train.seq_len sizes the examples (not for images)
+    reads_any_length: ClassVar[bool] = False  # whether `eval --seq-len` / `--lm-infinite` may read held-out data at another length
+    has_tokenizer: ClassVar[bool] = True  # whether a run saves tokenizer.json (not for images or point clouds)
+    loss_unit: ClassVar[str] = "nats/example"  # what one unit of the training and validation loss is
+    #: the command that uses a run of this task, with RUN where the run folder goes (None: only `eval`)
+    use_command: ClassVar[str | None] = None
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -100,3 +105,17 @@ class Task:
         """What `anyformer eval` adds to the validation metrics: test-set figures and files it
         writes into `folder` (e.g. a confusion matrix); nothing by default."""
         return {}
+
+    def eval_lines(self, model: nn.Module, data: Any, env: DistEnv, *, batches: int, folder: Path) -> list[tuple[str, str]]:
+        """What `anyformer eval` prints under the run's name, as (label, text) rows: by default
+        the held-out data, every metric of `evaluate`, then those of `report`."""
+        rows = [("validation", f"the held-out split ({self.describe(data)})")]
+        for name, value in {**self.evaluate(model, data, env, batches=batches), **self.report(model, data, env, folder)}.items():
+            rows.append((name, f"{value:.4f}" if isinstance(value, float) else str(value)))
+        return rows
+
+    @classmethod
+    def next_commands(cls, run_dir: Path) -> str:
+        """The commands that use a finished run, for the end of `anyformer train`."""
+        use = f" | {cls.use_command.replace('RUN', str(run_dir))}" if cls.use_command else ""
+        return f"anyformer eval {run_dir}{use}"

@@ -132,6 +132,8 @@ class ImageClassification(Task):
     """The class of an image, with a Vision Transformer."""
 
     architectures = ("vit",)
+    has_tokenizer = False
+    use_command = 'anyformer classify RUN IMAGE.png'
     reads_seq_len = False
 
     def __init__(self, cfg: Any) -> None:

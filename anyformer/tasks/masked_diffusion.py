@@ -41,6 +41,8 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data import TokenData, prepare_tokens
+from ..distributed import mean_across
+from ..dtypes import DTYPES
 from ..generation.diffusion import ORDERS, DiffusionConfig, diffusion_generate
 from .base import TASKS, Task
 
@@ -122,6 +124,8 @@ class MaskedDiffusion(Task):
     mask is the id after the tokenizer's vocabulary."""
 
     architectures = ("encoder",)
+    loss_unit = "nats/token"
+    use_command = 'anyformer infill RUN LEFT RIGHT --length N'
     mask_id: int  # set by prepare(): the id after the tokenizer's vocabulary
 
     def __init__(self, cfg: Any) -> None:
@@ -172,8 +176,6 @@ class MaskedDiffusion(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: TokenData, env: Any, batches: int | None = None) -> dict[str, float]:
         """The bound per token on fixed held-out windows (module docstring), in nats and bits."""
-        from ..training.distributed import mean_across
-        from ..training.trainer import DTYPES
 
         t, o = self.cfg.train, self.options
         mask_id = data.tokenizer.vocab_size

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.proteins import ProteinTokenizer, packaged_proteins, read_fasta
 from ..data.split import held_out
+from ..distributed import mean_across
+from ..dtypes import DTYPES
 from .base import TASKS, Task
 
 EVAL_SEED = 20240601
@@ -115,6 +117,8 @@ class MaskedLM(Task):
     """Protein masked language modelling with an encoder (head 'mlm')."""
 
     architectures = ("encoder",)
+    loss_unit = "nats/token"
+    use_command = 'anyformer fill-mask RUN "SEQUENCE"'
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -173,9 +177,6 @@ class MaskedLM(Task):
     def evaluate(self, model: nn.Module, data: ProteinData, env: Any, batches: int | None = None) -> dict[str, float]:
         """Masked-residue loss, perplexity and accuracy on fixed held-out examples (the same at
         every call), and the unigram baseline's loss and perplexity on the same positions."""
-        from ..training.distributed import mean_across
-        from ..training.trainer import DTYPES
-
         t = self.cfg.train
         sampler = ProteinSampler(data.val, data.tokenizer, t.seq_len, self.options.mask_prob, EVAL_SEED)
         was_training = model.training

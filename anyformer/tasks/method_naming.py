@@ -55,6 +55,8 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.code_graphs import CodeGraph, load_code_corpus
 from ..data.split import held_out
+from ..distributed import mean_across, split_evenly
+from ..dtypes import DTYPES
 from ..nn.positional import POSITIONALS
 from ..tokenizers.code_graph import CodeGraphVocab
 from .base import TASKS, Task
@@ -216,6 +218,7 @@ class MethodNaming(Task):
     """A function's name from its AST graph (or linearised AST), with an encoder."""
 
     architectures = ("encoder",)
+    use_command = 'anyformer name-function RUN FILE.py'
     reads_seq_len = False  # the graphs' sizes decide the lengths (up to model.max_seq_len)
 
     def __init__(self, cfg: Any) -> None:
@@ -319,9 +322,6 @@ class MethodNaming(Task):
         """Loss, subtoken precision / recall / F1 and exact matches over every held-out
         function (split across processes; `batches` is not used), beside the frequency
         baseline's scores."""
-        from ..training.distributed import mean_across, split_evenly
-        from ..training.trainer import DTYPES
-
         t = self.cfg.train
         names = data.tokenizer.names
         rows = list(range(len(data.val)))[env.rank :: env.world]

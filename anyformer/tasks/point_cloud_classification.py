@@ -106,6 +106,8 @@ class PointCloudClassification(Task):
     """The class of a 3-D point cloud, with the point-cloud Transformer."""
 
     architectures = ("point_cloud",)
+    has_tokenizer = False
+    use_command = 'anyformer classify RUN CLOUD.xyz'
     reads_seq_len = False
 
     def __init__(self, cfg: Any) -> None:

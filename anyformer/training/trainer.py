@@ -17,51 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import save_yaml
-from ..data import TokenData, WindowSampler, prepare_tokens
+from ..distributed import DistEnv, broadcast_float, mean_across, setup
+from ..dtypes import DTYPES
 from ..models.builders import build_model, count_parameters
+from ..models.summary import summarize
 from ..tasks import TASKS
 from ..tokenizers import save_tokenizer
 from . import checkpoint as ckpt
 from . import parallel
 from .config import RunConfig, TrainConfig
-from .distributed import DistEnv, broadcast_float, mean_across, setup
-from ..models.summary import summarize
 from .metrics import MetricsLog, Progress, format_time, matmul_peak_flops, plot_losses, read_metrics
 from .optim import WARMUP_FRACTION, build_optimizer, lr_at, set_lr, warmup_of
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-EVAL_SEED = 20240601
-
-
-def lm_loss(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
-    """Mean next-token cross-entropy (nats/token) of inputs x (b, n) against targets y (b, n);
-    the forward runs under autocast when `dtype` is lower precision, the loss in fp32."""
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        logits = model(x)  # (b, n, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, tokens, cfg: TrainConfig, env: DistEnv, batches: int | None = None) -> float:  # type: ignore[no-untyped-def]
-    """Mean validation loss over `batches` x batch_size fixed random windows (the same windows
-    at every call), split across processes."""
-    sampler = WindowSampler(tokens, cfg.seq_len, seed=EVAL_SEED)
-    was_training = model.training
-    model.eval()
-    dtype = DTYPES[cfg.dtype]
-    total = torch.zeros((), device=env.device)
-    n = batches or cfg.eval_batches
-    per = cfg.batch_size // env.world
-    for _ in range(n):
-        starts = sampler.starts(cfg.batch_size)[env.rank * per : (env.rank + 1) * per]
-        x, y = (t.to(env.device) for t in sampler.windows(starts))
-        total += lm_loss(model, x, y, dtype)
-    model.train(was_training)
-    return float(mean_across(total / n, env))
 
 
 @dataclass

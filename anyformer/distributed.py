@@ -1,4 +1,5 @@
-"""Process-group setup for data-parallel training launched by torchrun (or one process)."""
+"""Process-group setup for data-parallel work launched by torchrun (or one process), and the
+collectives every layer uses (means, broadcasts, even evaluation shares)."""
 
 from __future__ import annotations
 
