@@ -30,6 +30,7 @@ def _bind_config_names() -> None:
         (c.HeadConfig, "kind", HEADS),
     ]:
         c.bind_names(cls, name, registry)
+    c.bind_options(c.ModelConfig, "arch", "options", ARCHITECTURES)  # each architecture's own options
 
 
 _bind_config_names()

@@ -39,6 +39,41 @@ def bind_names(cls: type, field_name: str, registry: Any) -> None:
     _NAMED_FIELDS[(cls, field_name)] = registry
 
 
+# (config class, kind field) -> (options field, registry): the registry knows each name's options
+# dataclass (Registry.register(name, options=...)); bound like _NAMED_FIELDS
+_KIND_OPTIONS: dict[tuple[type, str], tuple[str, Any]] = {}
+# config class -> functions that rewrite a mapping written by an older version before it is read
+_MIGRATIONS: dict[type, list[Any]] = {}
+# config class -> its dotted section ("model.attention"), for messages
+_SECTIONS: dict[type, str] = {}
+
+
+def bind_options(cls: type, kind_field: str, options_field: str, registry: Any) -> None:
+    """Make `kind_options(cfg, kind_field)` parse `cfg.<options_field>` with the options
+    dataclass that `registry` holds for the name in `cfg.<kind_field>`."""
+    _KIND_OPTIONS[(cls, kind_field)] = (options_field, registry)
+
+
+def kind_options(cfg: Any, kind_field: str) -> Any:
+    """The options of the variant named by `cfg.<kind_field>`, parsed and checked against the
+    dataclass it registered; None for a variant with no options (whose mapping must be empty)."""
+    options_field, registry = _KIND_OPTIONS[(type(cfg), kind_field)]
+    name, given = getattr(cfg, kind_field), getattr(cfg, options_field)
+    where = f"{_SECTIONS.get(type(cfg), '')}.{options_field}".lstrip(".")
+    cls = registry.options_of(name)
+    if cls is None:
+        if given:
+            raise ConfigError(f"{where}: {registry.family} {name!r} takes no options; got {', '.join(sorted(given))}")
+        return None
+    return from_dict(cls, given or {}, f"{where} ({name})")
+
+
+def register_migration(cls: type, migrate: Any) -> None:
+    """Run `migrate(data)` (in place) on every mapping read into `cls`, before its keys are
+    checked: how a variant moves a setting that old configs and run folders hold elsewhere."""
+    _MIGRATIONS.setdefault(cls, []).append(migrate)
+
+
 def config_dataclass(section: str):  # type: ignore[no-untyped-def]
     """`@dataclass` for configs built in Python: unknown keyword arguments, wrong types and
     unknown registry names raise ConfigError naming `section.key` (and the valid keys or names),
@@ -46,6 +81,7 @@ def config_dataclass(section: str):  # type: ignore[no-untyped-def]
 
     def wrap(cls: type[C]) -> type[C]:
         cls = dataclass(cls)
+        _SECTIONS[cls] = section
         init = cls.__init__
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         prefix = f"{section}." if section else ""
@@ -152,19 +188,6 @@ class MemoryConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@config_dataclass("model.megabyte")
-class MegabyteConfig:
-    """The `megabyte` architecture (anyformer/models/megabyte.py): bytes grouped into patches of
-    `patch_size`; the global model is this config's stack (dim, num_layers) over patches, the
-    local model a stack of `local_layers` blocks of width `local_dim` (None: dim) with
-    `local_heads` heads (None: attention.num_heads) over the bytes of one patch."""
-
-    patch_size: int = 4
-    local_dim: int | None = None
-    local_layers: int = 2
-    local_heads: int | None = None
-
-
 @config_dataclass("model.head")
 class HeadConfig:
     """Output head of an encoder model (a registered name: none, mlm,
@@ -177,56 +200,17 @@ class HeadConfig:
     pooler: bool = False
 
 
-@config_dataclass("model.vision")
-class VisionConfig:
-    """Image input of a vision Transformer: square images cut into square patches."""
-
-    image_size: int = 224
-    patch_size: int = 16
-    channels: int = 3
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-
-@config_dataclass("model.points")
-class PointsConfig:
-    """Point-cloud input of the `point_cloud` architecture (anyformer/models/point_cloud.py):
-    clouds of `num_points` xyz points become `num_groups` tokens, each the PointNet encoding
-    (per-point MLP of `widths`, max-pooled) of the `group_size` nearest neighbours of a
-    farthest-point-sampled centre, plus an MLP (hidden width `position_hidden`) of the centre."""
-
-    num_points: int = 1024
-    num_groups: int = 64
-    group_size: int = 32
-    widths: list[int] = field(default_factory=lambda: [64, 128])
-    position_hidden: int = 128
-
-    def validate(self) -> None:
-        """Raise ConfigError when the sizes do not fit together."""
-        if min(self.num_points, self.num_groups, self.group_size, self.position_hidden) < 1 or not self.widths or min(self.widths) < 1:
-            raise ConfigError(
-                f"model.points: num_points, num_groups, group_size, position_hidden and every width must be at least 1 "
-                f"(got num_points={self.num_points}, num_groups={self.num_groups}, group_size={self.group_size}, "
-                f"position_hidden={self.position_hidden}, widths={self.widths})"
-            )
-        for name in ("num_groups", "group_size"):
-            if getattr(self, name) > self.num_points:
-                raise ConfigError(
-                    f"model.points.{name}={getattr(self, name)} exceeds model.points.num_points={self.num_points}: a cloud "
-                    f"of {self.num_points} points cannot give that many; lower {name} or raise num_points"
-                )
-
-
 @config_dataclass("model")
 class ModelConfig:
     """A whole Transformer: architecture, sizes and the variant of every part.
 
-    `arch` names a registered architecture (decoder, encoder, encoder_decoder, vit, ...).
+    `arch` names a registered architecture (decoder, encoder, encoder_decoder, vit, ...);
+    `options` holds that architecture's own settings, checked against the options dataclass it
+    registered (`arch_options`). What every architecture shares lives in the other fields.
     """
 
     arch: str = "decoder"
+    options: dict[str, Any] = field(default_factory=dict)
     vocab_size: int = 256
     dim: int = 256
     num_layers: int = 4
@@ -239,10 +223,7 @@ class ModelConfig:
     block: BlockConfig = field(default_factory=BlockConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
-    megabyte: MegabyteConfig = field(default_factory=MegabyteConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    points: PointsConfig = field(default_factory=PointsConfig)
     tie_embeddings: bool = True
     share_embeddings: bool = True
     final_norm: bool = True
@@ -263,6 +244,12 @@ class ModelConfig:
     def num_kv_heads(self) -> int:
         """Key/value heads: `attention.num_kv_heads`, or `num_heads` (plain multi-head)."""
         return self.attention.num_kv_heads or self.attention.num_heads
+
+    @property
+    def arch_options(self) -> Any:
+        """`options` parsed into the architecture's own options dataclass (None when the
+        architecture registered none; then `options` must be empty)."""
+        return kind_options(self, "arch")
 
     def validate(self) -> "ModelConfig":
         """Check that sizes fit together; raise ConfigError saying what to change."""
@@ -286,20 +273,9 @@ class ModelConfig:
                 f"model.attention.num_kv_heads={a.num_kv_heads}; grouped-query attention needs "
                 "each key/value head to serve the same number of query heads"
             )
-        if self.arch == "vit":
-            v = self.vision
-            if v.image_size % v.patch_size:
-                raise ConfigError(
-                    f"model.vision.image_size={v.image_size} is not a multiple of "
-                    f"model.vision.patch_size={v.patch_size}"
-                )
-            if self.max_seq_len < v.num_patches + 1:
-                raise ConfigError(
-                    f"model.max_seq_len={self.max_seq_len} is shorter than the {v.num_patches} patches "
-                    "plus the class token; set it to at least num_patches + 1"
-                )
-        if self.arch == "point_cloud":
-            self.points.validate()
+        opts = self.arch_options
+        if hasattr(opts, "validate"):
+            opts.validate(self)
         if not 0.0 <= a.dropout < 1.0 or not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout probabilities must be in [0, 1)")
         return self
@@ -382,6 +358,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if cls in _MIGRATIONS:
+        data = dict(data)
+        for migrate in _MIGRATIONS[cls]:
+            migrate(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -415,13 +395,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw != "" else ""
 
 
-def _drop_stale_options(node: dict[str, Any], new_kind: Any, where: str) -> None:
+# the keys that name a section's variant, whose `options` belong to that variant
+_KIND_KEYS = ("kind", "arch")
+
+
+def _drop_stale_options(node: dict[str, Any], new_kind: Any, where: str, key: str = "kind") -> None:
     """A section switched to kind `new_kind` without new options: the previous kind's options
     do not apply to it; drop them, saying so."""
-    if node.get("kind") != new_kind and node.get("options"):
+    if node.get(key) != new_kind and node.get("options"):
         warnings.warn(
-            f"{where}.kind changed from {node.get('kind')!r} to {new_kind!r}: dropping the options of "
-            f"{node.get('kind')!r} ({', '.join(sorted(node['options']))}); give {where}.options to set the new kind's",
+            f"{where}.{key} changed from {node.get(key)!r} to {new_kind!r}: dropping the options of "
+            f"{node.get(key)!r} ({', '.join(sorted(node['options']))}); give {where}.options to set the new {key}'s",
             stacklevel=3,
         )
         node["options"] = {}
@@ -437,10 +421,13 @@ def merge_sections(base: dict[str, Any], overrides: dict[str, Any], where: str =
         old = out.get(key)
         if isinstance(value, dict) and isinstance(old, dict) and key != "options":
             merged = dict(old)
-            if "kind" in value and "options" not in value and "options" in merged:
-                _drop_stale_options(merged, value["kind"], here)
+            for kind in _KIND_KEYS:
+                if kind in value and "options" not in value and "options" in merged:
+                    _drop_stale_options(merged, value[kind], here, kind)
             out[key] = merge_sections(merged, value, here)
         else:
+            if key in _KIND_KEYS and "options" not in overrides and out.get("options"):
+                _drop_stale_options(out, value, where, key)
             out[key] = value
     return out
 
@@ -469,8 +456,8 @@ def apply_overrides(cfg: C, overrides: list[str] | dict[str, Any]) -> C:
             valid = ", ".join(node) if isinstance(node, dict) else "none"
             raise ConfigError(f"unknown config key '{dotted}': no '{last}' in {where} (valid: {valid})")
         section = ".".join(parts[:-1])
-        if last == "kind" and "options" in node and not any(g.startswith(f"{section}.options") for g in given):
-            _drop_stale_options(node, value, section)
+        if last in _KIND_KEYS and "options" in node and not any(g.startswith(f"{section}.options") for g in given):
+            _drop_stale_options(node, value, section, last)
         node[last] = value
     return from_dict(type(cfg), data)
 

@@ -24,17 +24,26 @@ class Registry(Generic[T]):
     def __init__(self, family: str) -> None:
         self.family = family
         self._entries: dict[str, T] = {}
+        self._options: dict[str, type | None] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that adds an entry under `name`; a name can be registered once."""
+    def register(self, name: str, *, options: type | None = None) -> Callable[[T], T]:
+        """Decorator that adds an entry under `name`; a name can be registered once.
+        `options`: the entry's own options dataclass, where the family keeps options beside
+        the name (e.g. `model.arch` + `model.options`); None for an entry that takes none."""
 
         def add(obj: T) -> T:
             if name in self._entries:
                 raise RegistryError(f"{self.family} '{name}' is already registered")
             self._entries[name] = obj
+            self._options[name] = options
             return obj
 
         return add
+
+    def options_of(self, name: str) -> type | None:
+        """The options dataclass registered with `name` (None: it takes no options)."""
+        self.get(name)  # an unknown name raises with the valid ones
+        return self._options[name]
 
     def get(self, name: str) -> T:
         """The entry called `name`; an unknown name raises and lists the valid ones."""

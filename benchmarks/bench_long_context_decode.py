@@ -61,7 +61,7 @@ def build(method: str, args, longest: int):  # type: ignore[no-untyped-def]
         base.update(max_seq_len=args.segment, memory=dict(kind="infinite_former", options=dict(segment_len=args.segment, num_basis=32)))
     elif method == "megabyte":
         size = -(-(longest + args.tokens + 8) // 8) * 8
-        base.update(arch="megabyte", max_seq_len=size, megabyte=dict(patch_size=8, local_dim=args.dim // 2, local_layers=2))
+        base.update(arch="megabyte", max_seq_len=size, options=dict(patch_size=8, local_dim=args.dim // 2, local_layers=2))
     elif method == "lm_infinite":
         base.update(max_seq_len=args.window)
     elif method == "sliding_window":

@@ -178,8 +178,8 @@ def _decodable(name: str) -> torch.nn.Module:
     return {
         "decoder": lambda: build("decoder"),
         "encoder_decoder": lambda: build("encoder_decoder"),
-        "megabyte": lambda: build("megabyte", vocab_size=64, max_seq_len=32, megabyte__patch_size=4, megabyte__local_dim=16,
-                                  megabyte__local_heads=2),
+        "megabyte": lambda: build("megabyte", vocab_size=64, max_seq_len=32, options__patch_size=4, options__local_dim=16,
+                                  options__local_heads=2),
         "rmt": lambda: build("decoder", memory__kind="rmt", memory__options={"num_memory": 2, "segment_len": 8}),
         "infinite_former": lambda: build("decoder", memory__kind="infinite_former", memory__options={"segment_len": 8, "num_basis": 4}),
     }[name]()

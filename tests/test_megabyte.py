@@ -16,8 +16,8 @@ from .training_helpers import interrupted_copy, tiny_config
 
 
 def megabyte(patch: int = 4, **overrides):  # type: ignore[no-untyped-def]
-    return build("megabyte", vocab_size=64, max_seq_len=32, megabyte__patch_size=patch, megabyte__local_dim=16,
-                 megabyte__local_heads=2, **overrides)
+    return build("megabyte", vocab_size=64, max_seq_len=32, options__patch_size=patch, options__local_dim=16,
+                 options__local_heads=2, **overrides)
 
 
 def naive(model, x: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -85,8 +85,8 @@ def test_lengths_that_are_not_whole_patches_are_padded() -> None:
 
 
 def test_trains_on_bytes_from_a_config_and_resumes_exactly(tmp_path) -> None:
-    cfg = tiny_config(tmp_path, "--model.arch=megabyte", "--data.tokenizer=byte", "--model.megabyte.patch_size=4",
-                      "--model.megabyte.local_dim=16", "--model.megabyte.local_heads=2")
+    cfg = tiny_config(tmp_path, "--model.arch=megabyte", "--data.tokenizer=byte", "--model.options.patch_size=4",
+                      "--model.options.local_dim=16", "--model.options.local_heads=2")
     full = Trainer(cfg, run_dir=tmp_path / "full", verbose=False).fit()
     assert len(full.losses) == 8
     resumed = Trainer(cfg, run_dir=interrupted_copy(tmp_path / "full", tmp_path / "part"), resume=True, verbose=False).fit()
@@ -97,7 +97,7 @@ def test_bad_settings_are_named() -> None:
     with pytest.raises(ConfigError, match="patch_size=5 must divide model.max_seq_len=32"):
         megabyte(patch=5)
     with pytest.raises(ConfigError, match="local_dim=16 must be a multiple of local_heads=3"):
-        build("megabyte", vocab_size=64, max_seq_len=32, megabyte__local_dim=16, megabyte__local_heads=3)
+        build("megabyte", vocab_size=64, max_seq_len=32, options__local_dim=16, options__local_heads=3)
     with pytest.raises(ValueError, match="no rolling cache"):
         megabyte().make_cache(1, window=8)
 
@@ -109,8 +109,8 @@ def test_the_summary_counts_flops_per_byte_like_a_flop_counter() -> None:
 
     from anyformer.models.summary import summarize
 
-    model = build("megabyte", vocab_size=256, dim=64, num_layers=2, max_seq_len=256, megabyte__patch_size=8,
-                  megabyte__local_dim=32, megabyte__local_heads=2, attention__kernel="eager")
+    model = build("megabyte", vocab_size=256, dim=64, num_layers=2, max_seq_len=256, options__patch_size=8,
+                  options__local_dim=32, options__local_heads=2, attention__kernel="eager")
     x = torch.randint(0, 256, (1, 256))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.predict_bytes(x)

@@ -41,7 +41,7 @@ def tiny_model_config(**points) -> ModelConfig:
     return ModelConfig(
         arch="point_cloud", dim=32, num_layers=2, attention=dict(num_heads=2), ffn=dict(hidden_dim=64), positional=dict(kind="none"),
         head=dict(kind="sequence_classification", num_labels=5),
-        points=dict(num_points=64, num_groups=8, group_size=6, widths=[16, 16], position_hidden=16) | points,
+        options=dict(num_points=64, num_groups=8, group_size=6, widths=[16, 16], position_hidden=16) | points,
     )
 
 
@@ -150,13 +150,13 @@ def test_the_summary_counts_flops_per_token_like_a_flop_counter() -> None:
 def test_points_config_round_trips_and_overrides() -> None:
     cfg = tiny_model_config(widths=[8, 24, 40])
     again = from_dict(ModelConfig, to_dict(cfg))
-    assert again == cfg and again.points.widths == [8, 24, 40]
-    run = apply_overrides(default_run_config(), ["--model.points.widths=[4,4]", "--model.points.num_groups=16"])
-    assert run.model.points.widths == [4, 4] and run.model.points.num_groups == 16
+    assert again == cfg and again.arch_options.widths == [8, 24, 40]
+    run = apply_overrides(task_config(Path("unused")), ["--model.options.widths=[4,4]", "--model.options.num_groups=16"])
+    assert run.model.arch_options.widths == [4, 4] and run.model.arch_options.num_groups == 16
 
 
 def test_point_settings_are_checked(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="num_groups=65 exceeds model.points.num_points=64"):
+    with pytest.raises(ConfigError, match="num_groups=65 exceeds model.options.num_points=64"):
         tiny_model_config(num_groups=65).validate()
     with pytest.raises(ConfigError, match="group_size=100 exceeds"):
         tiny_model_config(group_size=100).validate()
@@ -164,11 +164,11 @@ def test_point_settings_are_checked(tmp_path) -> None:
         tiny_model_config(num_groups=0).validate()
     with pytest.raises(ConfigError, match="at least 1"):
         tiny_model_config(widths=[]).validate()
-    with pytest.raises(ConfigError, match="model.points.num_grups"):
-        tiny_model_config(num_grups=3)
+    with pytest.raises(ConfigError, match=r"model.options \(point_cloud\).num_grups"):
+        tiny_model_config(num_grups=3).validate()
     with pytest.raises(ConfigError, match="Set model.positional.kind=none"):
         build_model(ModelConfig(arch="point_cloud", dim=32, attention=dict(num_heads=2), positional=dict(kind="rope"),
-                                points=dict(num_points=64, num_groups=8, group_size=8)))
+                                options=dict(num_points=64, num_groups=8, group_size=8)))
     model = build_model(tiny_model_config())
     with pytest.raises(ValueError, match="have 7 points, fewer than the 8 that the model"):
         model(torch.randn(2, 7, 3))
@@ -318,9 +318,9 @@ def task_config(tmp: Path, *extra: str) -> RunConfig:
         "--task.kind=point_cloud_classification", "--task.options.shapes_per_class=6", "--task.options.val_per_class=2",
         "--task.options.test_per_class=2", "--data.corpus=shapes", f"--data.cache_dir={tmp / 'cache'}", "--model.arch=point_cloud",
         "--model.positional.kind=none", "--model.dim=32", "--model.num_layers=2", "--model.attention.num_heads=2",
-        "--model.ffn.hidden_dim=64", "--model.head.kind=sequence_classification", "--model.points.num_points=64",
-        "--model.points.num_groups=8", "--model.points.group_size=8", "--model.points.widths=[16,16]",
-        "--model.points.position_hidden=16", "--train.batch_size=8", "--train.max_steps=8", "--train.max_minutes=null",
+        "--model.ffn.hidden_dim=64", "--model.head.kind=sequence_classification", "--model.options.num_points=64",
+        "--model.options.num_groups=8", "--model.options.group_size=8", "--model.options.widths=[16,16]",
+        "--model.options.position_hidden=16", "--train.batch_size=8", "--train.max_steps=8", "--train.max_minutes=null",
         "--train.warmup_steps=2", "--train.eval_every=4", "--train.eval_batches=2", "--train.log_every=2",
         "--train.dtype=float32", "--train.optimizer=adamw", "--train.samples=0", "--train.lr=3e-3",
         f"--train.out_dir={tmp / 'run'}", "--train.threads=1", *extra,
@@ -395,7 +395,7 @@ def test_bad_task_settings_are_named(tmp_path) -> None:
     with pytest.raises(ConfigError, match="model.positional.kind=none"):
         task_config(tmp_path, "--model.positional.kind=rope").validate()
     with pytest.raises(ConfigError, match="num_groups=80 exceeds"):
-        task_config(tmp_path, "--model.points.num_groups=80").validate()
+        task_config(tmp_path, "--model.options.num_groups=80").validate()
     with pytest.raises(ConfigError, match="shapes_per_class"):
         Trainer(task_config(tmp_path, "--task.options.shapes_per_class=0"), run_dir=tmp_path / "r", verbose=False)
 
@@ -407,6 +407,6 @@ def test_config_file_loads_and_validates() -> None:
 
 
 def test_run_config_saves_and_loads_points(tmp_path) -> None:
-    cfg = task_config(tmp_path, "--model.points.widths=[8,12]")
+    cfg = task_config(tmp_path, "--model.options.widths=[8,12]")
     save_yaml(cfg, tmp_path / "c.yaml")
-    assert load_yaml(RunConfig, tmp_path / "c.yaml").model.points == cfg.model.points
+    assert load_yaml(RunConfig, tmp_path / "c.yaml").model.arch_options == cfg.model.arch_options

@@ -25,7 +25,7 @@ HAS_FASHION = Path(FASHION_MNIST_DIR).is_dir()
 def vit_config(tmp: Path, *extra: str):
     return apply_overrides(default_run_config(), [
         "--task.kind=image_classification", "--data.corpus=digits", "--data.val_fraction=0.2", "--model.arch=vit",
-        "--model.vision.image_size=8", "--model.vision.patch_size=4", "--model.vision.channels=1", "--model.max_seq_len=5",
+        "--model.options.image_size=8", "--model.options.patch_size=4", "--model.options.channels=1", "--model.max_seq_len=5",
         "--model.positional.kind=learned", "--model.dim=32", "--model.num_layers=2", "--model.attention.num_heads=2",
         "--model.ffn.hidden_dim=64", "--model.head.kind=sequence_classification", "--train.batch_size=16",
         "--train.max_steps=8", "--train.max_minutes=null", "--train.warmup_steps=2", "--train.eval_every=4",
@@ -215,11 +215,11 @@ def test_bad_settings_are_named(tmp_path) -> None:
         vit_config(tmp_path, "--model.arch=encoder").validate()
     with pytest.raises(ConfigError, match="data.corpus fashion_mnist or digits"):
         vit_config(tmp_path, "--data.corpus=shakespeare").validate()
-    with pytest.raises(ConfigError, match=r"set model.vision.image_size=8"):
-        Trainer(vit_config(tmp_path, "--model.vision.image_size=28", "--model.vision.patch_size=7", "--model.max_seq_len=17"),
+    with pytest.raises(ConfigError, match=r"set model.options.image_size=8"):
+        Trainer(vit_config(tmp_path, "--model.options.image_size=28", "--model.options.patch_size=7", "--model.max_seq_len=17"),
                 run_dir=tmp_path / "r", verbose=False)
-    with pytest.raises(ConfigError, match="not a multiple of model.vision.patch_size"):
-        vit_config(tmp_path, "--model.vision.patch_size=3").validate()
+    with pytest.raises(ConfigError, match="not a multiple of model.options.patch_size"):
+        vit_config(tmp_path, "--model.options.patch_size=3").validate()
     with pytest.raises(ConfigError, match="task.options.shift"):
         Trainer(vit_config(tmp_path, "--task.options.shift=20"), run_dir=tmp_path / "r", verbose=False)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
@@ -229,8 +229,8 @@ def test_bad_settings_are_named(tmp_path) -> None:
 
 @pytest.mark.skipif(not HAS_FASHION, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_trains_and_reports_test_accuracy(tmp_path) -> None:
-    cfg = vit_config(tmp_path, "--data.corpus=fashion_mnist", "--data.val_fraction=0.02", "--model.vision.image_size=28",
-                     "--model.vision.patch_size=7", "--model.max_seq_len=17", "--train.max_steps=4", "--train.eval_batches=2")
+    cfg = vit_config(tmp_path, "--data.corpus=fashion_mnist", "--data.val_fraction=0.02", "--model.options.image_size=28",
+                     "--model.options.patch_size=7", "--model.max_seq_len=17", "--train.max_steps=4", "--train.eval_batches=2")
     t = Trainer(cfg, run_dir=tmp_path / "run", verbose=False)
     result = t.fit()
     assert len(result.losses) == 4 and len(t.data.test.labels) == 10000

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     elif kind == "image_classification":
         from ..tasks.image_classification import read_image, to_model_input
 
-        v = r.cfg.model.vision
+        v = r.cfg.model.arch_options
         inputs = to_model_input(read_image(args.input, v.image_size, invert=args.invert)[None]).to(device)
         labels = TASKS.get(kind)(r.cfg).class_names()  # type: ignore[attr-defined]
     else:

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("a ViT run shows the attention of an image: give --image FILE")
         from ..tasks.image_classification import read_image, to_model_input
 
-        inputs = to_model_input(read_image(args.image, r.cfg.model.vision.image_size)[None]).to(device)
+        inputs = to_model_input(read_image(args.image, r.cfg.model.arch_options.image_size)[None]).to(device)
     elif arch in ("decoder", "encoder"):
         if not args.prompt:
             raise ValueError('give the text to look at with --prompt "..."')

@@ -27,7 +27,7 @@ def vit_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             positional=dict(kind="learned"),
             norm=dict(kind="layernorm", eps=hf.get("layer_norm_eps", 1e-12), placement="pre"),
             ffn=dict(kind="mlp", activation=_HF_ACT[act], bias=True, hidden_dim=hf["intermediate_size"]),
-            vision=dict(image_size=image, patch_size=patch, channels=hf.get("num_channels", 3)),
+            options=dict(image_size=image, patch_size=patch, channels=hf.get("num_channels", 3)),
             head=dict(kind="sequence_classification" if labels else "none", num_labels=labels or 2),
         ),
     ).validate()

@@ -247,7 +247,7 @@ def fit_points(points: np.ndarray, num_points: int, need: int, rng: np.random.Ge
     n = len(points)
     if n < need:
         raise ValueError(
-            f"{where} has {n} points, fewer than the {need} the model's tokenization needs (model.points.num_groups "
+            f"{where} has {n} points, fewer than the {need} the model's tokenization needs (model.options.num_groups "
             "and group_size); remove the file, or lower those settings"
         )
     if n >= num_points:

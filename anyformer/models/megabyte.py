@@ -27,6 +27,7 @@ max_seq_len bytes per step (decoding_info reports absolute positions: no rolling
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,26 +39,47 @@ from ..nn.kv_cache import CacheSpec
 from ..protocol import DecodingInfo
 from .common import LMHead, check_tokens, self_attention_context
 from .parts import Parts
-from .registry import ARCHITECTURES
+from .registry import ARCHITECTURES, moved_section
+
+
+@dataclass
+class MegabyteOptions:
+    """`model.options` of arch `megabyte`: bytes grouped into patches of `patch_size`; the
+    global model is the config's stack (dim, num_layers) over patches, the local model a stack
+    of `local_layers` blocks of width `local_dim` (None: dim) with `local_heads` heads (None:
+    attention.num_heads) over the bytes of one patch."""
+
+    patch_size: int = 4
+    local_dim: int | None = None
+    local_layers: int = 2
+    local_heads: int | None = None
+
+    def validate(self, cfg: ModelConfig) -> None:
+        """Raise ConfigError when the patches or the local stack do not fit the config."""
+        level_configs(cfg)
+
+
+moved_section("megabyte", "megabyte")
 
 
 def level_configs(cfg: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
     """The global and local stacks' configs, after checking that the patch size fits."""
-    mb = cfg.megabyte
+    mb: MegabyteOptions = cfg.arch_options
     p = mb.patch_size
     if p < 1 or p > cfg.max_seq_len or cfg.max_seq_len % p:
         raise ConfigError(
-            f"model.megabyte.patch_size={p} must divide model.max_seq_len={cfg.max_seq_len} "
+            f"model.options.patch_size={p} must divide model.max_seq_len={cfg.max_seq_len} "
             f"(a context of whole patches); choose a divisor such as {next(d for d in (8, 4, 2, 1) if cfg.max_seq_len % d == 0)}"
         )
     local_dim = mb.local_dim or cfg.dim
     heads = mb.local_heads or cfg.attention.num_heads
     if local_dim % heads or mb.local_layers < 1:
-        raise ConfigError(f"model.megabyte: local_dim={local_dim} must be a multiple of local_heads={heads}, and local_layers >= 1 "
+        raise ConfigError(f"model.options: local_dim={local_dim} must be a multiple of local_heads={heads}, and local_layers >= 1 "
                           f"(got {mb.local_layers})")
-    glob = dataclasses.replace(cfg, max_seq_len=cfg.max_seq_len // p + 1)  # + 1: the patch after a full context
+    # the two levels are plain decoder stacks: their configs carry none of the megabyte options
+    glob = dataclasses.replace(cfg, arch="decoder", options={}, max_seq_len=cfg.max_seq_len // p + 1)  # + 1: the patch after a full context
     local = dataclasses.replace(
-        cfg, dim=local_dim, num_layers=mb.local_layers, max_seq_len=p,
+        cfg, arch="decoder", options={}, dim=local_dim, num_layers=mb.local_layers, max_seq_len=p,
         attention=dataclasses.replace(cfg.attention, num_heads=heads, num_kv_heads=None, head_dim=None),
         ffn=dataclasses.replace(cfg.ffn, hidden_dim=None),
     )
@@ -95,7 +117,7 @@ class Megabyte(nn.Module):
     def __init__(self, cfg: ModelConfig, glob: Parts, local: Parts) -> None:
         super().__init__()
         self.config = cfg
-        self.patch = p = cfg.megabyte.patch_size
+        self.patch = p = cfg.arch_options.patch_size
         d, e, v = glob.cfg.dim, local.cfg.dim, cfg.vocab_size
         self.global_bytes = nn.Embedding(v, e)
         self.patch_in = nn.Linear(p * e, d)
@@ -221,7 +243,7 @@ class Megabyte(nn.Module):
         return outs[-1][:, -1:] if last_only else torch.cat(outs, 1)
 
 
-@ARCHITECTURES.register("megabyte")
+@ARCHITECTURES.register("megabyte", options=MegabyteOptions)
 def build_megabyte(cfg: ModelConfig, parts: Parts) -> Megabyte:
     """MEGABYTE: a global stack over patches of bytes and a local stack within each patch."""
     glob, local = level_configs(cfg)

@@ -17,16 +17,58 @@ Legend: `b` batch, `P` points, `G` groups, `K` points per group, `c` point-netwo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig, PointsConfig
+from ..config import ConfigError, ModelConfig
 from ..nn.attention import AttentionContext
 from ..nn.positional import PositionalEncoding
 from .common import Stack
 from .parts import Parts
 from .point_groups import check_points, group_points
-from .registry import ARCHITECTURES
+from .registry import ARCHITECTURES, moved_section
+
+
+@dataclass
+class PointCloudOptions:
+    """`model.options` of arch `point_cloud`: clouds of `num_points` xyz points become
+    `num_groups` tokens, each the PointNet encoding (per-point MLP of `widths`, max-pooled) of
+    the `group_size` nearest neighbours of a farthest-point-sampled centre, plus an MLP (hidden
+    width `position_hidden`) of the centre."""
+
+    num_points: int = 1024
+    num_groups: int = 64
+    group_size: int = 32
+    widths: list[int] = field(default_factory=lambda: [64, 128])
+    position_hidden: int = 128
+
+    def validate(self, cfg: ModelConfig) -> None:
+        """Raise ConfigError when the sizes do not fit together, or the rest of `cfg` does not
+        fit a point-cloud model."""
+        if min(self.num_points, self.num_groups, self.group_size, self.position_hidden) < 1 or not self.widths or min(self.widths) < 1:
+            raise ConfigError(
+                f"model.options: num_points, num_groups, group_size, position_hidden and every width must be at least 1 "
+                f"(got num_points={self.num_points}, num_groups={self.num_groups}, group_size={self.group_size}, "
+                f"position_hidden={self.position_hidden}, widths={self.widths})"
+            )
+        for name in ("num_groups", "group_size"):
+            if getattr(self, name) > self.num_points:
+                raise ConfigError(
+                    f"model.options.{name}={getattr(self, name)} exceeds model.options.num_points={self.num_points}: a cloud "
+                    f"of {self.num_points} points cannot give that many; lower {name} or raise num_points"
+                )
+        if cfg.positional.kind != "none":
+            raise ConfigError(
+                f"model.arch=point_cloud takes token positions from the group centres' coordinates, not from indices; got "
+                f"model.positional.kind={cfg.positional.kind!r}. Set model.positional.kind=none"
+            )
+        if cfg.head.kind not in HEAD_KINDS:
+            raise ConfigError(f"model.arch=point_cloud supports model.head.kind {', '.join(HEAD_KINDS)}; got {cfg.head.kind!r}")
+
+
+moved_section("point_cloud", "points")
 
 HEAD_KINDS = ("none", "sequence_classification", "embedding")
 
@@ -69,7 +111,7 @@ class PointGroupEmbedding(nn.Module):
     """Tokens of a cloud: group it (`group_points`), embed each group with the PointNet, add an
     MLP of the centre coordinates, prepend a learned class token."""
 
-    def __init__(self, points: PointsConfig, dim: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, points: PointCloudOptions, dim: int, *, dropout: float = 0.0) -> None:
         super().__init__()
         self.num_groups, self.group_size = points.num_groups, points.group_size
         self.pointnet = PointNet(points.widths, dim)
@@ -86,7 +128,7 @@ class PointGroupEmbedding(nn.Module):
     def forward(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """points (b, P, 3) -> tokens (b, 1 + G, d) and the group centres (b, G, 3)."""
         need = max(self.num_groups, self.group_size)
-        check_points(points, need, f"the model (model.points.num_groups={self.num_groups}, group_size={self.group_size})")
+        check_points(points, need, f"the model (model.options.num_groups={self.num_groups}, group_size={self.group_size})")
         with torch.autocast(points.device.type, enabled=False):
             centres, groups = group_points(points.float(), self.num_groups, self.group_size)  # (b, G, 3), (b, G, K, 3)
         x = self.pointnet(groups) + self.position(centres)  # (b, G, d)
@@ -135,28 +177,13 @@ class PointCloudTransformer(nn.Module):
         return (embed + 2 * count(self.head)) / seq_len + blocks
 
 
-def check_point_cloud_config(cfg: ModelConfig) -> None:
-    """Raise ConfigError when `cfg` cannot build a point_cloud model."""
-    cfg.points.validate()
-    if cfg.positional.kind != "none":
-        raise ConfigError(
-            f"model.arch=point_cloud takes token positions from the group centres' coordinates (model.points), not from "
-            f"indices; got model.positional.kind={cfg.positional.kind!r}. Set model.positional.kind=none"
-        )
-    if cfg.head.kind not in HEAD_KINDS:
-        raise ConfigError(
-            f"model.arch=point_cloud supports model.head.kind {', '.join(HEAD_KINDS)}; got {cfg.head.kind!r}"
-        )
-
-
-@ARCHITECTURES.register("point_cloud")
+@ARCHITECTURES.register("point_cloud", options=PointCloudOptions)
 def build_point_cloud(cfg: ModelConfig, parts: Parts) -> PointCloudTransformer:
     """A point-cloud Transformer with the configured head (the sequence-classification head
     pools the class token, or the mean of all tokens with head.pooling=mean)."""
-    check_point_cloud_config(cfg)
     return PointCloudTransformer(
         cfg,
-        PointGroupEmbedding(cfg.points, cfg.dim, dropout=cfg.dropout),
+        PointGroupEmbedding(cfg.arch_options, cfg.dim, dropout=cfg.dropout),
         parts.positional(causal=False),
         parts.stack(cfg.num_layers, causal=False, name="encoder"),
         parts.head(None),  # type: ignore[arg-type]  # these heads need no token embedding

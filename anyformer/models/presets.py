@@ -72,7 +72,7 @@ def _vit(layers: int, dim: int, heads: int, image: int, patch: int, channels: in
         positional=dict(kind="learned"),
         norm=dict(kind="layernorm", eps=1e-12, placement="pre"),
         ffn=dict(kind="mlp", activation="gelu", bias=True, hidden_mult=4.0),
-        vision=dict(image_size=image, patch_size=patch, channels=channels),
+        options=dict(image_size=image, patch_size=patch, channels=channels),
         head=dict(kind="sequence_classification", num_labels=labels),
     )
 

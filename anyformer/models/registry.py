@@ -1,6 +1,8 @@
 """The model-level registries: architectures, block kinds, depth wirings and output heads.
 
-- ARCHITECTURES: `factory(cfg: ModelConfig, parts: Parts) -> nn.Module`, selected by `model.arch`.
+- ARCHITECTURES: `factory(cfg: ModelConfig, parts: Parts) -> nn.Module`, selected by `model.arch`;
+  registered with its options dataclass (`register(name, options=...)`), which `model.options`
+  is checked against (`cfg.arch_options`; a `validate(cfg)` method checks it with the rest).
 - BLOCKS: `factory(parts: Parts, ctx: BuildContext) -> nn.Module`, selected by `model.block.kind`;
   the block is called as `block(x, ctx, cache=..., **cross)` and offers `make_cache(spec)`.
 - DEPTHS: `factory(parts: Parts, ctx: BuildContext, blocks, final_norm) -> nn.Module`, selected by
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..config import ModelConfig, register_migration
 from ..registry import Registry
 
 ARCHITECTURES: Registry[Callable[..., Any]] = Registry("architecture")
@@ -31,3 +34,16 @@ MEMORIES: Registry[Callable[..., Any]] = Registry("memory kind")
 def no_memory(model: Any, cfg: Any) -> Any:
     """The model itself: one forward over the whole input."""
     return model
+
+
+def moved_section(arch: str, section: str) -> None:
+    """Configs written before `arch` owned its options kept them in `model.<section>`: move that
+    mapping into `model.options` when the config is of `arch` (and gives no options of its
+    own), and drop it from every other config, where it was an unused default."""
+
+    def migrate(data: dict[str, Any]) -> None:
+        old = data.pop(section, None)
+        if isinstance(old, dict) and data.get("arch") == arch and not data.get("options"):
+            data["options"] = old
+
+    register_migration(ModelConfig, migrate)

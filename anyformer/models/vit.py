@@ -6,15 +6,45 @@ Legend: `b` batch, `c` channels, `H`/`W` image size, `p` patch size, `P` patches
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..nn.attention import AttentionContext
 from ..nn.positional import PositionalEncoding
 from .common import Stack
 from .parts import Parts
-from .registry import ARCHITECTURES
+from .registry import ARCHITECTURES, moved_section
+
+
+@dataclass
+class VitOptions:
+    """`model.options` of arch `vit`: square images of `image_size` pixels and `channels`,
+    cut into square patches of `patch_size`."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate(self, cfg: ModelConfig) -> None:
+        """Raise ConfigError when the patches do not tile the image or exceed the context."""
+        if min(self.image_size, self.patch_size, self.channels) < 1:
+            raise ConfigError(f"model.options.image_size, patch_size and channels must be at least 1 (got {self.image_size}, "
+                              f"{self.patch_size}, {self.channels})")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.options.image_size={self.image_size} is not a multiple of model.options.patch_size={self.patch_size}")
+        if cfg.max_seq_len < self.num_patches + 1:
+            raise ConfigError(f"model.max_seq_len={cfg.max_seq_len} is shorter than the {self.num_patches} patches plus the class "
+                              "token; set it to at least num_patches + 1")
+
+
+moved_section("vit", "vision")
 
 
 class PatchEmbedding(nn.Module):
@@ -76,11 +106,11 @@ class VisionTransformer(nn.Module):
         return self.head(self.hidden(images, attn_store=attn_store))
 
 
-@ARCHITECTURES.register("vit")
+@ARCHITECTURES.register("vit", options=VitOptions)
 def build_vit(cfg: ModelConfig, parts: Parts) -> VisionTransformer:
     """A Vision Transformer classifying images (the class token's final state when
     head.kind is not sequence_classification)."""
-    v = cfg.vision
+    v: VitOptions = cfg.arch_options
     return VisionTransformer(
         cfg,
         PatchEmbedding(v.channels, v.patch_size, cfg.dim, v.image_size, dropout=cfg.dropout),

@@ -1,7 +1,7 @@
 """Image classification with a Vision Transformer: Fashion-MNIST (data.corpus=fashion_mnist) or
 scikit-learn's 8x8 digits (data.corpus=digits).
 
-The model's image size and channels come from the data; model.vision.patch_size decides the
+The model's image size and channels come from the data; model.options.patch_size decides the
 patches (it must divide the image size). Pixels map from 0..255 to [-1, 1]. The held-out split
 is the share data.val_fraction of the training images with the lowest hashes of their index
 (it picks the best checkpoint); Fashion-MNIST's own 10,000 test images are kept apart and only
@@ -176,19 +176,19 @@ class ImageClassification(Task):
                 f"images of {data.image_size}x{data.image_size}, {len(data.classes)} classes{aug}")
 
     def model_config(self, model: ModelConfig, data: ImageData) -> ModelConfig:
-        size, v = data.image_size, model.vision
+        size, v = data.image_size, model.arch_options
         if (v.image_size, v.channels) != (size, 1):
             divisors = [p for p in range(1, size + 1) if size % p == 0]
             raise ConfigError(
                 f"{data.corpus} has {size}x{size} images of 1 channel; the model is configured for {v.image_size}x{v.image_size} "
-                f"with {v.channels}: set model.vision.image_size={size}, model.vision.channels=1 "
-                f"(model.vision.patch_size one of {divisors}) and model.max_seq_len to at least the patches + 1"
+                f"with {v.channels}: set model.options.image_size={size}, model.options.channels=1 "
+                f"(model.options.patch_size one of {divisors}) and model.max_seq_len to at least the patches + 1"
             )
         head = dataclasses.replace(model.head, kind="sequence_classification", num_labels=len(data.classes))
         return dataclasses.replace(model, head=head)
 
     def tokens_per_example(self) -> int:
-        return self.cfg.model.vision.num_patches + 1
+        return self.cfg.model.arch_options.num_patches + 1
 
     def sampler(self, data: ImageData, seed: int) -> ImageSampler:
         return ImageSampler(data.train, self.options, seed)

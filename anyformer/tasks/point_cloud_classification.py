@@ -6,7 +6,7 @@ the best checkpoint) and `test_per_class` test clouds per class, each from its o
 `data_seed`), randomly scaled per axis (`anisotropy`), rotated (`rotate`) and jittered
 (`noise`). Or `folder`: the folder at `data.path`, one subfolder of mesh or point files per
 class; files under a `test/` folder are the test set, the others are split by a hash of their
-path (`data.val_fraction`). Every cloud has `model.points.num_points` points, centred and
+path (`data.val_fraction`). Every cloud has `model.options.num_points` points, centred and
 scaled into the unit sphere.
 
 Training augmentation (`augment`): each drawn cloud is distorted again with its own seed: a new
@@ -123,10 +123,8 @@ class PointCloudClassification(Task):
 
     @classmethod
     def check(cls, cfg: Any) -> None:
-        from ..models.point_cloud import check_point_cloud_config
-
         super().check(cfg)
-        check_point_cloud_config(cfg.model)
+        cfg.model.validate()  # the point-cloud options and their fit with the rest of the model
         if cfg.model.head.kind not in ("none", "sequence_classification"):
             raise ConfigError(
                 f"task 'point_cloud_classification' trains the class-token classifier (model.head.kind="
@@ -144,11 +142,11 @@ class PointCloudClassification(Task):
 
     def need(self) -> int:
         """The fewest points per cloud the model's tokenization accepts."""
-        p = self.cfg.model.points
+        p = self.cfg.model.arch_options
         return max(p.num_groups, p.group_size)
 
     def prepare(self, env: Any) -> PointCloudData:
-        d, o, p = self.cfg.data, self.options, self.cfg.model.points
+        d, o, p = self.cfg.data, self.options, self.cfg.model.arch_options
         if d.corpus == "folder":
             sets, classes = folder_clouds(d.path, p.num_points, self.need(), d.val_fraction, d.cache_dir)
             return PointCloudData(sets["train"], sets["val"], sets.get("test"), classes, f"folder {d.path}")
@@ -169,13 +167,13 @@ class PointCloudClassification(Task):
                 f"{data.num_points} points, {len(data.classes)} classes{rot}{aug}")
 
     def model_config(self, model: ModelConfig, data: PointCloudData) -> ModelConfig:
-        if data.num_points != model.points.num_points:
-            raise ConfigError(f"the clouds have {data.num_points} points; set model.points.num_points={data.num_points}")
+        if data.num_points != model.arch_options.num_points:
+            raise ConfigError(f"the clouds have {data.num_points} points; set model.options.num_points={data.num_points}")
         head = dataclasses.replace(model.head, kind="sequence_classification", num_labels=len(data.classes))
         return dataclasses.replace(model, head=head)
 
     def tokens_per_example(self) -> int:
-        return self.cfg.model.points.num_groups + 1
+        return self.cfg.model.arch_options.num_groups + 1
 
     def sampler(self, data: PointCloudData, seed: int) -> CloudSampler:
         return CloudSampler(data.train, self.options, seed)
@@ -188,7 +186,7 @@ class PointCloudClassification(Task):
 
     def classify_input(self, path: str, device: torch.device) -> tuple[Tensor, list[str]]:
         """`anyformer classify`: the model input (1, P, 3) of a point or mesh file, and the class names."""
-        p = self.cfg.model.points
+        p = self.cfg.model.arch_options
         return read_cloud(path, p.num_points, self.need())[None].to(device), self.class_names()
 
     def predict(self, model: nn.Module, points: Tensor, labels: Tensor, env: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:

@@ -132,13 +132,13 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Check the run's settings fit together; raise ConfigError saying what to change."""
         t = self.train
-        self.model.validate()
         from ..tasks import TASKS
 
         if self.task.kind not in TASKS:
             raise ConfigError(f"task.kind: unknown task {self.task.kind!r}; valid names: {', '.join(TASKS.names())}")
         task = TASKS.get(self.task.kind)
-        task.check(self)
+        task.check(self)  # first: a model of the wrong architecture is named as such, not by its options
+        self.model.validate()
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
