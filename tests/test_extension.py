@@ -1,6 +1,7 @@
 """New variants from outside the package: an attention kind, a block kind and a depth wiring
 defined in a temporary module, registered there, built through the config, trained a few steps
-and decoded with the cache, with no edit to the package."""
+and decoded with the cache, with no edit to the package; and an architecture with its own
+options (`model.options`), checked by its own options dataclass."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from anyformer import ModelConfig, build_model
 from anyformer.generation import generate
 
 VARIANTS = textwrap.dedent('''
-    """Three variants written against the public extension points only."""
+    """Variants written against the public extension points only."""
+    import dataclasses
+
     import torch
     from torch import nn
 
+    from anyformer.config import ConfigError
     from anyformer.models.common import Stack
-    from anyformer.models.registry import BLOCKS, DEPTHS
+    from anyformer.models.parts import Parts
+    from anyformer.models.registry import ARCHITECTURES, BLOCKS, DEPTHS
     from anyformer.nn.attention import ATTENTIONS, MultiHeadAttention, mha_from_config
     from anyformer.nn.block import attention_cache
 
@@ -85,6 +90,24 @@ VARIANTS = textwrap.dedent('''
     @DEPTHS.register("ext_looped")
     def build_looped(parts, ctx, blocks, final_norm):
         return LoopedStack(blocks, final_norm, int(parts.cfg.depth.options.get("loops", 2)))
+
+
+    @dataclasses.dataclass
+    class EmbedScaledOptions:
+        """The architecture's own setting: a factor on the token embeddings."""
+
+        factor: float = 2.0
+
+        def validate(self, cfg):
+            if self.factor <= 0:
+                raise ConfigError(f"model.options.factor must be positive, got {self.factor}")
+
+
+    @ARCHITECTURES.register("ext_embed_scaled", options=EmbedScaledOptions)
+    def build_embed_scaled(cfg, parts):
+        """The decoder with its embeddings scaled by options.factor."""
+        plain = dataclasses.replace(cfg, arch="decoder", options={}, embed_scale=cfg.embed_scale * cfg.arch_options.factor)
+        return ARCHITECTURES.get("decoder")(plain, Parts(plain))
 ''')
 
 
@@ -171,3 +194,22 @@ def test_unknown_variant_names_list_the_registered_ones(variants) -> None:
         build_model(config(depth={"kind": "nope"}))
     with pytest.raises(ConfigError, match="unknown architecture 'nope'.*decoder.*encoder.*vit"):
         build_model(config(arch="nope"))
+
+
+def test_external_architecture_owns_its_options(variants) -> None:
+    from anyformer.config import ConfigError, from_dict, to_dict
+
+    cfg = config(arch="ext_embed_scaled", options={"factor": 3.0})
+    assert cfg.arch_options.factor == 3.0 and from_dict(ModelConfig, to_dict(cfg)) == cfg
+    torch.manual_seed(0)
+    ours = build_model(cfg).eval()
+    torch.manual_seed(0)
+    reference = build_model(config(embed_scale=3.0)).eval()  # the same model written with the shared field
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(ours(tokens), reference(tokens))
+    assert config(arch="ext_embed_scaled").arch_options.factor == 2.0  # the option's default
+    with pytest.raises(ConfigError, match="model.options.factor must be positive, got -1.0"):
+        build_model(config(arch="ext_embed_scaled", options={"factor": -1.0}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.options \(ext_embed_scaled\).fator'; valid keys here: factor"):
+        config(arch="ext_embed_scaled", options={"fator": 1.0}).validate()
