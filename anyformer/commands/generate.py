@@ -63,6 +63,7 @@ def run_from_run_dir(args: argparse.Namespace, out=None, *, config: "GenerationC
     """
     from ..generation import stream
     from ..generation.window import stream_window
+    from ..tasks import TASKS
     from ..training.run import load_run
 
     out = out or sys.stdout  # looked up per call (tests and callers may redirect it)
@@ -70,7 +71,12 @@ def run_from_run_dir(args: argparse.Namespace, out=None, *, config: "GenerationC
     if args.prompt == "":
         raise ValueError("--prompt is empty; give at least one character to continue")
     r = load_run(args.run_dir, args.checkpoint, args.device)
-    if r.cfg.task.kind == "masked_diffusion":
+    task = TASKS.get(r.cfg.task.kind)
+    if task.generates is None:
+        writers = [n for n in TASKS.names() if TASKS.get(n).generates]
+        raise ValueError(f"{args.run_dir} was trained for task {r.cfg.task.kind!r}, which writes no text; generate needs a "
+                         f"{' or '.join(writers)} run. Use: {task.next_commands(args.run_dir)}")
+    if task.generates == "diffusion":
         if args.lm_infinite:
             raise ValueError("--lm-infinite applies to decoders; a masked-diffusion run drafts in blocks (see --block)")
         return run_diffusion_generate(args, r, out)

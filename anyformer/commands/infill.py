@@ -32,14 +32,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..generation.diffusion import diffusion_fill
-    from ..training.run import load_run
+    from ._predict import load_served_run
 
     if args.length < 1:
         raise ValueError(f"--length must be at least 1 token, got {args.length}")
-    r = load_run(args.run_dir, args.checkpoint, args.device)
-    if r.cfg.task.kind != "masked_diffusion":
-        raise ValueError(f"{args.run_dir} was trained for task {r.cfg.task.kind!r}; infill needs a masked_diffusion run "
-                         "(a left-to-right decoder cannot condition on the text after the gap)")
+    r, _ = load_served_run(args.run_dir, args.checkpoint, args.device, "infill",
+                           " (a left-to-right decoder cannot condition on the text after the gap)")
     tok, context = r.tokenizer, r.cfg.model.max_seq_len
     try:
         left, right = tok.encode(args.left), tok.encode(args.right)  # type: ignore[union-attr]

@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="look inside a trained run (attention maps)")
     views = p.add_subparsers(dest="view", required=True)
     a = views.add_parser("attention", help="attention maps of every layer and head for a prompt (or an image for a ViT run)")
-    a.add_argument("run_dir", help="a folder written by `anyformer train` (decoder, encoder or vit)")
+    a.add_argument("run_dir", help="a folder written by `anyformer train`")
     a.add_argument("--prompt", help="the text whose attention is shown (text runs)")
     a.add_argument("--image", help="the image file whose attention is shown (ViT runs)")
     a.add_argument("--out", help="PNG to write (default RUN/attention.png)")
@@ -24,41 +24,16 @@ def run(args: argparse.Namespace) -> int:
     """Write the grid and print the per-head statistics."""
     from pathlib import Path
 
-    import torch
-
+    from ..tasks import TASKS
     from ..training.inspect import attention_maps, head_statistics, plot_attention_grid
     from ..training.run import load_run
 
     r = load_run(args.run_dir, args.checkpoint, args.device)
-    arch = r.cfg.model.arch
-    device = next(r.model.parameters()).device
-    labels = None
-    if arch == "vit":
-        if not args.image:
-            raise ValueError("a ViT run shows the attention of an image: give --image FILE")
-        from ..tasks.image_classification import read_image, to_model_input
-
-        inputs = to_model_input(read_image(args.image, r.cfg.model.arch_options.image_size)[None]).to(device)
-    elif arch in ("decoder", "encoder"):
-        if not args.prompt:
-            raise ValueError('give the text to look at with --prompt "..."')
-        ids = r.tokenizer.encode(args.prompt)  # type: ignore[union-attr]
-        if r.cfg.task.kind in ("sequence_classification",):
-            ids = [r.tokenizer.vocab_size, *ids]  # type: ignore[union-attr]  # the task's <cls> first
-        if not ids:
-            raise ValueError("the prompt encodes to no tokens")
-        if len(ids) > r.cfg.model.max_seq_len:
-            raise ValueError(f"the prompt is {len(ids)} tokens; this model reads at most {r.cfg.model.max_seq_len}")
-        inputs = torch.tensor([ids], device=device)
-        if len(ids) <= 24:
-            labels = []
-            for i in ids:
-                try:
-                    labels.append(repr(r.tokenizer.decode([i]))[1:-1] or "·")  # type: ignore[union-attr]
-                except Exception:  # an id outside the text vocabulary (a task's special token)
-                    labels.append(f"<{i}>")
-    else:
-        raise ValueError(f"inspect attention reads decoder, encoder and vit runs; {args.run_dir} is model.arch={arch!r}")
+    if (args.prompt is None) == (args.image is None):
+        raise ValueError('give the input to look at: --prompt "TEXT" for a text run, or --image FILE for an image run (one of them)')
+    task = TASKS.get(r.cfg.task.kind)(r.cfg)
+    inputs, labels = task.inspect_input(args.prompt if args.image is None else args.image, r.tokenizer)
+    inputs = inputs.to(next(r.model.parameters()).device)
     maps = attention_maps(r.model, inputs)
     out = Path(args.out) if args.out else r.checkpoint.parent.parent / "attention.png"
     plot_attention_grid(maps, out, labels, f"{args.run_dir} ({r.cfg.model.attention.kind} attention)")

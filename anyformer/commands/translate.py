@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._predict import load_served_run, print_predictions, task_settings
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `translate` subcommand."""
@@ -19,29 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print one translation per input text."""
-    import sys
-
-    from ..tasks import TASKS
-    from ..tasks.sequence_to_sequence import translate
-    from ..training.run import load_run
-
-    r = load_run(args.run_dir, args.checkpoint, args.device)
-    if r.cfg.task.kind != "sequence_to_sequence":
-        raise ValueError(f"{args.run_dir} was trained for task {r.cfg.task.kind!r}; translate needs a sequence_to_sequence run")
-    task = TASKS.get("sequence_to_sequence")(r.cfg)
-    options = task.options  # type: ignore[attr-defined]
-    texts = [line.strip() for line in sys.stdin if line.strip()] if args.text == "-" else [args.text.strip()]
-    if not texts or not all(texts):
-        raise ValueError("nothing to translate: the text is empty")
-    beams = options.beams if args.beams is None else args.beams
-    if beams < 1:
-        raise ValueError(f"--beams must be at least 1, got {beams}")
-    limit = options.max_target_tokens if args.max_new_tokens is None else args.max_new_tokens
-    if limit < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {limit}")
-    memories = task.memories(texts)  # type: ignore[attr-defined]  # a run trained with a translation memory retrieves as in training
-    for line in translate(r.model, r.tokenizer, texts, beams=beams, max_new_tokens=limit,  # type: ignore[arg-type]
-                          no_repeat_ngram=options.no_repeat_ngram, memories=memories, max_source_tokens=options.max_source_tokens):
-        print(line)
-    return 0
+    """Print one translation per input text (the sequence-to-sequence task's predictions)."""
+    r, task = load_served_run(args.run_dir, args.checkpoint, args.device, "translate")
+    settings = task_settings(task, {"beams": args.beams, "max_new_tokens": args.max_new_tokens}, flag=True)
+    return print_predictions(r, task, [args.text], settings)

@@ -1,9 +1,10 @@
 """What the classification tasks share: batched prediction over a held-out set split across
-processes, and the held-out metrics beside the majority-class baseline."""
+processes, the held-out metrics beside the majority-class baseline, and their predictions for
+user inputs (`anyformer classify` / `predict`: every label with its probability)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from ..distributed import mean_across, split_evenly
 from ..dtypes import DTYPES
+from .base import Setting, Task
 
 
 @torch.no_grad()
@@ -48,3 +50,39 @@ def held_out_metrics(loss: Tensor, preds: Tensor, labels: Tensor, train_labels: 
                         torch.tensor(float(len(mine)), dtype=torch.float64)]).to(env.device)
     sums = mean_across(sums, env)
     return {"val_loss": float(sums[0] / sums[3]), "accuracy": float(sums[1] / sums[3]), "majority_accuracy": float(sums[2] / sums[3])}
+
+
+class Classifier(Task):
+    """A task whose model maps one input to class logits (b, classes): it reads a user input
+    into a model input (`read_input`) and names its classes (`class_names`); predictions list
+    every class with its probability, most likely first."""
+
+    commands = ("classify",)
+    predict_settings: ClassVar[dict[str, Setting]] = {"top": Setting(int, 0, "print only the most likely N labels (0: all)")}
+
+    def class_names(self) -> list[str]:
+        """The names of the classes, in label order."""
+        raise NotImplementedError
+
+    def read_input(self, text: str, tokenizer: Any, settings: dict[str, Any]) -> Tensor:
+        """One user input (a text, or the path of a file) as a model input batch of one."""
+        raise NotImplementedError
+
+    def inspect_input(self, text: str, tokenizer: Any) -> tuple[Tensor, list[str] | None]:
+        """The model input `read_input` makes of `text`, at the default settings."""
+        return self.read_input(text, tokenizer, {name: s.default for name, s in self.predict_settings.items()}), None
+
+    def predict_inputs(self, model: nn.Module, tokenizer: Any, inputs: list[str], settings: dict[str, Any]) -> Iterator[str]:
+        if settings["top"] < 0:
+            raise ValueError(f"top must be at least 0 (0: every label), got {settings['top']}")
+        names = self.class_names()
+        device = next(model.parameters()).device
+        width = max(len(n) for n in names) + 2
+        for text in inputs:
+            x = self.read_input(text, tokenizer, settings).to(device)
+            with torch.no_grad():
+                probs = model(x).float().softmax(-1)[0]  # (classes,)
+            if len(inputs) > 1:
+                yield f"== {text}"
+            for i in probs.argsort(descending=True).tolist()[: settings["top"] or None]:
+                yield f"{names[i]:<{width}} {float(probs[i]):.3f}"

@@ -8,8 +8,9 @@ computes the loss of a batch, and evaluates (a dict of metrics holding `val_loss
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,45 @@ from ..registry import Registry
 RunConfig = Any  # anyformer.training.config.RunConfig (a layer above: training imports tasks)
 
 TASKS: Registry[type["Task"]] = Registry("task")
+
+
+def token_input(ids: list[int], tokenizer: Any, limit: int) -> tuple[Tensor, list[str] | None]:
+    """(1, n) ids as a model input, and a printable label per token when there are at most 24
+    (ids outside the text vocabulary, a task's special tokens, show as <id>)."""
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    if len(ids) > limit:
+        raise ValueError(f"the prompt is {len(ids)} tokens; this model reads at most {limit}")
+    labels = None
+    if len(ids) <= 24:
+        labels = []
+        for i in ids:
+            try:
+                labels.append(repr(tokenizer.decode([i]))[1:-1] or "·")
+            except Exception:  # an id outside the text vocabulary
+                labels.append(f"<{i}>")
+    return torch.tensor([ids]), labels
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a task's predictions (`anyformer predict RUN INPUT --set NAME=VALUE`)."""
+
+    type: type
+    default: Any
+    help: str
+
+    def parse(self, name: str, text: str) -> Any:
+        """The value of `NAME=text`, converted to the setting's type; a clear error otherwise."""
+        if self.type is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"setting {name} takes true or false, got {text!r}")
+            return text.lower() in ("true", "1", "yes")
+        try:
+            return self.type(text)
+        except ValueError:
+            raise ValueError(f"setting {name} takes {'an integer' if self.type is int else 'a number' if self.type is float else 'a text'}, "
+                             f"got {text!r}") from None
 
 
 class Sampler(Protocol):
@@ -49,6 +89,15 @@ class Task:
     loss_unit: ClassVar[str] = "nats/example"  # what one unit of the training and validation loss is
     #: the command that uses a run of this task, with RUN where the run folder goes (None: only `eval`)
     use_command: ClassVar[str | None] = None
+    #: what one input of `anyformer predict RUN INPUT...` is ("a text", "an image file", ...); None: no predictions
+    predict_input: ClassVar[str | None] = None
+    #: the commands named for this task that serve its runs (`classify`, `translate`, `infill`, ...)
+    commands: ClassVar[tuple[str, ...]] = ()
+    #: how `anyformer generate` writes text from a run: token by token ("next_token"), by
+    #: drafting blocks ("diffusion"), or not at all (None)
+    generates: ClassVar[str | None] = None
+    #: the settings of its predictions, by name (`predict --set NAME=VALUE`; the named command's flags)
+    predict_settings: ClassVar[dict[str, Setting]] = {}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -113,6 +162,19 @@ class Task:
         for name, value in {**self.evaluate(model, data, env, batches=batches), **self.report(model, data, env, folder)}.items():
             rows.append((name, f"{value:.4f}" if isinstance(value, float) else str(value)))
         return rows
+
+    def inspect_input(self, text: str, tokenizer: Any) -> tuple[Tensor, list[str] | None]:
+        """What `anyformer inspect attention` feeds the model for `text` (the --prompt, or the
+        path given as --image): a batch of one, and a label per token when the input is short
+        text (None otherwise). By default the text's tokens."""
+        if tokenizer is None:
+            raise ValueError(f"task {self.cfg.task.kind!r} reads no text; give the file it reads with --image")
+        return token_input(tokenizer.encode(text), tokenizer, self.cfg.model.max_seq_len)
+
+    def predict_inputs(self, model: nn.Module, tokenizer: Any, inputs: list[str], settings: dict[str, Any]) -> Iterator[str]:
+        """The lines that answer each user input (`predict_input`), with `settings` holding a
+        value for every name of `predict_settings`; bad inputs raise ValueError saying what to give."""
+        raise NotImplementedError
 
     @classmethod
     def next_commands(cls, run_dir: Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -16,7 +16,9 @@ from ..config import ConfigError, ModelConfig
 from ..data import TokenData, WindowSampler, prepare_tokens
 from ..distributed import DistEnv, mean_across
 from ..dtypes import DTYPES
-from .base import TASKS, Task
+from ..generation import GenerationConfig, generate
+from ..generation.window import window_steps
+from .base import TASKS, Setting, Task
 
 EVAL_SEED = 20240601
 
@@ -68,6 +70,12 @@ class CausalLM(Task):
     reads_any_length = True
     loss_unit = "nats/token"
     use_command = 'anyformer generate RUN --prompt "ROMEO:"'
+    generates = "next_token"
+    predict_input = "a prompt to continue"
+    predict_settings = {"max_new_tokens": Setting(int, 200, "tokens to add"),
+                        "temperature": Setting(float, 0.8, "sampling temperature (0: greedy)"),
+                        "top_k": Setting(int, 0, "sample among the k most likely tokens (0: all)"),
+                        "seed": Setting(int, None, "random seed of the sampling")}
 
     @classmethod
     def check(cls, cfg: Any) -> None:
@@ -114,26 +122,45 @@ class CausalLM(Task):
         ]
 
     def samples(self, model: nn.Module, data: TokenData) -> list[str]:
-        """`train.samples` continuations of `train.sample_prompt`, decoded with the KV cache (a
-        rolling sink + window cache past the context when the positions are relative; past the
-        context with absolute positions, the last max_seq_len tokens are recomputed per step),
-        through anyformer.generation's logit processing."""
-        from ..generation import GenerationConfig, generate
-        from ..generation.window import window_steps
-
+        """`train.samples` continuations of `train.sample_prompt` (`continuations`)."""
         t = self.cfg.train
         if not t.samples:
             return []
-        tok = data.tokenizer
-        ids = tok.encode(t.sample_prompt)
-        context = self.cfg.model.max_seq_len
         config = GenerationConfig(max_new_tokens=t.sample_tokens, do_sample=t.temperature > 0, temperature=t.temperature,
                                   top_k=t.top_k or 0, seed=t.seed)
-        model.eval()
-        if len(ids) + t.sample_tokens > context and model.decoding_info().absolute_positions:  # type: ignore[operator]
-            new = torch.stack(list(window_steps(model, [ids] * t.samples, config, context=context)), dim=1)  # (samples, sample_tokens)
-        else:
-            window = context - 4 if len(ids) + t.sample_tokens > context else None
-            new = generate(model, [ids] * t.samples, config, window=window)[:, len(ids):]
-        model.train()
-        return [t.sample_prompt + tok.decode(row.tolist()) for row in new]
+        return continuations(model, data.tokenizer, [t.sample_prompt] * t.samples, config)
+
+    def predict_inputs(self, model: nn.Module, tokenizer: Any, inputs: list[str], settings: dict[str, Any]) -> Iterator[str]:
+        """Each prompt followed by its continuation (`anyformer generate` streams one instead)."""
+        if settings["max_new_tokens"] < 1 or settings["temperature"] < 0 or settings["top_k"] < 0:
+            raise ValueError(f"max_new_tokens must be at least 1, temperature and top_k at least 0; got {settings['max_new_tokens']}, "
+                             f"{settings['temperature']} and {settings['top_k']}")
+        if not all(inputs):
+            raise ValueError("a prompt is empty; give at least one character to continue")
+        config = GenerationConfig(max_new_tokens=settings["max_new_tokens"], do_sample=settings["temperature"] > 0,
+                                  temperature=settings["temperature"], top_k=settings["top_k"], seed=settings["seed"])
+        for prompt in inputs:
+            if len(inputs) > 1:
+                yield f"== {prompt}"
+            yield continuations(model, tokenizer, [prompt], config)[0]
+
+
+def continuations(model: nn.Module, tokenizer: Any, prompts: list[str], config: GenerationConfig) -> list[str]:
+    """Each prompt followed by its continuation, decoded with the KV cache (a rolling sink +
+    window cache past the context when the positions are relative; past the context with
+    absolute positions, the last max_seq_len tokens are recomputed per step), through
+    anyformer.generation's logit processing. The prompts must encode to the same length."""
+    try:
+        rows = [tokenizer.encode(p) for p in prompts]
+    except ValueError as e:
+        raise ValueError(f"the prompt cannot be encoded by this run's tokenizer: {e}") from None
+    context, steps = model.config.max_seq_len, config.max_new_tokens  # type: ignore[union-attr]
+    was_training = model.training
+    model.eval()
+    if len(rows[0]) + steps > context and model.decoding_info().absolute_positions:  # type: ignore[operator]
+        new = torch.stack(list(window_steps(model, rows, config, context=context)), dim=1)  # (prompts, steps)
+    else:
+        window = context - 4 if len(rows[0]) + steps > context else None
+        new = generate(model, rows, config, window=window)[:, len(rows[0]):]
+    model.train(was_training)
+    return [p + tokenizer.decode(row.tolist()) for p, row in zip(prompts, new)]

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.images import FASHION_MNIST_CLASSES, LabelledImages, digits, fashion_mnist
 from ..data.split import held_out
-from ._classification import held_out_metrics, predict
-from .base import TASKS, Task
+from ._classification import Classifier, held_out_metrics, predict
+from .base import TASKS, Setting
 
 CORPORA = ("fashion_mnist", "digits")
 
@@ -128,12 +128,15 @@ def split_held_out(images: LabelledImages, corpus: str, fraction: float) -> tupl
 
 
 @TASKS.register("image_classification")
-class ImageClassification(Task):
+class ImageClassification(Classifier):
     """The class of an image, with a Vision Transformer."""
 
     architectures = ("vit",)
     has_tokenizer = False
     use_command = 'anyformer classify RUN IMAGE.png'
+    predict_input = "an image file (PNG, JPEG, ...; made grayscale and resized to the run's size)"
+    predict_settings = {**Classifier.predict_settings, "invert": Setting(
+        bool, False, "invert the gray levels first (the data sets have bright ink on black; use it for dark ink on white paper)")}
     reads_seq_len = False
 
     def __init__(self, cfg: Any) -> None:
@@ -168,6 +171,10 @@ class ImageClassification(Task):
     def class_names(self) -> list[str]:
         """The names of the classes, in label order (without loading the images)."""
         return list(FASHION_MNIST_CLASSES) if self.cfg.data.corpus == "fashion_mnist" else [str(i) for i in range(10)]
+
+    def read_input(self, text: str, tokenizer: Any, settings: dict[str, Any]) -> Tensor:
+        """An image file as the model input (1, 1, H, W), resized to the run's image size."""
+        return to_model_input(read_image(text, self.cfg.model.arch_options.image_size, invert=settings["invert"])[None])
 
     def describe(self, data: ImageData) -> str:
         test = f" / {len(data.test.labels):,} test" if data.test is not None else ""

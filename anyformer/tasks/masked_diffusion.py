@@ -126,6 +126,8 @@ class MaskedDiffusion(Task):
     architectures = ("encoder",)
     loss_unit = "nats/token"
     use_command = 'anyformer infill RUN LEFT RIGHT --length N'
+    commands = ("infill",)
+    generates = "diffusion"
     mask_id: int  # set by prepare(): the id after the tokenizer's vocabulary
 
     def __init__(self, cfg: Any) -> None:

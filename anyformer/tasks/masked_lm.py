@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from ..data.proteins import ProteinTokenizer, packaged_proteins, read_fasta
 from ..data.split import held_out
 from ..distributed import mean_across
 from ..dtypes import DTYPES
-from .base import TASKS, Task
+from .base import TASKS, Setting, Task
 
 EVAL_SEED = 20240601
 
@@ -119,6 +119,9 @@ class MaskedLM(Task):
     architectures = ("encoder",)
     loss_unit = "nats/token"
     use_command = 'anyformer fill-mask RUN "SEQUENCE"'
+    commands = ("fill-mask",)
+    predict_input = 'residues with <mask> where a prediction is wanted, e.g. "MKT<mask>AYIAKQR"'
+    predict_settings = {"top": Setting(int, 5, "predictions shown per masked position")}
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -200,3 +203,29 @@ class MaskedLM(Task):
         loss, base = float(sums[0] / sums[3]), float(sums[1] / sums[3])
         return {"val_loss": loss, "perplexity": math.exp(loss), "accuracy": float(sums[2] / sums[3]),
                 "unigram_loss": base, "unigram_perplexity": math.exp(base)}
+
+    def predict_inputs(self, model: nn.Module, tokenizer: Any, inputs: list[str], settings: dict[str, Any]) -> Iterator[str]:
+        """Per <mask>, the most likely tokens and their probabilities; then the sequence with
+        every <mask> filled by its most likely residue."""
+        if settings["top"] < 1:
+            raise ValueError(f"top must be at least 1, got {settings['top']}")
+        tok, device = tokenizer, next(model.parameters()).device
+        for sequence in inputs:
+            body = tok.encode(sequence)
+            masks = [i for i, t in enumerate(body) if t == tok.mask_id]
+            if not masks:
+                raise ValueError("the sequence has no <mask>; put <mask> where a residue should be predicted")
+            ids = [tok.cls_id, *body, tok.eos_id]
+            if len(ids) > self.cfg.model.max_seq_len:
+                raise ValueError(f"the sequence has {len(body)} tokens; this model reads at most {self.cfg.model.max_seq_len - 2}")
+            with torch.no_grad():
+                probs = model(torch.tensor([ids], device=device)).float().softmax(-1)[0]  # (n, V)
+            if len(inputs) > 1:
+                yield f"== {sequence}"
+            filled = list(body)
+            for i in masks:
+                p = probs[i + 1]
+                top = p.topk(min(settings["top"], p.numel()))
+                yield f"position {i + 1:>4}: " + "  ".join(f"{tok.decode([int(j)])} {float(v):.3f}" for v, j in zip(top.values, top.indices))
+                filled[i] = next(j for j in p.argsort(descending=True).tolist() if j in tok.standard_ids or tok.tokens[j] in "XBUZO")
+            yield f"filled         {tok.decode(filled)}"

@@ -46,20 +46,21 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
-from ..data.code_graphs import CodeGraph, load_code_corpus
+from ..data.code_graphs import CodeGraph, load_code_corpus, source_graphs
 from ..data.split import held_out
 from ..distributed import mean_across, split_evenly
 from ..dtypes import DTYPES
 from ..nn.positional import POSITIONALS
 from ..tokenizers.code_graph import CodeGraphVocab
-from .base import TASKS, Task
+from .base import TASKS, Setting, Task
 
 CORPORA = ("stdlib", "python")
 
@@ -219,6 +220,10 @@ class MethodNaming(Task):
 
     architectures = ("encoder",)
     use_command = 'anyformer name-function RUN FILE.py'
+    commands = ("name-function",)
+    predict_input = "a Python source file (every def and async def in it is named, nested ones too)"
+    predict_settings = {"top": Setting(int, 3, "also show the next most likely subtokens, up to this many in all"),
+                        "skip_large": Setting(bool, False, "skip functions over the model's node limit instead of stopping")}
     reads_seq_len = False  # the graphs' sizes decide the lengths (up to model.max_seq_len)
 
     def __init__(self, cfg: Any) -> None:
@@ -301,6 +306,51 @@ class MethodNaming(Task):
 
     def sampler(self, data: NamingData, seed: int) -> BucketSampler:
         return BucketSampler(data.train, len(data.tokenizer.names), self.options.bucket_size, seed)
+
+    def inspect_input(self, text: str, tokenizer: Any) -> tuple[Tensor, list[str] | None]:
+        raise ValueError("inspect attention reads token sequences; a method_naming run reads code graphs (its attention "
+                         "follows each graph's edges), which it does not show yet")
+
+    def predict_inputs(self, model: nn.Module, tokenizer: Any, inputs: list[str], settings: dict[str, Any]) -> Iterator[str]:
+        """Per function of each file: its line, true name, the predicted name and subtoken
+        probabilities; then the mean subtoken F1 against the true names."""
+        if not isinstance(tokenizer, CodeGraphVocab):
+            raise ValueError("this run has no code-graph vocabulary (tokenizer.json); it was not written by the method_naming task")
+        limit, device = self.cfg.model.max_seq_len, next(model.parameters()).device
+        dtype = DTYPES[self.cfg.train.dtype]
+        f1s = []
+        for name in inputs:
+            path = Path(name)
+            if not path.is_file():
+                raise FileNotFoundError(f"no Python file at {str(path)!r}")
+            try:
+                graphs = source_graphs(path.read_bytes(), path.name)
+            except (SyntaxError, ValueError) as e:
+                raise ValueError(f"{path} does not parse as Python: {e}") from None
+            if not graphs:
+                raise ValueError(f"{path} has no functions (def or async def) with a name to predict; nothing to name")
+            large = [g for g in graphs if g.num_nodes > limit]
+            if large and not settings["skip_large"]:
+                listed = ", ".join(f"{g.name} (line {g.lineno}, {g.num_nodes} nodes)" for g in large[:5])
+                raise ValueError(f"{len(large)} function(s) exceed the model's limit of {limit} nodes (model.max_seq_len): {listed}; "
+                                 "split them, or skip them (--skip-large) to name the others")
+            if len(inputs) > 1:
+                yield f"== {path}"
+            for g in graphs:
+                if g.num_nodes > limit:
+                    yield f"line {g.lineno:<5} {g.name:<28} skipped: {g.num_nodes} nodes > {limit}"
+                    continue
+                batch = tuple(a.to(device) for a in collate([to_example(g, tokenizer)], len(tokenizer.names)))
+                with torch.no_grad():
+                    logits = self.logits(model, batch, dtype, tokenizer)[0]
+                probs = logits.sigmoid()
+                predicted = predicted_sets(logits[None], tokenizer.names)[0]
+                f1s.append(subtoken_scores(g.target, predicted)[2])
+                shown = probs.argsort(descending=True)[: max(settings["top"], len(predicted))].tolist()
+                detail = " ".join(f"{tokenizer.names[i]}:{float(probs[i]):.2f}" for i in shown)
+                yield f"line {g.lineno:<5} {g.name:<28} -> {'_'.join(predicted):<24} ({detail})"
+        if f1s:
+            yield f"{len(f1s)} functions named; mean subtoken F1 {sum(f1s) / len(f1s):.3f}"
 
     def logits(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype, vocab: CodeGraphVocab | None = None) -> Tensor:
         """(b, labels) fp32 logits of a collated batch (forward under autocast to `dtype`), the

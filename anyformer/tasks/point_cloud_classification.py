@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.point_clouds import (SHAPES, LabelledClouds, ShapeSettings, distort, folder_classes, folder_clouds,
                                  procedural_clouds, read_cloud, rotate_clouds, shuffle_points)
-from ._classification import held_out_metrics, predict
-from .base import TASKS, Task
+from ._classification import Classifier, held_out_metrics, predict
+from .base import TASKS
 from .image_classification import plot_confusion
 
 CORPORA = ("shapes", "folder")
@@ -102,12 +102,13 @@ class CloudSampler:
 
 
 @TASKS.register("point_cloud_classification")
-class PointCloudClassification(Task):
+class PointCloudClassification(Classifier):
     """The class of a 3-D point cloud, with the point-cloud Transformer."""
 
     architectures = ("point_cloud",)
     has_tokenizer = False
     use_command = 'anyformer classify RUN CLOUD.xyz'
+    predict_input = "a point file (.xyz, .npy) or a mesh file (.obj, .stl, .ply, .off, ...)"
     reads_seq_len = False
 
     def __init__(self, cfg: Any) -> None:
@@ -184,10 +185,9 @@ class PointCloudClassification(Task):
             logits = model(points)
         return F.cross_entropy(logits.float(), labels)
 
-    def classify_input(self, path: str, device: torch.device) -> tuple[Tensor, list[str]]:
-        """`anyformer classify`: the model input (1, P, 3) of a point or mesh file, and the class names."""
-        p = self.cfg.model.arch_options
-        return read_cloud(path, p.num_points, self.need())[None].to(device), self.class_names()
+    def read_input(self, text: str, tokenizer: Any, settings: dict[str, Any]) -> Tensor:
+        """The model input (1, P, 3) of a point or mesh file."""
+        return read_cloud(text, self.cfg.model.arch_options.num_points, self.need())[None]
 
     def predict(self, model: nn.Module, points: Tensor, labels: Tensor, env: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
         """(summed loss, predicted class) of this process's share of the first `limit` clouds."""

@@ -28,7 +28,8 @@ from ..data.text import shakespeare_plays
 from ..distributed import mean_across, split_evenly
 from ..dtypes import DTYPES
 from ..tokenizers import ByteTokenizer
-from .base import TASKS, Task
+from ._classification import Classifier
+from .base import TASKS, token_input
 
 EVAL_SEED = 20240601
 
@@ -112,11 +113,26 @@ def held_out_per_label(names: list[str], fraction: float) -> list[str]:
 
 
 @TASKS.register("sequence_classification")
-class SequenceClassification(Task):
+class SequenceClassification(Classifier):
     """Genre of a Shakespeare passage, with an encoder and its sequence-classification head."""
 
     architectures = ("encoder",)
     use_command = 'anyformer classify RUN "TEXT"'
+    predict_input = "a text (its first train.seq_len - 1 bytes are read)"
+
+    def class_names(self) -> list[str]:
+        return list(self.options.labels)
+
+    def inspect_input(self, text: str, tokenizer: Any) -> tuple[Tensor, list[str] | None]:
+        """<cls>, then the text's bytes, each labelled."""
+        return token_input([tokenizer.vocab_size, *tokenizer.encode(text)], tokenizer, self.cfg.model.max_seq_len)
+
+    def read_input(self, text: str, tokenizer: Any, settings: dict[str, Any]) -> Tensor:
+        """<cls> (the id after the bytes), then the text's first train.seq_len - 1 bytes."""
+        if not text:
+            raise ValueError("the text is empty; give the passage to classify")
+        ids = tokenizer.encode(text)[: self.cfg.train.seq_len - 1]
+        return torch.tensor([[tokenizer.vocab_size, *ids]])
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

