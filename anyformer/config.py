@@ -456,8 +456,15 @@ def apply_overrides(cfg: C, overrides: list[str] | dict[str, Any]) -> C:
             valid = ", ".join(node) if isinstance(node, dict) else "none"
             raise ConfigError(f"unknown config key '{dotted}': no '{last}' in {where} (valid: {valid})")
         section = ".".join(parts[:-1])
-        if last in _KIND_KEYS and "options" in node and not any(g.startswith(f"{section}.options") for g in given):
-            _drop_stale_options(node, value, section, last)
+        if last in _KIND_KEYS and "options" in node:  # the old variant's options go, but for those given here
+            prefix = f"{section}.options" if section else "options"
+            if prefix in given:
+                pass  # the whole mapping is given
+            elif node[last] != value and node.get("options"):
+                kept = {k: v for k, v in node["options"].items() if f"{prefix}.{k}" in given}
+                node["options"] = {k: v for k, v in node["options"].items() if k not in kept}
+                _drop_stale_options(node, value, section, last)
+                node["options"] = kept
         node[last] = value
     return from_dict(type(cfg), data)
 

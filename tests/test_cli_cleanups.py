@@ -71,9 +71,9 @@ def test_window_stops_at_a_stop_token() -> None:
 def learned_run(tmp_path_factory) -> SimpleNamespace:
     """A tiny trained run with learned (absolute) positions and a context of 32 tokens."""
     tmp = tmp_path_factory.mktemp("learned")
-    cfg = tiny_config(tmp, "--model.positional.kind=learned", "--model.norm.bias=false", "--train.samples=2", "--train.sample_tokens=40",
-                      "--train.temperature=0")
-    cfg.train.sample_prompt = "MACBETH:"
+    cfg = tiny_config(tmp, "--model.positional.kind=learned", "--model.norm.bias=false", "--train.samples=2",
+                      "--task.options.sample_tokens=40", "--task.options.temperature=0")
+    cfg.task.options["sample_prompt"] = "MACBETH:"
     trainer = Trainer(cfg, run_dir=tmp / "run", verbose=False)
     result = trainer.fit()
     return SimpleNamespace(dir=tmp / "run", trainer=trainer, result=result)
@@ -87,7 +87,7 @@ def test_trainer_samples_past_the_context_use_the_window_sampler(learned_run: Si
     want = "MACBETH:" + tok.decode(naive_greedy(trainer.model, ids, 40, 32))  # 8 + 40 tokens > 32
     assert learned_run.result.samples == [want, want]
     # top_k=1 keeps only the most likely token: sampling at any temperature is then greedy
-    trainer.cfg.train.temperature, trainer.cfg.train.top_k = 1.7, 1
+    trainer.task.options.temperature, trainer.task.options.top_k = 1.7, 1
     assert trainer.samples() == [want, want]
 
 
@@ -129,10 +129,12 @@ def test_generate_refuses_bad_sampling_options_before_loading(learned_run: Simpl
 
 
 def test_train_refuses_bad_sample_settings() -> None:
-    for bad in ("--train.temperature=-1", "--train.top_k=-1", "--train.sample_tokens=0"):
+    for bad in ("--task.options.temperature=-1", "--task.options.top_k=-1", "--task.options.sample_tokens=0"):
         cfg = apply_overrides(default_run_config(), ["--train.samples=1", bad])
-        with pytest.raises(ConfigError, match="train.sample_tokens must be >= 1"):
+        with pytest.raises(ConfigError, match="task.options.sample_tokens must be >= 1"):
             cfg.validate()
+    with pytest.raises(ConfigError, match=r"unknown config key 'task.options \(causal_lm\).sample_token'; valid keys here: sample_prompt"):
+        apply_overrides(default_run_config(), ["--task.options.sample_token=5"]).validate()
 
 
 # ------------------------------------------------------------------ 2. embed: the checkpoint's max length

@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory) -> Path:
     cfg = tiny_config(tmp)
     save_yaml(cfg, tmp / "run.yaml")
     assert main(["train", str(tmp / "run.yaml"), "--train.max_steps=6", "--train.samples=1",
-                 "--train.sample_tokens=20", "--out", str(tmp / "out")]) == 0
+                 "--task.options.sample_tokens=20", "--out", str(tmp / "out")]) == 0
     return tmp / "out"
 
 
@@ -41,8 +41,8 @@ def test_eval_reports_loss_perplexity_bpc(run_dir: Path, capsys) -> None:
     bpc = float(re.search(r"bits/char\s+([\d.]+)", out).group(1))
     assert ppl == pytest.approx(math.exp(loss), rel=1e-3)
     assert bpc == pytest.approx(loss / math.log(2), rel=1e-3)  # one character per token
-    assert main(["eval", str(run_dir), "--task-option", "beams=1"]) == 2  # a causal LM has no task options to change
-    assert "causal LM" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--task-option", "beams=1"]) == 2  # not one of the causal LM's task options
+    assert "unknown config key 'task.options (causal_lm).beams'; valid keys here: sample_prompt" in capsys.readouterr().err
 
 
 def test_generate_streams_continuation(run_dir: Path, capsys) -> None:

@@ -94,3 +94,20 @@ def test_switching_architecture_drops_the_old_ones_options() -> None:
         back = apply_overrides(vit, ["--model.arch=decoder"])
     assert back.model.options == {} and "dropping the options of 'vit' (image_size)" in str(caught[0].message)
     assert isinstance(back, RunConfig)
+
+
+def test_old_sample_settings_move_to_the_tasks_that_write_text() -> None:
+    """Configs written when `train` held the end-of-run sample settings: a text-writing task
+    (causal LM, masked diffusion) gets them as task options, other tasks drop them."""
+    old_train = {"samples": 2, "sample_tokens": 40, "sample_prompt": "KING:", "temperature": 0.5, "top_k": 7}
+    causal = from_dict(RunConfig, {"train": dict(old_train)})
+    assert causal.task.kind == "causal_lm" and causal.train.samples == 2
+    assert causal.task.options == {"sample_tokens": 40, "sample_prompt": "KING:", "temperature": 0.5, "top_k": 7}
+    diffusion = from_dict(RunConfig, {"train": dict(old_train), "task": {"kind": "masked_diffusion", "options": {"eps": 0.01}}})
+    assert diffusion.task.options == {"sample_tokens": 40, "sample_prompt": "KING:", "temperature": 0.5, "top_k": 7, "eps": 0.01}
+    given = from_dict(RunConfig, {"train": dict(old_train), "task": {"options": {"sample_tokens": 9}}})
+    assert given.task.options["sample_tokens"] == 9  # a value given in the new place wins
+    images = from_dict(RunConfig, {"train": dict(old_train), "task": {"kind": "image_classification"}})
+    assert images.task.options == {} and images.train.samples == 2
+    r = load_run(OLD_RUN, device="cpu")  # the fixture's train section holds the old sample settings
+    assert r.cfg.task.options == {}

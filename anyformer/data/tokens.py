@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..tokenizers import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
+from .sampler import SeededSampler
 from .text import Document, load_corpus, split_documents
 
 DOC_SEPARATOR = "\n\n"
@@ -99,11 +100,11 @@ def prepare_tokens(
     return TokenData(tok, train, val, folder, cached, meta["val_documents"])
 
 
-class WindowSampler:
+class WindowSampler(SeededSampler):
     """Random windows of `seq_len + 1` tokens from a token array: inputs and next-token targets.
 
-    The windows' starts come from a torch.Generator whose state can be saved and restored, so
-    the data order resumes exactly.
+    The windows' starts come from the SeededSampler's generator, whose state can be saved and
+    restored, so the data order resumes exactly (a window needs no seed of its own).
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, *, seed: int = 0) -> None:
@@ -112,25 +113,23 @@ class WindowSampler:
                 f"only {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}; "
                 "use a shorter train.seq_len or more data"
             )
+        super().__init__(len(tokens) - seq_len - 1, seed)
         self.tokens = tokens
         self.seq_len = seq_len
-        self.generator = torch.Generator().manual_seed(seed)
         self._offsets = np.arange(seq_len + 1)
 
     def starts(self, batch: int) -> Tensor:
         """(b,) random start positions, advancing the generator."""
-        return torch.randint(0, len(self.tokens) - self.seq_len - 1, (batch,), generator=self.generator)
+        return torch.randint(0, self.size, (batch,), generator=self.generator)
+
+    def draw(self, batch: int) -> Tensor:
+        return self.starts(batch)
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, ...]:
+        return self.windows(indices)
 
     def windows(self, starts: Tensor) -> tuple[Tensor, Tensor]:
         """Inputs and targets, each (b, n) int64, for the windows beginning at `starts` (b,)."""
         idx = starts.numpy()[:, None] + self._offsets  # (b, n + 1)
         w = torch.from_numpy(self.tokens[idx].astype(np.int64))  # (b, n + 1)
         return w[:, :-1], w[:, 1:]
-
-    def state(self) -> Tensor:
-        """The generator state (uint8 tensor)."""
-        return self.generator.get_state()
-
-    def set_state(self, state: Tensor) -> None:
-        """Restore a state from `state()`."""
-        self.generator.set_state(state)

@@ -42,6 +42,24 @@ def token_input(ids: list[int], tokenizer: Any, limit: int) -> tuple[Tensor, lis
     return torch.tensor([ids]), labels
 
 
+@dataclass
+class SampleOptions:
+    """Task options of a task that writes text: the `train.samples` texts shown at the end of a
+    run continue `sample_prompt` by `sample_tokens` tokens, sampled at `temperature` (0:
+    greedy) among the `top_k` most likely tokens (null: all)."""
+
+    sample_prompt: str = "\n"
+    sample_tokens: int = 300
+    temperature: float = 0.8
+    top_k: int | None = None
+
+    def check_samples(self) -> None:
+        """Raise ConfigError when the sampling settings cannot be used."""
+        if self.sample_tokens < 1 or not 0 <= self.temperature < float("inf") or (self.top_k is not None and self.top_k < 0):
+            raise ConfigError(f"task.options.sample_tokens must be >= 1, task.options.temperature >= 0 (0 = greedy) and "
+                              f"task.options.top_k >= 0 or null; got {self.sample_tokens}, {self.temperature}, {self.top_k}")
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting of a task's predictions (`anyformer predict RUN INPUT --set NAME=VALUE`)."""
@@ -83,6 +101,7 @@ class Task:
     """Base class of tasks; subclasses set `architectures` and implement the methods."""
 
     architectures: ClassVar[tuple[str, ...]] = ()
+    options_class: ClassVar[type | None] = None  # the dataclass `task.options` is read into (None: the task takes none)
     reads_seq_len: ClassVar[bool] = True  # whether train.seq_len sizes the examples (not for images)
     reads_any_length: ClassVar[bool] = False  # whether `eval --seq-len` / `--lm-infinite` may read held-out data at another length
     has_tokenizer: ClassVar[bool] = True  # whether a run saves tokenizer.json (not for images or point clouds)
@@ -132,6 +151,10 @@ class Task:
     def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
         """The mean loss of one (part of a) batch, forward under autocast to `dtype`."""
         raise NotImplementedError
+
+    def sample_tokens(self) -> int:
+        """Tokens written per end-of-run sample (what the time budget keeps for them); 0 by default."""
+        return 0
 
     def tokens_per_example(self) -> int:
         """The sequence length one training example feeds the model (for throughput and FLOPs)."""

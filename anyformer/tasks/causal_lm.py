@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig, parse_options
 from ..data import TokenData, WindowSampler, prepare_tokens
 from ..distributed import DistEnv, mean_across
 from ..dtypes import DTYPES
 from ..generation import GenerationConfig, generate
 from ..generation.window import window_steps
-from .base import TASKS, Setting, Task
+from .base import TASKS, SampleOptions, Setting, Task
 
 EVAL_SEED = 20240601
 
@@ -51,22 +51,13 @@ def evaluate(model: nn.Module, tokens: np.ndarray, cfg: Any, env: DistEnv, batch
     return float(mean_across(total / n, env))
 
 
-class _Windows(WindowSampler):
-    """Random windows of the training tokens, as a task sampler."""
-
-    def draw(self, batch: int) -> Tensor:
-        return self.starts(batch)
-
-    def batch(self, indices: Tensor) -> tuple[Tensor, ...]:
-        return self.windows(indices)
-
-
 @TASKS.register("causal_lm")
 class CausalLM(Task):
     """Next-token prediction over random windows of `data.corpus`; metric: validation loss
     (nats/token)."""
 
     architectures = ("decoder", "megabyte")
+    options_class = SampleOptions
     reads_any_length = True
     loss_unit = "nats/token"
     use_command = 'anyformer generate RUN --prompt "ROMEO:"'
@@ -77,11 +68,18 @@ class CausalLM(Task):
                         "top_k": Setting(int, 0, "sample among the k most likely tokens (0: all)"),
                         "seed": Setting(int, None, "random seed of the sampling")}
 
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.options = parse_options(SampleOptions, cfg.task.options, "task.options (causal_lm)")
+        self.options.check_samples()
+
     @classmethod
     def check(cls, cfg: Any) -> None:
         super().check(cfg)
-        if cfg.task.options:
-            raise ConfigError(f"the causal LM task (task.kind=causal_lm) takes no task.options; got {', '.join(sorted(cfg.task.options))}")
+        cls(cfg)  # the task options
+
+    def sample_tokens(self) -> int:
+        return self.options.sample_tokens
 
     def prepare(self, env: Any) -> TokenData:
         d = self.cfg.data
@@ -94,8 +92,8 @@ class CausalLM(Task):
     def model_config(self, model: ModelConfig, data: TokenData) -> ModelConfig:
         return dataclasses.replace(model, vocab_size=data.tokenizer.vocab_size)
 
-    def sampler(self, data: TokenData, seed: int) -> _Windows:
-        return _Windows(data.train, self.cfg.train.seq_len, seed=seed)
+    def sampler(self, data: TokenData, seed: int) -> WindowSampler:
+        return WindowSampler(data.train, self.cfg.train.seq_len, seed=seed)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
         x, y = batch
@@ -122,13 +120,13 @@ class CausalLM(Task):
         ]
 
     def samples(self, model: nn.Module, data: TokenData) -> list[str]:
-        """`train.samples` continuations of `train.sample_prompt` (`continuations`)."""
-        t = self.cfg.train
+        """`train.samples` continuations of `task.options.sample_prompt` (`continuations`)."""
+        t, o = self.cfg.train, self.options
         if not t.samples:
             return []
-        config = GenerationConfig(max_new_tokens=t.sample_tokens, do_sample=t.temperature > 0, temperature=t.temperature,
-                                  top_k=t.top_k or 0, seed=t.seed)
-        return continuations(model, data.tokenizer, [t.sample_prompt] * t.samples, config)
+        config = GenerationConfig(max_new_tokens=o.sample_tokens, do_sample=o.temperature > 0, temperature=o.temperature,
+                                  top_k=o.top_k or 0, seed=t.seed)
+        return continuations(model, data.tokenizer, [o.sample_prompt] * t.samples, config)
 
     def predict_inputs(self, model: nn.Module, tokenizer: Any, inputs: list[str], settings: dict[str, Any]) -> Iterator[str]:
         """Each prompt followed by its continuation (`anyformer generate` streams one instead)."""

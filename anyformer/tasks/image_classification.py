@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.images import FASHION_MNIST_CLASSES, LabelledImages, digits, fashion_mnist
+from ..data.sampler import SeededSampler
 from ..data.split import held_out
 from ._classification import Classifier, held_out_metrics, predict
 from .base import TASKS, Setting
@@ -93,30 +94,20 @@ def augment(image: Tensor, shift: int, flip: bool, generator: torch.Generator) -
     return image
 
 
-class ImageSampler:
-    """Random training images; `draw` gives (b, 2) rows of (image index, augmentation seed)."""
+class ImageSampler(SeededSampler):
+    """Random training images, each augmented with its own seed (task.options.augment)."""
 
     def __init__(self, split: LabelledImages, options: ImageClassificationOptions, seed: int) -> None:
+        super().__init__(len(split.labels), seed, empty="no training images; change data.val_fraction")
         self.split, self.options = split, options
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def draw(self, batch: int) -> Tensor:
-        idx = torch.randint(0, len(self.split.labels), (batch,), generator=self.generator)
-        return torch.stack([idx, torch.randint(0, 2**62, (batch,), generator=self.generator)], 1)
+    def example(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        o, image = self.options, self.split.images[index]
+        return augment(image, o.shift, o.flip, generator) if o.augment else image, self.split.labels[index]
 
-    def batch(self, rows: Tensor) -> tuple[Tensor, ...]:
-        images = self.split.images[rows[:, 0]]
-        o = self.options
-        if o.augment:
-            images = torch.stack([augment(img, o.shift, o.flip, torch.Generator().manual_seed(int(seed)))
-                                  for img, seed in zip(images, rows[:, 1].tolist())])
-        return to_model_input(images), self.split.labels[rows[:, 0]]
-
-    def state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
+    def collate(self, examples: list[tuple[Any, ...]]) -> tuple[Tensor, ...]:
+        images, labels = super().collate(examples)
+        return to_model_input(images), labels
 
 
 def split_held_out(images: LabelledImages, corpus: str, fraction: float) -> tuple[LabelledImages, LabelledImages]:

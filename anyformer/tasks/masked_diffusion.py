@@ -24,7 +24,8 @@ comparable with a causal decoder's validation loss on the same text.
 
 Generation (`anyformer generate`, `anyformer infill`): anyformer/generation/diffusion.py.
 
-Task options: eps (1e-3), eval_rates (8), sample_steps (64), sample_order ('confidence').
+Task options: eps (1e-3), eval_rates (8), sample_steps (64), sample_order ('confidence'), and the samples'
+sample_prompt, sample_tokens, temperature, top_k (SampleOptions).
 """
 
 from __future__ import annotations
@@ -41,21 +42,22 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data import TokenData, prepare_tokens
+from ..data.sampler import SeededSampler
 from ..distributed import mean_across
 from ..dtypes import DTYPES
 from ..generation.diffusion import ORDERS, DiffusionConfig, diffusion_generate
-from .base import TASKS, Task
+from .base import TASKS, SampleOptions, Task
 
 EVAL_SEED = 20241111
 RATE_SCALE = 2**52  # a masking rate travels in a sampler row as an integer code: u * RATE_SCALE
 
 
 @dataclass
-class MaskedDiffusionOptions:
+class MaskedDiffusionOptions(SampleOptions):
     """Options of task 'masked_diffusion'. eps: the smallest masking rate (rates are drawn in
     [eps, 1]); eval_rates: masking rates per held-out window in the evaluation's estimate of the
     bound; sample_steps / sample_order: the unmasking steps and order of the samples shown at
-    the end of a run."""
+    the end of a run (whose prompt, length and sampling are SampleOptions')."""
 
     eps: float = 1e-3
     eval_rates: int = 8
@@ -80,23 +82,21 @@ def diffusion_loss(logits: Tensor, inputs: Tensor, targets: Tensor, rates: Tenso
     return (ce.sum(-1) / rates / targets.shape[1]).mean()
 
 
-class DiffusionSampler:
+class DiffusionSampler(SeededSampler):
     """Random training windows, each with its own masking rate and mask. `draw` gives (b, 3)
-    rows of (window start, mask seed, rate code); `batch` builds each example from its own
-    row, so a process's share of a draw gives the same examples wherever it is built."""
+    rows of (window start, mask seed, rate code): the rates stratified across the batch."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, mask_id: int, eps: float, seed: int) -> None:
         if len(tokens) < seq_len + 1:
             raise ValueError(f"only {len(tokens)} tokens, fewer than one window of train.seq_len={seq_len}; "
                              "use a shorter train.seq_len or more data")
+        super().__init__(len(tokens) - seq_len + 1, seed)
         self.tokens, self.seq_len, self.mask_id, self.eps = tokens, seq_len, mask_id, eps
-        self.generator = torch.Generator().manual_seed(seed)
 
     def draw(self, batch: int) -> Tensor:
-        starts = torch.randint(0, len(self.tokens) - self.seq_len + 1, (batch,), generator=self.generator)
-        seeds = torch.randint(0, 2**62, (batch,), generator=self.generator)
+        rows = super().draw(batch)  # (start, seed)
         u = (torch.rand((), generator=self.generator, dtype=torch.float64) + torch.arange(batch, dtype=torch.float64) / batch) % 1.0
-        return torch.stack([starts, seeds, (u * RATE_SCALE).long()], 1)
+        return torch.cat([rows, (u * RATE_SCALE).long()[:, None]], 1)
 
     def rate(self, code: int) -> float:
         """The masking rate of a row's code."""
@@ -111,12 +111,6 @@ class DiffusionSampler:
                               for w, r, s in zip(targets, rates, rows[:, 1].tolist())])
         return inputs, targets, rates
 
-    def state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
-
 
 @TASKS.register("masked_diffusion")
 class MaskedDiffusion(Task):
@@ -124,6 +118,7 @@ class MaskedDiffusion(Task):
     mask is the id after the tokenizer's vocabulary."""
 
     architectures = ("encoder",)
+    options_class = MaskedDiffusionOptions
     loss_unit = "nats/token"
     use_command = 'anyformer infill RUN LEFT RIGHT --length N'
     commands = ("infill",)
@@ -141,6 +136,10 @@ class MaskedDiffusion(Task):
             raise ConfigError(f"task.options.sample_steps must be at least 1, got {o.sample_steps}")
         if o.sample_order not in ORDERS:
             raise ConfigError(f"task.options.sample_order must be one of {', '.join(ORDERS)}; got {o.sample_order!r}")
+        o.check_samples()
+
+    def sample_tokens(self) -> int:
+        return self.options.sample_tokens
 
     @classmethod
     def check(cls, cfg: Any) -> None:
@@ -203,19 +202,19 @@ class MaskedDiffusion(Task):
         return {"val_loss": loss, "bits_per_token": loss / math.log(2), "perplexity_bound": math.exp(loss)}
 
     def samples(self, model: nn.Module, data: TokenData) -> list[str]:
-        """`train.samples` continuations of `train.sample_prompt` drafted by iterative unmasking
+        """`train.samples` continuations of `task.options.sample_prompt` drafted by iterative unmasking
         (`sample_steps` steps per block, order `sample_order`)."""
         t, o = self.cfg.train, self.options
         if not t.samples:
             return []
         tok = data.tokenizer
-        ids = tok.encode(t.sample_prompt)
+        ids = tok.encode(o.sample_prompt)
         model.eval()
         texts = []
         for i in range(t.samples):
-            config = DiffusionConfig(steps=o.sample_steps, temperature=t.temperature, top_k=t.top_k or 0,
+            config = DiffusionConfig(steps=o.sample_steps, temperature=o.temperature, top_k=o.top_k or 0,
                                      order=o.sample_order, seed=t.seed + i)
-            new = diffusion_generate(model, ids, t.sample_tokens, tok.vocab_size, self.cfg.model.max_seq_len, config)
-            texts.append(t.sample_prompt + tok.decode(new))
+            new = diffusion_generate(model, ids, o.sample_tokens, tok.vocab_size, self.cfg.model.max_seq_len, config)
+            texts.append(o.sample_prompt + tok.decode(new))
         model.train()
         return texts

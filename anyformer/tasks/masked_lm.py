@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.proteins import ProteinTokenizer, packaged_proteins, read_fasta
+from ..data.sampler import SeededSampler
 from ..data.split import held_out
 from ..distributed import mean_across
 from ..dtypes import DTYPES
@@ -69,21 +70,12 @@ def mask_tokens(tokens: Tensor, keep: Tensor, tok: ProteinTokenizer, prob: float
     return inputs, targets
 
 
-class ProteinSampler:
-    """Random proteins of a split; `draw` gives (b, 2) rows of (protein index, example seed),
-    and `batch` builds each example (crop, masking) from its own seed, so a process's share of
-    a draw gives the same examples wherever it is built."""
+class ProteinSampler(SeededSampler):
+    """Random proteins of a split, each example (crop, masking) built from its own seed."""
 
     def __init__(self, proteins: list[Tensor], tok: ProteinTokenizer, seq_len: int, prob: float, seed: int) -> None:
-        if not proteins:
-            raise ValueError("no proteins in this split; give more data or change data.val_fraction")
+        super().__init__(len(proteins), seed, empty="no proteins in this split; give more data or change data.val_fraction")
         self.proteins, self.tok, self.seq_len, self.prob = proteins, tok, seq_len, prob
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def draw(self, batch: int) -> Tensor:
-        idx = torch.randint(0, len(self.proteins), (batch,), generator=self.generator)
-        seeds = torch.randint(0, 2**62, (batch,), generator=self.generator)
-        return torch.stack([idx, seeds], 1)
 
     def batch(self, rows: Tensor) -> tuple[Tensor, ...]:
         """(inputs, attention mask, targets), each (b, seq_len)."""
@@ -91,9 +83,8 @@ class ProteinSampler:
         inputs = torch.full((b, n), self.tok.pad_id, dtype=torch.long)
         targets = torch.full((b, n), -100, dtype=torch.long)
         keep = torch.zeros(b, n, dtype=torch.bool)
-        for i, (p, seed) in enumerate(rows.tolist()):
-            g = torch.Generator().manual_seed(int(seed))
-            seq = self.proteins[int(p)]
+        for i, (p, g) in enumerate(self.seeded(rows)):
+            seq = self.proteins[p]
             room = n - 2
             if len(seq) > room:  # a random window of a long protein
                 start = int(torch.randint(0, len(seq) - room + 1, (1,), generator=g))
@@ -104,12 +95,6 @@ class ProteinSampler:
             x, y = mask_tokens(row, residues, self.tok, self.prob, g)
             inputs[i, : len(row)], targets[i, : len(row)], keep[i, : len(row)] = x, y, True
         return inputs, keep, targets
-
-    def state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
 
 
 @TASKS.register("masked_lm")

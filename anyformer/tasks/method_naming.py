@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.code_graphs import CodeGraph, load_code_corpus, source_graphs
+from ..data.sampler import SeededSampler
 from ..data.split import held_out
 from ..distributed import mean_across, split_evenly
 from ..dtypes import DTYPES
@@ -181,14 +182,13 @@ def frequency_baseline(train: list[Example]) -> list[str]:
     return ranked[:best]
 
 
-class BucketSampler:
+class BucketSampler(SeededSampler):
     """Training functions in buckets of similar size; `draw` gives (b,) example indices from one
     bucket (chosen with probability proportional to its size; without replacement when the
     bucket is large enough)."""
 
     def __init__(self, examples: list[Example], num_labels: int, bucket_size: int, seed: int) -> None:
-        if not examples:
-            raise ValueError("no training functions; point data.path at more code or lower data.val_fraction")
+        super().__init__(len(examples), seed, empty="no training functions; point data.path at more code or lower data.val_fraction")
         self.examples, self.num_labels = examples, num_labels
         order = sorted(range(len(examples)), key=lambda i: (examples[i].num_nodes, i))
         size = bucket_size if bucket_size > 0 else len(order)
@@ -196,7 +196,6 @@ class BucketSampler:
         if len(self.buckets) > 1 and len(self.buckets[-1]) < size // 2:  # fold a small last bucket in
             self.buckets[-2:] = [torch.cat(self.buckets[-2:])]
         self.weights = torch.tensor([float(len(b)) for b in self.buckets])
-        self.generator = torch.Generator().manual_seed(seed)
 
     def draw(self, batch: int) -> Tensor:
         members = self.buckets[int(torch.multinomial(self.weights, 1, generator=self.generator))]
@@ -206,12 +205,6 @@ class BucketSampler:
 
     def batch(self, indices: Tensor) -> tuple[Tensor, ...]:
         return collate([self.examples[i] for i in indices.tolist()], self.num_labels)
-
-    def state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
 
 
 @TASKS.register("method_naming")

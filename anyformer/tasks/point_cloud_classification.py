@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.point_clouds import (SHAPES, LabelledClouds, ShapeSettings, distort, folder_classes, folder_clouds,
                                  procedural_clouds, read_cloud, rotate_clouds, shuffle_points)
+from ..data.sampler import SeededSampler
 from ._classification import Classifier, held_out_metrics, predict
 from .base import TASKS
 from .image_classification import plot_confusion
@@ -73,32 +74,18 @@ class PointCloudData:
         return int(self.train.points.shape[1])
 
 
-class CloudSampler:
-    """Random training clouds; `draw` gives (b, 2) rows of (cloud index, augmentation seed)."""
+class CloudSampler(SeededSampler):
+    """Random training clouds, each distorted again with its own seed (task.options.augment)."""
 
     def __init__(self, split: LabelledClouds, options: PointCloudOptions, seed: int) -> None:
+        super().__init__(len(split), seed, empty="no training clouds; give more shapes or files")
         self.split, self.options = split, options
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def draw(self, batch: int) -> Tensor:
-        idx = torch.randint(0, len(self.split), (batch,), generator=self.generator)
-        return torch.stack([idx, torch.randint(0, 2**62, (batch,), generator=self.generator)], 1)
-
-    def batch(self, rows: Tensor) -> tuple[Tensor, ...]:
-        points = self.split.points[rows[:, 0]]
-        o = self.options
+    def example(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        o, points = self.options, self.split.points[index]
         if o.augment:
-            points = torch.stack([
-                distort(p, torch.Generator().manual_seed(int(seed)), rotate=o.rotate, anisotropy=o.anisotropy, noise=o.noise)
-                for p, seed in zip(points, rows[:, 1].tolist())
-            ])
-        return points, self.split.labels[rows[:, 0]]
-
-    def state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
+            points = distort(points, generator, rotate=o.rotate, anisotropy=o.anisotropy, noise=o.noise)
+        return points, self.split.labels[index]
 
 
 @TASKS.register("point_cloud_classification")

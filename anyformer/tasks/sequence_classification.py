@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
+from ..data.sampler import SeededSampler
 from ..data.split import hash_fraction
 from ..data.text import shakespeare_plays
 from ..distributed import mean_across, split_evenly
@@ -63,39 +64,26 @@ class LabelledTexts:
         return self.tokenizer.vocab_size + 1
 
 
-class PassageSampler:
-    """Random passages; `draw` gives (b, 2) rows of (passage index, example seed), `batch`
-    builds (inputs, attention mask, labels) with a random window of each (the first window
-    when `first` is set)."""
+class PassageSampler(SeededSampler):
+    """Random passages; `batch` builds (inputs, attention mask, labels) with a random window of
+    each, from its own seed (the first window when `first` is set)."""
 
     def __init__(self, texts: list[Tensor], labels: Tensor, data: LabelledTexts, seq_len: int, seed: int, first: bool = False) -> None:
-        if not texts:
-            raise ValueError("no passages in this split; change data.val_fraction or task.options.labels")
+        super().__init__(len(texts), seed, empty="no passages in this split; change data.val_fraction or task.options.labels")
         self.texts, self.labels, self.data, self.seq_len, self.first = texts, labels, data, seq_len, first
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def draw(self, batch: int) -> Tensor:
-        idx = torch.randint(0, len(self.texts), (batch,), generator=self.generator)
-        return torch.stack([idx, torch.randint(0, 2**62, (batch,), generator=self.generator)], 1)
 
     def batch(self, rows: Tensor) -> tuple[Tensor, ...]:
         b, n = rows.shape[0], self.seq_len
         inputs = torch.full((b, n), self.data.pad_id, dtype=torch.long)
         keep = torch.zeros(b, n, dtype=torch.bool)
-        for i, (p, seed) in enumerate(rows.tolist()):
-            text = self.texts[int(p)]
+        for i, (p, g) in enumerate(self.seeded(rows)):
+            text = self.texts[p]
             start = 0
             if len(text) > n - 1 and not self.first:
-                start = int(torch.randint(0, len(text) - (n - 1) + 1, (1,), generator=torch.Generator().manual_seed(int(seed))))
+                start = int(torch.randint(0, len(text) - (n - 1) + 1, (1,), generator=g))
             row = torch.cat([torch.tensor([self.data.cls_id]), text[start : start + n - 1]])
             inputs[i, : len(row)], keep[i, : len(row)] = row, True
         return inputs, keep, self.labels[rows[:, 0]]
-
-    def state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
 
 
 def held_out_per_label(names: list[str], fraction: float) -> list[str]:

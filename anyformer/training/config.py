@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml
+from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml, register_migration
 
 
 @dataclass
@@ -67,6 +67,10 @@ class TrainConfig:
     not fit the GPU). activation_checkpointing: recompute each block's activations in the
     backward pass instead of storing them (less memory, about a third more compute), for any
     block kind.
+
+    samples: how many samples the task shows at the end of a run (a text-writing task's
+    continuations, whose prompt, length and sampling are its task.options; held-out
+    translations); 0 for none.
     """
 
     seed: int = 1337
@@ -104,10 +108,6 @@ class TrainConfig:
     activation_checkpointing: bool = False
     out_dir: str = "runs/shakespeare-char"
     samples: int = 3
-    sample_tokens: int = 300
-    sample_prompt: str = "\n"
-    temperature: float = 0.8
-    top_k: int | None = None
 
 
 @dataclass
@@ -159,7 +159,7 @@ class RunConfig:
             value = getattr(t, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"train.{name} must be a positive number (or null for no limit), got {value}")
-        for name in ("lr", "muon_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "temperature"):
+        for name in ("lr", "muon_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
             if not math.isfinite(getattr(t, name)):
                 raise ConfigError(f"train.{name} must be a finite number, got {getattr(t, name)}")
         if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
@@ -170,12 +170,35 @@ class RunConfig:
             raise ConfigError(f"train.keep_last must be at least 1, got {t.keep_last}")
         if t.samples < 0:
             raise ConfigError(f"train.samples must be >= 0 (0 = no samples), got {t.samples}")
-        if t.samples and (t.sample_tokens < 1 or t.temperature < 0 or (t.top_k is not None and t.top_k < 0)):
-            raise ConfigError(
-                f"train.sample_tokens must be >= 1, train.temperature >= 0 (0 = greedy) and train.top_k >= 0 or null; "
-                f"got {t.sample_tokens}, {t.temperature}, {t.top_k}"
-            )
         return self
+
+
+# settings of the samples a text-writing task shows at the end of a run, which configs written
+# before the tasks owned them held in `train`
+_SAMPLE_KEYS = ("sample_prompt", "sample_tokens", "temperature", "top_k")
+
+
+def _move_sample_settings(data: dict[str, Any]) -> None:
+    """A config written when `train` held the sample settings: move them into `task.options`
+    when the run's task takes them (its options dataclass has those fields, and the config does
+    not set them there already); drop them otherwise, where they were unused."""
+    from ..tasks import TASKS
+
+    train, task = data.get("train"), data.get("task") or {}
+    if not isinstance(train, dict) or not isinstance(task, dict) or not any(key in train for key in _SAMPLE_KEYS):
+        return
+    data["train"] = train = dict(train)  # the caller's mapping stays as it was
+    data["task"] = task = dict(task)
+    moved = {key: train.pop(key) for key in _SAMPLE_KEYS if key in train}
+    kind = task.get("kind", "causal_lm")
+    options_class = TASKS.get(kind).options_class if kind in TASKS else None
+    fields = set(getattr(options_class, "__dataclass_fields__", ()))
+    keep = {key: value for key, value in moved.items() if key in fields}
+    if keep:
+        task["options"] = {**keep, **(task.get("options") or {})}
+
+
+register_migration(RunConfig, _move_sample_settings)
 
 
 def default_config_path() -> Path:
@@ -211,6 +234,6 @@ def default_run_config() -> RunConfig:
     train = TrainConfig(
         batch_size=16, seq_len=256, optimizer="muon", lr=4e-3, muon_lr=0.04, warmup_steps=50, min_lr_ratio=0.0,
         weight_decay=0.1, max_steps=100000, max_minutes=9.7, eval_every=150, eval_batches=8, log_every=10,
-        out_dir="runs/shakespeare-char", sample_tokens=200,
+        out_dir="runs/shakespeare-char",
     )
-    return RunConfig(model=model, data=DataConfig(), train=train)
+    return RunConfig(model=model, data=DataConfig(), train=train, task=TaskConfig(options={"sample_tokens": 200}))

@@ -238,7 +238,7 @@ class Trainer:
         evaluation = eval_time or step_time * t.eval_batches / 2  # forward-only batches
         # a cached decoding step for `samples` sequences costs well under 1/50 of a training step
         # on batch_size x seq_len tokens (a generous bound: small batches use the CPU poorly)
-        sampling = t.sample_tokens * step_time / 50 if t.samples else 0.0
+        sampling = self.task.sample_tokens() * step_time / 50 if t.samples else 0.0
         return 1.5 * evaluation + sampling + 5.0
 
     def _update_horizon(self, step_time: float, eval_time: float) -> None:
@@ -372,7 +372,7 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, val_loss, self.best_val, losses, self._elapsed(), samples)
 
     def samples(self) -> list[str]:
-        """The task's end-of-run samples (continuations of train.sample_prompt for a causal LM),
+        """The task's end-of-run samples (continuations of task.options.sample_prompt for a causal LM),
         made by rank 0 (a sharded model is gathered into a whole copy there first; every process
         takes part in the gathering). Other processes return []."""
         model: nn.Module | None = self.model
