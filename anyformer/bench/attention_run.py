@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AttentionConfig
-from ..nn.attention import ATTENTIONS, KERNELS, AttentionContext, MultiHeadAttention, mha_from_config
+from ..nn.attention import ATTENTIONS, KERNELS, AttentionContext, mha_from_config
 from ..nn.attention.block_bias import PositionalBlockBias
 from ..nn.attention.patterns import Window
 from ..nn.build_context import BuildContext
@@ -197,11 +197,10 @@ def measure(spec: dict) -> dict:
     origin = torch.zeros(1, 1, dtype=torch.long, device=device)
     has_bias = positional.bias(origin, origin) is not None
     kernelized = not hasattr(module, "kernel")
-    # a kind whose math lives in the layer's hooks (differential, selective, shaped) is timed
-    # as a whole module: its kernel alone would be plain attention; the row says so
-    hooks = ("modify_logits", "combine", "attend", "transform_heads")
-    own_math = isinstance(module, MultiHeadAttention) and any(getattr(type(module), h) is not getattr(MultiHeadAttention, h) for h in hooks)
-    mode = "module" if (kernelized and has_bias) or own_math else spec.get("mode", "kernel")
+    # a module says how it is timed (`bench_mode`): a kind whose math lives in the layer's hooks
+    # (differential, selective, shaped), or one that declares nothing (a recurrent mixer), runs
+    # as a whole module; the row says so
+    mode = "module" if getattr(module, "bench_mode", "module") == "module" or (kernelized and has_bias) else spec.get("mode", "kernel")
     make = _module_step if mode == "module" else _kernel_step
     setup = make(spec, module, window, positional, device, dtype)
 

@@ -56,15 +56,22 @@ class Parts:
         return cls(ctx, options)
 
     def attention(self, ctx: BuildContext) -> nn.Module:
-        """A self-attention sublayer of the configured kind."""
-        return ATTENTIONS.get(self.cfg.attention.kind)(self.cfg.attention, ctx.replace(cross=False))
+        """A self-attention sublayer of the configured kind (it keeps its build context as
+        `build_context`: the model summary costs it as causal or not)."""
+        ctx = ctx.replace(cross=False)
+        module = ATTENTIONS.get(self.cfg.attention.kind)(self.cfg.attention, ctx)
+        module.build_context = ctx
+        return module
 
     def cross_attention(self, ctx: BuildContext) -> nn.Module:
         """Cross-attention to an encoder's output: exact multi-head attention with the
         configured heads and kernel (the configured kind when it is 'mha')."""
         a = self.cfg.attention
         cross_cfg = a if a.kind == "mha" else dataclasses.replace(a, kind="mha", options={})
-        return ATTENTIONS.get("mha")(cross_cfg, ctx.replace(cross=True, causal=False))
+        ctx = ctx.replace(cross=True, causal=False)
+        module = ATTENTIONS.get("mha")(cross_cfg, ctx)
+        module.build_context = ctx
+        return module
 
     def feedforward(self, ctx: BuildContext) -> nn.Module:
         """The feed-forward sublayer of the configured kind."""

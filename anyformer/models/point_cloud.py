@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig
-from ..nn.attention import AttentionContext
 from ..nn.positional import PositionalEncoding
 from .common import Stack
+from .encoder_classifier import EncoderClassifier
 from .parts import Parts
 from .point_groups import check_points, group_points
 from .registry import ARCHITECTURES, moved_section
@@ -136,30 +136,23 @@ class PointGroupEmbedding(nn.Module):
         return self.dropout(x), centres
 
 
-class PointCloudTransformer(nn.Module):
-    """Point groups -> bidirectional encoder blocks -> final norm -> head (class logits)."""
-
-    causal = False
+class PointCloudTransformer(EncoderClassifier):
+    """Point groups -> bidirectional encoder blocks -> final norm -> head: points (b, P, 3) in,
+    the head's output (class logits (b, num_labels) with head sequence_classification) out,
+    final states (b, 1 + G, d), the class token first, from `hidden`."""
 
     def __init__(
         self, config: ModelConfig, embed: PointGroupEmbedding, positional: PositionalEncoding, stack: Stack, head: nn.Module
     ) -> None:
-        super().__init__()
-        self.config = config
         # named `embed` so that Muon leaves the point network to AdamW, as it does token embeddings
-        self.embed, self.positional, self.stack, self.head = embed, positional, stack, head
+        super().__init__(config, "embed", embed, positional, stack, head)
 
-    def hidden(self, points: Tensor, *, attn_store: list | None = None) -> Tensor:
-        """points (b, P, 3) -> final hidden states (b, 1 + G, d), the class token first."""
+    def tokens(self, points: Tensor) -> tuple[Tensor, Tensor]:
         x, _ = self.embed(points)
-        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # (b, 1 + G), unused by 'none'
-        ctx = AttentionContext(q_pos=positions, k_pos=positions, positional=self.positional, store=attn_store)
-        return self.stack(x, ctx)
+        return x, torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # (b, 1 + G) positions, unused by 'none'
 
-    def forward(self, points: Tensor, *, attn_store: list | None = None) -> Tensor:
-        """points (b, P, 3) -> the head's output: class logits (b, num_labels) with head
-        sequence_classification."""
-        return self.head(self.hidden(points, attn_store=attn_store), None)
+    def classify(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden, None)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token (model summary) for `seq_len` tokens, the class token and

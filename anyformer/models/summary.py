@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from ..config import ModelConfig
+from ..nn.attention.cost import mixing_flops, step_flops
 from .builders import build_model, count_parameters
 
 
@@ -20,6 +21,7 @@ class ModelSummary:
     non_embedding_parameters: int
     flops_per_token_forward: float
     flops_per_token_training: float
+    flops_per_token_decoding: float | None  # one decoding step with seq_len - 1 tokens cached; None: no decoding
     activation_bytes: float
     batch: int
     seq_len: int
@@ -43,6 +45,8 @@ class ModelSummary:
                 f"  non-embedding         {human(self.non_embedding_parameters)}",
                 f"FLOPs/token forward     {human(self.flops_per_token_forward)} (context {self.seq_len})",
                 f"FLOPs/token training    {human(self.flops_per_token_training)}",
+                *([f"FLOPs/token decoding    {human(self.flops_per_token_decoding)} (one step, {self.seq_len - 1} tokens cached)"]
+                  if self.flops_per_token_decoding is not None else []),
                 f"activation memory       {human(self.activation_bytes, 'B')} (batch {self.batch} x {self.seq_len}, 16-bit, training)",
             ]
         )
@@ -56,18 +60,57 @@ def _embedding_params(model: nn.Module) -> int:
     return sum(p.numel() for p in seen.values())
 
 
-def flops_per_token(cfg: ModelConfig, non_embedding_params: int, seq_len: int, *, extra_layers: int = 0) -> float:
-    """Forward FLOPs per token (Kaplan et al. 2020): 2 per weight multiply-add, plus attention
-    scores and mixing over the context (half of it under a causal mask), plus the LM head.
-    `extra_layers`: block applications beyond one per configured layer (a looped depth wiring;
-    their weights are counted in `non_embedding_params` once per application)."""
+def flops_per_token(cfg: ModelConfig, non_embedding_params: int, seq_len: int, *, extra_layers: int = 0,
+                    mixing: float | None = None) -> float:
+    """Forward FLOPs per token (Kaplan et al. 2020): 2 per weight multiply-add, plus the
+    sequence mixing, plus the LM head. `mixing`: what the model's mixers declare per token
+    (`mixing_per_token`); without it, softmax attention's scores and mixing over the context
+    (half of it under a causal mask). `extra_layers`: block applications beyond one per
+    configured layer (a looped depth wiring; their weights are counted in
+    `non_embedding_params` once per application)."""
     attn_width = cfg.attention.num_heads * cfg.head_dim
     layers = cfg.num_layers + (cfg.num_decoder_layers or cfg.num_layers if cfg.arch == "encoder_decoder" else 0) + extra_layers
     causal = cfg.arch in ("decoder", "encoder_decoder")
     context = seq_len / 2 if causal else seq_len
-    attention = 2 * 2 * layers * context * attn_width
+    attention = 2 * 2 * layers * context * attn_width if mixing is None else mixing
     head = 2 * cfg.dim * cfg.vocab_size if causal or (cfg.arch == "encoder" and cfg.head.kind == "mlm") else 0
     return 2.0 * non_embedding_params + attention + head
+
+
+def _mixers(model: nn.Module):  # type: ignore[no-untyped-def]
+    """(mixer module, its build context, applications per forward) of every sequence mixer in
+    the model's stacks (the modules `Parts` built, which keep their `build_context`)."""
+    from .common import Stack
+
+    for stack in model.modules():
+        if isinstance(stack, Stack) and len(stack.blocks):
+            factor = stack.block_calls() / len(stack.blocks)
+            for block in stack.blocks:
+                for mod in block.modules():
+                    ctx = getattr(mod, "build_context", None)
+                    if ctx is not None:
+                        yield mod, ctx, factor
+
+
+def mixing_per_token(model: nn.Module, seq_len: int) -> float | None:
+    """The mixing FLOPs per token of a forward over `seq_len` tokens, from what each mixer
+    declares (anyformer/nn/attention/cost.py), each block per application; cross-attention
+    reads `seq_len` source tokens. None when the model's stacks hold no such sublayer."""
+    found = list(_mixers(model))
+    if not found:
+        return None
+    return sum(f * mixing_flops(m, seq_len, seq_len, causal=c.causal) for m, c, f in found)
+
+
+def decoding_mixing(model: nn.Module, seq_len: int) -> float | None:
+    """The mixing FLOPs of one decoding step with `seq_len - 1` tokens cached: each causal
+    mixer's `step_flops`, each cross-attention over `seq_len` source tokens (an encoder runs
+    once per input, not per step). None for a model with no causal mixer."""
+    found = list(_mixers(model))
+    if not any(c.causal for _, c, _ in found):
+        return None
+    return sum(f * (step_flops(m, seq_len - 1) if c.causal else mixing_flops(m, 1, seq_len, causal=False))
+               for m, c, f in found if c.causal or c.cross)
 
 
 def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, bytes_per_value: int = 2) -> float:
@@ -109,7 +152,11 @@ def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: in
     emb = _embedding_params(model)
     reused, extra_layers = _reused_blocks(model)
     own = getattr(model, "flops_per_token", None)  # an architecture whose work per token differs from a plain stack's says so
-    fwd = own(seq_len) if callable(own) else flops_per_token(cfg, total - emb + reused, seq_len, extra_layers=extra_layers)
+    weights = total - emb + reused
+    fwd = own(seq_len) if callable(own) else flops_per_token(cfg, weights, seq_len, extra_layers=extra_layers,
+                                                              mixing=mixing_per_token(model, seq_len))
+    step = None if callable(own) else decoding_mixing(model, seq_len)
+    decoding = None if step is None else flops_per_token(cfg, weights, seq_len, mixing=step)
     return ModelSummary(
         arch=cfg.arch,
         parameters=total,
@@ -117,6 +164,7 @@ def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: in
         non_embedding_parameters=total - emb,
         flops_per_token_forward=fwd,
         flops_per_token_training=3 * fwd,
+        flops_per_token_decoding=decoding,
         activation_bytes=activation_bytes(cfg, batch, seq_len),
         batch=batch,
         seq_len=seq_len,

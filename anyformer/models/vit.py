@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig
-from ..nn.attention import AttentionContext
 from ..nn.positional import PositionalEncoding
 from .common import Stack
+from .encoder_classifier import EncoderClassifier
 from .parts import Parts
 from .registry import ARCHITECTURES, moved_section
 
@@ -83,27 +83,17 @@ class ImageClassificationHead(nn.Module):
         return self.classifier(hidden[:, 1:].mean(1) if self.pooling == "mean" else hidden[:, 0])
 
 
-class VisionTransformer(nn.Module):
-    """ViT: patch embedding -> bidirectional encoder blocks -> final norm -> head."""
-
-    causal = False
+class VisionTransformer(EncoderClassifier):
+    """ViT: patch embedding -> bidirectional encoder blocks -> final norm -> head; images (b, c,
+    H, W) in, class logits (b, num_labels) out, final states (b, 1 + P, d) from `hidden`."""
 
     def __init__(
         self, config: ModelConfig, patches: PatchEmbedding, positional: PositionalEncoding, stack: Stack, head: nn.Module
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.patches, self.positional, self.stack, self.head = patches, positional, stack, head
+        super().__init__(config, "patches", patches, positional, stack, head)
 
-    def hidden(self, images: Tensor, *, attn_store: list | None = None) -> Tensor:
-        """images (b, c, H, W) -> final hidden states (b, 1 + P, d)."""
-        x, positions = self.patches(images, self.positional)
-        ctx = AttentionContext(q_pos=positions, k_pos=positions, positional=self.positional, store=attn_store)
-        return self.stack(x, ctx)
-
-    def forward(self, images: Tensor, *, attn_store: list | None = None) -> Tensor:
-        """images (b, c, H, W) -> class logits (b, num_labels)."""
-        return self.head(self.hidden(images, attn_store=attn_store))
+    def tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.patches(images, self.positional)
 
 
 @ARCHITECTURES.register("vit", options=VitOptions)

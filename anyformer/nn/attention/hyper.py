@@ -307,6 +307,13 @@ class HyperAttentionKernel(nn.Module):
         self.min_seq_len, self.block_size, self.sample_size = min_seq_len, block_size, sample_size
         self.chunk_elements = 1 << 20  # q elements per inference chunk (8 MiB in fp32)
 
+    def keys_per_query(self, queries: int, keys: int, causal: bool) -> float:
+        """Keys each query scores: every key at or below min_seq_len keys (exact attention);
+        above, its sorted block and the sampled keys (the hashing is not counted)."""
+        if keys <= self.min_seq_len:
+            return keys / 2 if causal else float(keys)
+        return float(min(keys, self.block_size + self.sample_size))
+
     def forward(
         self,
         q: Tensor,

@@ -297,6 +297,20 @@ class KernelizedAttention(nn.Module):
         self.chunk_size = chunk_size
         self.eps = eps
 
+    bench_mode = "kernel"  # `bench attention` times its feature maps and linear form on ready q, k, v
+
+    def mixing_flops(self, queries: int, keys: int, *, causal: bool) -> float:
+        """Per query token, independent of the length: the feature maps of its query and key
+        (`features.flops`), the key's outer product into the state and the query's read of it,
+        numerator (f features) and normaliser (r)."""
+        f, r = self.features.num_features(self.head_dim)
+        feature_maps = getattr(self.features, "flops", lambda d: 0.0)(self.head_dim)
+        return self.num_heads * (4.0 * f * self.head_dim + 4.0 * r + feature_maps)
+
+    def step_flops(self, cached: int) -> float:
+        """One decoding step: the same constant work, whatever the number of cached tokens."""
+        return self.mixing_flops(1, cached + 1, causal=True)
+
     def make_cache(self, spec: CacheSpec) -> LinearAttentionCache:
         """A constant-size recurrent state for decoding (kept in fp32; the spec's dtype is not used)."""
         if spec.window is not None:

@@ -29,6 +29,7 @@ from ..build_context import BuildContext
 from ..kv_cache import CacheSpec, CrossKVCache, KVCache
 from ..norm import NORMS
 from .context import AttentionContext
+from .cost import full_keys, softmax_flops
 from .kernels import Kernel, attention_logits, eager_attention, full_mask, masked_softmax, repeat_kv
 from .masks import combine_masks
 from .registry import ATTENTIONS, KERNELS
@@ -110,6 +111,28 @@ class MultiHeadAttention(nn.Module):
         head_dim = head_dim or dim // num_heads
         projs = projections(dim, num_heads, num_kv_heads or num_heads, head_dim, kv_dim=kv_dim, bias=bias, out_bias=out_bias)
         return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, **projs, **kwargs)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ what it costs
+
+    def mixing_flops(self, queries: int, keys: int, *, causal: bool) -> float:
+        """Scores and mixing per query token (anyformer/nn/attention/cost.py) over the keys each
+        query attends to: its kernel's or pattern's `keys_per_query`, else all of them."""
+        counter = getattr(self.kernel, "keys_per_query", None) or getattr(getattr(self.kernel, "pattern", None), "keys_per_query", None)
+        attended = counter(queries, keys, causal) if counter is not None else full_keys(queries, keys, causal)
+        return softmax_flops(self.num_heads, self.head_dim, attended)
+
+    def step_flops(self, cached: int) -> float:
+        """One decoding step: one query over the cached keys and its own."""
+        return self.mixing_flops(1, cached + 1, causal=False)  # the last position: every earlier key is before it
+
+    @property
+    def bench_mode(self) -> str:
+        """How `anyformer bench attention` times it: "kernel" (the kernel alone on ready q, k,
+        v) when its math is its kernel's, "module" (projections included) when a hook of its
+        own (modify_logits, combine, attend, transform_heads) changes it."""
+        cls = type(self)
+        own = any(getattr(cls, h) is not getattr(MultiHeadAttention, h) for h in ("modify_logits", "combine", "attend", "transform_heads"))
+        return "module" if own else "kernel"
 
     # ------------------------------------------------------------------ structure
 

@@ -56,6 +56,20 @@ class Pattern:
     def mask(self, qi: Tensor, kj: Tensor) -> Tensor:
         return torch.ones(qi.shape[0], kj.shape[0], dtype=torch.bool, device=qi.device)
 
+    def keys_per_query(self, n: int, m: int, causal: bool) -> float:
+        """The mean number of keys each of `n` queries (the last n of `m` positions) attends
+        to under the pattern (and causality), counted in row blocks (never the whole n x m mask)."""
+        kj = torch.arange(m)
+        rows = max(1, 2**22 // max(m, 1))
+        total = 0
+        for q0 in range(m - n, m, rows):
+            qi = torch.arange(q0, min(m, q0 + rows))
+            allowed = self.mask(qi, kj)  # (rows, m)
+            if causal:
+                allowed = allowed & (kj[None, :] <= qi[:, None])
+            total += int(allowed.sum())
+        return total / max(n, 1)
+
     def dense(self, n: int, m: int, device: torch.device | None = None) -> Tensor:
         """The whole (n, m) bool mask for n queries that are the last n of m keys."""
         qi = torch.arange(m - n, m, device=device)

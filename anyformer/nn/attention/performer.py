@@ -86,6 +86,10 @@ class FavorFeatures(nn.Module):
         """(numerator, normaliser) feature sizes: both m."""
         return self.m, self.m
 
+    def flops(self, head_dim: int) -> float:
+        """The random projections of one query and one key onto the m features (per head)."""
+        return 2 * 2.0 * self.m * head_dim
+
     @torch.no_grad()
     def redraw(self) -> None:
         """Draw a new random projection in place."""
