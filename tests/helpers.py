@@ -54,6 +54,21 @@ def reference_causal_mask(n: int, m: int) -> torch.Tensor:
     return torch.ones(n, m, dtype=torch.bool).tril(diagonal=m - n)
 
 
+def fit_losses(model: torch.nn.Module, steps: int = 12, vocab: int = 24) -> list[float]:
+    """Next-token losses of `steps` Adam steps (lr 3e-3) of a decoder on one fixed batch of
+    (4, 20) random tokens below `vocab`: a model that learns lowers them."""
+    tokens = torch.randint(0, vocab, (4, 20), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
 def greedy_by_recompute(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy decoding without any cache: the argmax of a full forward over the whole sequence
     at every step (the reference cached generation must equal)."""

@@ -388,6 +388,19 @@ class ChunkedKernel:
     def __init__(self, pattern: Pattern | None = None, *, q_block: int | None = None, k_block: int | None = None) -> None:
         self.pattern, self.q_block, self.k_block = pattern, q_block, k_block
 
+    def keys_per_query(self, n: int, m: int, causal: bool) -> float:
+        """The keys each of `n` queries (the last of `m`) is scored against on this kernel's CPU
+        path: the area of every block it computes (the blocks the pattern and causality leave
+        non-empty, whole), over n: the work it does, which the model summary counts."""
+        pattern = self.pattern
+        if causal:
+            pattern = Causal() if pattern is None else Intersection(pattern, Causal())
+        preferred = pattern.preferred_blocks if pattern is not None and pattern.preferred_blocks else None
+        q_block = self.q_block or (preferred[0] if preferred else DEFAULT_Q_BLOCK)
+        k_block = self.k_block or (preferred[1] if preferred else DEFAULT_K_BLOCK)
+        area = sum((q1 - q0) * (k1 - k0) for q0, q1, blocks in _schedule(pattern, n, m, q_block, k_block) for k0, k1, _ in blocks)
+        return area / max(n, 1)
+
     def __call__(
         self,
         q: Tensor,

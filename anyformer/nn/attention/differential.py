@@ -97,6 +97,10 @@ class DifferentialAttention(MultiHeadAttention):
         second = torch.cat([other[:, half:], own[:, half:]], -1)  # heads i >= h/2: own half is the second half
         return torch.cat([first, second], 1)
 
+    def mixing_flops(self, queries: int, keys: int, *, causal: bool) -> float:
+        """Two kernel calls (own and swapped value halves), each with its scores and mixing."""
+        return 2 * super().mixing_flops(queries, keys, causal=causal)
+
     def transform_heads(self, out: Tensor, ctx: AttentionContext) -> Tensor:
         """(b, h, n, 2d) -> (b, h/2, n, 2d): first-half maps minus lambda times second-half maps,
         per-head RMSNorm, times (1 - lambda_init)."""

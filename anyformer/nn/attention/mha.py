@@ -116,8 +116,9 @@ class MultiHeadAttention(nn.Module):
 
     def mixing_flops(self, queries: int, keys: int, *, causal: bool) -> float:
         """Scores and mixing per query token (anyformer/nn/attention/cost.py) over the keys each
-        query attends to: its kernel's or pattern's `keys_per_query`, else all of them."""
-        counter = getattr(self.kernel, "keys_per_query", None) or getattr(getattr(self.kernel, "pattern", None), "keys_per_query", None)
+        query is scored against: its kernel's `keys_per_query` (a block-sparse kernel counts
+        the blocks it computes), else all of them (half under a causal mask)."""
+        counter = getattr(self.kernel, "keys_per_query", None)
         attended = counter(queries, keys, causal) if counter is not None else full_keys(queries, keys, causal)
         return softmax_flops(self.num_heads, self.head_dim, attended)
 

@@ -34,6 +34,11 @@ class DensePatternKernel:
     def __init__(self, pattern: Pattern, kernel: Kernel) -> None:
         self.pattern, self.kernel = pattern, kernel
 
+    def keys_per_query(self, n: int, m: int, causal: bool) -> float:
+        """The wrapped exact kernel scores every key (the pattern only masks): all m, half
+        of them under a causal mask."""
+        return m / 2 if causal else float(m)
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, **kwargs: object) -> Tensor:
         """q (b, h, n, d), k/v (b, g, m, d) -> (b, h, n, d); other arguments as the wrapped kernel."""
         dense = self.pattern.dense(q.shape[2], k.shape[2], q.device)
