@@ -336,6 +336,9 @@ class KernelizedAttention(nn.Module):
         q = self.q_norm(self._heads(x, self.q_proj, self.num_heads))  # (b, h, n, d)
         k = repeat_kv(self.k_norm(self._heads(x, self.k_proj, self.num_kv_heads)), groups)  # (b, h, n, d)
         v = repeat_kv(self._heads(x, self.v_proj, self.num_kv_heads), groups).float()  # (b, h, n, d)
+        if ctx.positional.query_aware:
+            raise ValueError(f"positional kind {type(ctx.positional).__name__} adds a term computed from the queries and each "
+                             "key's position, which kernelized attention cannot fold into its linear form; use an exact kind")
         bias, keep = ctx.logit_bias(), _key_keep(ctx.mask, n)
         if bias is not None or ctx.store is not None or (ctx.mask is not None and keep is None):
             out = self._quadratic(q, k, v, ctx, bias, cache)

@@ -183,6 +183,15 @@ class MultiHeadAttention(nn.Module):
         before the heads are merged and projected."""
         return out
 
+    def logit_bias(self, q: Tensor, ctx: AttentionContext) -> Tensor | None:
+        """The additive logit term of this layer: the context's bias (positional, user's mask)
+        plus a query-aware positional term computed from these queries (`query_bias`)."""
+        base = ctx.logit_bias()
+        if not ctx.positional.query_aware:
+            return base
+        term = ctx.positional.query_bias(q, ctx.q_pos, ctx.k_pos, self.scale or q.shape[-1] ** -0.5)
+        return base if term is None else term if base is None else base + term
+
     def probabilities(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> Tensor:
         """The (b, h, n, m) attention probabilities, in fp32, through the logit and probability
         hooks; a kernel's sparsity pattern (if any) is applied as a mask."""
@@ -191,7 +200,7 @@ class MultiHeadAttention(nn.Module):
         pattern = getattr(self.kernel, "pattern", None)
         if pattern is not None:
             mask = combine_masks(mask, pattern.dense(n, m, q.device))
-        logits = self.modify_logits(attention_logits(q, k, bias=ctx.logit_bias(), scale=self.scale), q, k, ctx)
+        logits = self.modify_logits(attention_logits(q, k, bias=self.logit_bias(q, ctx), scale=self.scale), q, k, ctx)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         return self.combine(masked_softmax(logits), ctx)
@@ -206,10 +215,13 @@ class MultiHeadAttention(nn.Module):
                 ctx.store.append(probs)
             return nn.functional.dropout(probs, dropout).to(v.dtype) @ repeat_kv(v, q.shape[1] // v.shape[1])
         if self.lazy_bias:
+            if ctx.positional.query_aware:
+                raise ValueError(f"positional kind {type(ctx.positional).__name__} adds a term computed from the queries, which "
+                                 "the chunked kernel does not take per block yet; use model.attention.kernel=sdpa or eager")
             return self.kernel(
                 q, k, v, mask=ctx.mask, bias=ctx.bias, causal=ctx.causal, scale=self.scale, dropout=dropout, block_bias=ctx.block_bias(),
             )
-        return self.kernel(q, k, v, mask=ctx.mask, bias=ctx.logit_bias(), causal=ctx.causal, scale=self.scale, dropout=dropout)
+        return self.kernel(q, k, v, mask=ctx.mask, bias=self.logit_bias(q, ctx), causal=ctx.causal, scale=self.scale, dropout=dropout)
 
     # ------------------------------------------------------------------ forward
 

@@ -60,6 +60,18 @@ class PositionalEncoding(nn.Module):
         """Logit side: an additive (b, h, n, m) bias for (b, n) and (b, m) positions, or None."""
         return None
 
+    #: True when `query_bias` adds a term (attention then computes it per layer from its queries)
+    query_aware: bool = False
+
+    def query_bias(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float) -> Tensor | None:
+        """Logit side, from the queries: an additive (b, h, n, m) term computed from the layer's
+        queries q (b, h, n, d, after `rotate`) and the (b, n) / (b, m) positions, already
+        multiplied by the attention's logit `scale` (a relative encoding's key term: q_i . a_{j-i}
+        of Shaw et al. 2018 or the Music Transformer). Positions are absolute, cached keys
+        included, so the term is the same with a KV cache. None by default; an encoding that
+        adds one sets `query_aware`."""
+        return None
+
 
 @POSITIONALS.register("none")
 class NoPositional(PositionalEncoding):
