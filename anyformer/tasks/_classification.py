@@ -68,6 +68,14 @@ class Classifier(Task):
         """One user input (a text, or the path of a file) as a model input batch of one."""
         raise NotImplementedError
 
+    def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        """Cross-entropy of the class logits of a batch (model inputs..., labels), the forward
+        under autocast to `dtype`, the loss in fp32."""
+        *inputs, labels = batch
+        with torch.autocast(inputs[0].device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(*inputs)  # (b, classes)
+        return F.cross_entropy(logits.float(), labels)
+
     def inspect_input(self, text: str, tokenizer: Any) -> tuple[Tensor, list[str] | None]:
         """The model input `read_input` makes of `text`, at the default settings."""
         return self.read_input(text, tokenizer, {name: s.default for name, s in self.predict_settings.items()}), None

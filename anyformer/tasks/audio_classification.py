@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
@@ -193,12 +192,6 @@ class AudioClassification(Classifier):
 
     def sampler(self, data: AudioData, seed: int) -> ClipSampler:
         return ClipSampler(data.train, self.options.shift, seed)
-
-    def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
-        x, y = batch
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(x)
-        return F.cross_entropy(logits.float(), y)
 
     def _predict(self, model: nn.Module, split: Spectrograms, env: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
         return predict(model, lambda part: split.features[part].to(env.device), split.labels, env, self.cfg.train.dtype,

@@ -191,12 +191,6 @@ class ImageClassification(Classifier):
     def sampler(self, data: ImageData, seed: int) -> ImageSampler:
         return ImageSampler(data.train, self.options, seed)
 
-    def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
-        images, labels = batch
-        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(images)
-        return F.cross_entropy(logits.float(), labels)
-
     def predict(self, model: nn.Module, split: LabelledImages, env: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
         """(summed loss, predicted class) of this process's share of the first `limit` images."""
         return predict(model, lambda part: to_model_input(split.images[part]), split.labels, env, self.cfg.train.dtype,

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, parse_options
@@ -165,12 +164,6 @@ class PointCloudClassification(Classifier):
 
     def sampler(self, data: PointCloudData, seed: int) -> CloudSampler:
         return CloudSampler(data.train, self.options, seed)
-
-    def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
-        points, labels = batch
-        with torch.autocast(points.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(points)
-        return F.cross_entropy(logits.float(), labels)
 
     def read_input(self, text: str, tokenizer: Any, settings: dict[str, Any]) -> Tensor:
         """The model input (1, P, 3) of a point or mesh file."""

@@ -175,12 +175,6 @@ class SequenceClassification(Classifier):
     def sampler(self, data: LabelledTexts, seed: int) -> PassageSampler:
         return PassageSampler(data.train, data.train_labels, data, self.cfg.train.seq_len, seed)
 
-    def loss(self, model: nn.Module, batch: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
-        inputs, keep, labels = batch
-        with torch.autocast(inputs.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(inputs, keep)  # (b, labels)
-        return F.cross_entropy(logits.float(), labels)
-
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: LabelledTexts, env: Any, batches: int | None = None) -> dict[str, float]:
         """Loss and accuracy over every held-out passage (its first window), split across
