@@ -26,6 +26,12 @@ class BlockBias(Protocol):
         ...
 
 
+def query_aware(block_bias: object) -> bool:
+    """Whether a block bias also adds a term computed from the queries (`query_term(q_block,
+    q0, q1, k0, k1)`, q_block (b, h, bn, d)): a relative encoding's key term, per block."""
+    return bool(getattr(block_bias, "query_aware", False))
+
+
 BIAS_CACHE_BYTES = 32 * 2**20  # reused positional-bias blocks kept per call, at most
 
 
@@ -48,6 +54,7 @@ class PositionalBlockBias:
     positional: torch.nn.Module
     q_pos: Tensor
     k_pos: Tensor
+    scale: float | None = None  # the attention's logit scale, for a query-aware term
     _cache: dict = field(default_factory=dict, init=False, repr=False)
     _cached_bytes: int = field(default=0, init=False, repr=False)
     _reusable: bool | None = field(default=None, init=False, repr=False)
@@ -77,6 +84,18 @@ class PositionalBlockBias:
             self._cache[key] = out
             self._cached_bytes += out.numel() * out.element_size()
         return out
+
+    @property
+    def query_aware(self) -> bool:
+        """True when the encoding adds a term from the queries (PositionalEncoding.query_bias)."""
+        return bool(getattr(self.positional, "query_aware", False))
+
+    def query_term(self, q: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor | None:
+        """The query-aware term of queries [q0, q1), whose (b, h, bn, d) block is `q`, against
+        keys [k0, k1): the encoding's query_bias on the position slices, broadcastable to
+        (b, h, bn, bm). Never the whole n x m matrix: the chunked kernel calls it per block."""
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        return self.positional.query_bias(q, self.q_pos[:, q0:q1], self.k_pos[:, k0:k1], scale)
 
     def parameters(self) -> list[Tensor]:
         return [p for p in self.positional.parameters() if p.requires_grad]

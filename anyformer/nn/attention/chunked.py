@@ -8,7 +8,9 @@ blocks again and recomputes each block's probabilities from q, k and the log-sum
 
 Masks and biases are generated one block at a time: causality and sparsity patterns from
 indices (patterns.py), positional biases (ALiBi, T5) from position slices through a
-`BlockBias`, and dense user masks/biases are sliced. Blocks a pattern leaves empty are skipped.
+`BlockBias`, a relative encoding's term computed from the queries (Shaw et al. 2018's keys) from
+each query block, and dense user masks/biases are sliced. Blocks a pattern leaves empty are
+skipped.
 
 Legend: `b` batch, `h` query heads, `g` key/value heads, `r = h / g`, `n` queries, `m` keys,
 `d` head dim, `bn`/`bm` query/key block sizes. Queries are the last n of m positions.
@@ -27,7 +29,7 @@ from .native_kernels import native_softmax
 from .registry import KERNELS
 from .masks import as_4d, combine_masks
 from ..positional.bias import ALiBi
-from .block_bias import BlockBias, PositionalBlockBias
+from .block_bias import BlockBias, PositionalBlockBias, query_aware
 from .patterns import FULL, NONE, PARTIAL, Causal, Intersection, Pattern
 
 MASK_CACHE_ENTRIES = 64  # reused pattern-mask blocks kept per call, at most
@@ -111,8 +113,17 @@ class _Plan:
             s4.masked_fill_(self.blocked(q0, q1, k0, k1, s.device), float("-inf"))
         return s
 
-    def bias_block(self, q0: int, q1: int, k0: int, k1: int) -> Tensor | None:
-        return None if self.block_bias is None else self.block_bias(q0, q1, k0, k1)
+    def bias_block(self, q0: int, q1: int, k0: int, k1: int, q_block: Tensor | None = None) -> Tensor | None:
+        """The block's positional bias, plus its query-aware term computed from `q_block`, the
+        (b, h, bn, d) queries [q0, q1), when the block bias has one."""
+        if self.block_bias is None:
+            return None
+        out = self.block_bias(q0, q1, k0, k1)
+        if q_block is not None and query_aware(self.block_bias):
+            term = self.block_bias.query_term(q_block, q0, q1, k0, k1)  # type: ignore[attr-defined]
+            if term is not None:
+                out = term if out is None else out + term
+        return out
 
 
 def _schedule(pattern: Pattern | None, n: int, m: int, q_block: int, k_block: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
@@ -170,7 +181,7 @@ def _fused_args(plan: _Plan) -> tuple[Tensor, int] | None:
     """When the C++ block loops can run `plan` (no mask or pattern besides causality; no
     positional bias, or ALiBi over consecutive positions with one offset for every row): the
     ALiBi slopes (empty without) and the first query's position minus the first key's. Else None."""
-    if plan.mask is not None or not (plan.pattern is None or type(plan.pattern) is Causal):
+    if plan.mask is not None or not (plan.pattern is None or type(plan.pattern) is Causal) or query_aware(plan.block_bias):
         return None
     bias = plan.block_bias
     if bias is None:
@@ -224,7 +235,8 @@ class _ChunkedAttention(torch.autograd.Function):
             row_sum = torch.zeros(b * g, rows, 1, dtype=acc_dtype, device=q.device)
             acc = acc_scratch.get((b * g, rows, d)).zero_()
             for k0, k1, state in blocks:
-                s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), plan.bias_block(q0, q1, k0, k1), h, scratch)
+                extra = plan.bias_block(q0, q1, k0, k1, q[:, :, q0:q1])
+                s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), extra, h, scratch)
                 if native is not None and s.is_contiguous():  # the same steps as below, one pass per row
                     alpha = native.online_softmax_(s, row_max, row_sum)
                     acc.mul_(alpha).baddbmm_(s, v3[:, k0:k1])
@@ -271,6 +283,10 @@ class _ChunkedAttention(torch.autograd.Function):
         scratch = _block_scratch(plan, h // g, b * g, acc_dtype, q.device)
         dp_scratch = _block_scratch(plan, h // g, b * g, acc_dtype, q.device)
         native = native_softmax(q.device, acc_dtype)
+        # a query-aware term's share of dq, through autograd on each block's term (its gradient
+        # with respect to the query block, added after dq is scaled below)
+        terms_of_q = query_aware(plan.block_bias)
+        dq_terms = torch.zeros(b, h, n, d, dtype=acc_dtype, device=q.device) if terms_of_q and ctx.needs_input_grad[1] else None
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
             qg = _query_groups(q, q0, q1, g).to(acc_dtype) * c  # (b*g, r*bn, d), a new tensor
@@ -278,9 +294,11 @@ class _ChunkedAttention(torch.autograd.Function):
             lse_g = _query_groups(lse, q0, q1, g).contiguous()  # (b*g, r*bn, 1)
             delta_g = _query_groups(delta, q0, q1, g).contiguous()
             dqg = torch.zeros_like(qg)
+            q_leaf = q[:, :, q0:q1].detach().requires_grad_(dq_terms is not None) if terms_of_q else None
+            leaves = ([q_leaf] if dq_terms is not None else []) + list(params)
             for k0, k1, state in blocks:
                 with torch.enable_grad():
-                    extra = plan.bias_block(q0, q1, k0, k1)
+                    extra = plan.bias_block(q0, q1, k0, k1, q_leaf)
                 s = plan.logits(qg, k3t[:, :, k0:k1], bias, (q0, q1, k0, k1, state), None if extra is None else extra.detach(), h, scratch)
                 if native is not None and s.is_contiguous():
                     native.exp2_shift_(s, lse_g)
@@ -296,18 +314,25 @@ class _ChunkedAttention(torch.autograd.Function):
                     ds = p.mul_(dp.sub_(delta_g))  # in place over p
                 dqg.baddbmm_(ds, k3[:, k0:k1])
                 dk[:, k0:k1].baddbmm_(ds.transpose(1, 2), qg)
-                if dbias is not None or (params and extra is not None and extra.requires_grad):
+                if dbias is not None or (leaves and extra is not None and extra.requires_grad):
                     ds4 = ds.view(b, h, bn, k1 - k0)
                     if dbias is not None:
                         blk = _slice(dbias, q0, q1, k0, k1)
                         blk += _sum_to(ds4, blk.shape)  # type: ignore[union-attr]
-                    if params and extra is not None and extra.requires_grad:
-                        grads = torch.autograd.grad(extra, params, _sum_to(ds4, extra.shape).to(extra.dtype), allow_unused=True)
+                    if leaves and extra is not None and extra.requires_grad:
+                        grads = list(torch.autograd.grad(extra, leaves, _sum_to(ds4, extra.shape).to(extra.dtype), allow_unused=True))
+                        if dq_terms is not None:
+                            grad_q = grads.pop(0)
+                            if grad_q is not None:
+                                dq_terms[:, :, q0:q1] += grad_q
                         for acc, grad in zip(dparams, grads):
                             if grad is not None:
                                 acc += grad
             dq[:, :, q0:q1] = dqg.view(b, h, bn, d)
-        dq = dq.mul_(plan.scale).to(q.dtype)
+        dq = dq.mul_(plan.scale)
+        if dq_terms is not None:
+            dq += dq_terms
+        dq = dq.to(q.dtype)
         dk = dk.mul_(1.0 / LOG2E).view(b, g, m, d)  # the queries it was multiplied with carried log2(e)
         dv = dv.view(b, g, m, d)
         return (None, dq, dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype), *dparams)  # type: ignore[union-attr]
@@ -338,7 +363,8 @@ def chunked_attention(
         causal: query i sees keys j <= i + (m - n).
         scale: logit scale, default d ** -0.5.
         dropout: must be 0 (attention dropout is not supported by this kernel).
-        block_bias: a bias produced per block (ALiBi, T5 from positions), see `BlockBias`.
+        block_bias: a bias produced per block (ALiBi, T5 from positions), see `BlockBias`; when
+            it is query-aware, its term from each query block too (gradients reach q through it).
         pattern: a sparsity pattern (patterns.py) in key coordinates.
         q_block, k_block: block sizes (default: the pattern's preference, else 512 x 1024).
     Returns: (b, h, n, d); a query with no visible key gives zeros.

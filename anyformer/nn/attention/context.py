@@ -45,14 +45,15 @@ class AttentionContext:
             self._logit_bias_ready = True
         return self._logit_bias
 
-    def block_bias(self):  # type: ignore[no-untyped-def]
+    def block_bias(self, scale: float | None = None):  # type: ignore[no-untyped-def]
         """The positional bias as a `PositionalBlockBias`, computed per block by kernels that
-        declare `lazy_bias` (None when the positional encoding adds no bias)."""
+        declare `lazy_bias`, with the encoding's query-aware term when it has one (`scale`: the
+        layer's logit scale, default head_dim ** -0.5). None when the encoding adds neither."""
         from .block_bias import PositionalBlockBias
 
-        if self.positional.bias(self.q_pos[:, :1], self.k_pos[:, :1]) is None:
+        if not self.positional.query_aware and self.positional.bias(self.q_pos[:, :1], self.k_pos[:, :1]) is None:
             return None
-        return PositionalBlockBias(self.positional, self.q_pos, self.k_pos)
+        return PositionalBlockBias(self.positional, self.q_pos, self.k_pos, scale)
 
 
 class _NoPositionalSingleton(NoPositional):

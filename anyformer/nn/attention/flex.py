@@ -167,13 +167,14 @@ def cuda_attention(
 ) -> Tensor | None:
     """The CUDA path of the chunked kernel: SDPA (flash or memory-efficient kernel) when there
     is no pattern, mask or bias; FlexAttention otherwise. None where neither applies (dropout
-    with a pattern or bias: FlexAttention has none), so the caller computes it itself."""
+    with a pattern or bias: FlexAttention has none; a query-aware positional term), so the
+    caller computes it itself."""
     n, m = q.shape[2], k.shape[2]
     if pattern is None and mask is None and bias is None and block_bias is None and (not causal or n == m):
         groups = q.shape[1] // k.shape[1]
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=causal, scale=scale, dropout_p=dropout, enable_gqa=groups > 1
         )
-    if dropout > 0.0 or not flex_available():
-        return None
+    if dropout > 0.0 or not flex_available() or getattr(block_bias, "query_aware", False):
+        return None  # a term computed from the queries goes through the chunked loops' per-block autograd
     return flex_attention_call(q, k, v, pattern=pattern, mask=mask, bias=bias, causal=causal, scale=scale, block_bias=block_bias)

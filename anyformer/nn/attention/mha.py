@@ -214,12 +214,10 @@ class MultiHeadAttention(nn.Module):
             if ctx.store is not None:
                 ctx.store.append(probs)
             return nn.functional.dropout(probs, dropout).to(v.dtype) @ repeat_kv(v, q.shape[1] // v.shape[1])
-        if self.lazy_bias:
-            if ctx.positional.query_aware:
-                raise ValueError(f"positional kind {type(ctx.positional).__name__} adds a term computed from the queries, which "
-                                 "the chunked kernel does not take per block yet; use model.attention.kernel=sdpa or eager")
+        if self.lazy_bias:  # positional terms per block, the query-aware one included
             return self.kernel(
-                q, k, v, mask=ctx.mask, bias=ctx.bias, causal=ctx.causal, scale=self.scale, dropout=dropout, block_bias=ctx.block_bias(),
+                q, k, v, mask=ctx.mask, bias=ctx.bias, causal=ctx.causal, scale=self.scale, dropout=dropout,
+                block_bias=ctx.block_bias(self.scale),
             )
         return self.kernel(q, k, v, mask=ctx.mask, bias=self.logit_bias(q, ctx), causal=ctx.causal, scale=self.scale, dropout=dropout)
 
