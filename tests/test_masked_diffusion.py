@@ -177,11 +177,21 @@ def test_trains_resumes_exactly_and_its_commands_work(tmp_path, capsys) -> None:
     assert out.startswith("ROMEO: [[") and out.endswith("]] me.") and len(out) == len("ROMEO: [[") + 6 + len("]] me.")
     assert main(["generate", run, "--prompt", "KING", "--max-new-tokens", "40", "--steps", "8", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("KING")
+    # predict: the same fill as infill, gaps written [[N]]
+    assert main(["predict", run, "ROMEO: [[6]] me.", "--set", "seed=0", "--set", "edit=true", "--set", "mark=true"]) == 0
+    assert capsys.readouterr().out.strip() == out
+    assert main(["predict", run, "KING", "--set", "length=10", "--set", "seed=0"]) == 0
+    continued = capsys.readouterr().out.rstrip("\n")
+    assert continued.startswith("KING") and len(continued) == 14
     for argv, message in [
         (["generate", run, "--top-p", "0.9"], r"--top-p \(nucleus sampling\) is not offered"),
         (["generate", run, "--max-new-tokens", "40", "--steps", "50"], "--steps 50 is more than the 16 tokens drafted together"),
         (["infill", run, "x" * 20, "y" * 10, "--length", "5"], "more than the model's context of 32"),
         (["infill", run, "a", "b", "--length", "4", "--order", "random", "--edit"], "--edit .* needs order 'confidence'"),
+        (["predict", run, "a[[0]]b"], "a gap must hold at least 1 token"),
+        (["predict", run, "x" * 20 + "[[5]]" + "y" * 10], "more than the model's context of 32"),
+        (["predict", run, "a[[3]]b", "--set", "order=backwards"], "order must be one of confidence, random, left_to_right"),
+        (["predict", run, "a[[3]]b", "--set", "steps=4"], "steps=4 is more than the 3 tokens drafted together"),
     ]:
         assert main(argv) == 2
         assert re.search(message, capsys.readouterr().err.replace("\n", " ")), argv
@@ -209,3 +219,28 @@ def test_bad_settings_are_named(tmp_path) -> None:
 def test_rate_code_round_trips() -> None:
     s = DiffusionSampler(torch.zeros(100, dtype=torch.int16).numpy(), 10, 1, 0.25, 0)
     assert s.rate(0) == 0.25 and s.rate(RATE_SCALE) == 1.0
+
+
+def test_predict_fills_several_gaps_as_greedy_left_to_right_decoding(tmp_path, capsys) -> None:
+    """With one token per step, order left_to_right and temperature 0, each step fills the
+    leftmost masked position with its most likely token (the mask id excluded): the loop here."""
+    from anyformer.cli import main
+    from anyformer.training.run import load_run
+
+    Trainer(diffusion_config(tmp_path), run_dir=tmp_path / "r", verbose=False).fit()
+    r = load_run(tmp_path / "r", device="cpu")
+    tok, mask = r.tokenizer, r.tokenizer.vocab_size
+    texts, gaps = ["To ", ", or ", " be"], [3, 4]
+    ids = tok.encode(texts[0]) + [mask] * gaps[0] + tok.encode(texts[1]) + [mask] * gaps[1] + tok.encode(texts[2])
+    with torch.no_grad():
+        while mask in ids:
+            at = ids.index(mask)
+            ids[at] = int(r.model(torch.tensor([ids]))[0, at, :mask].argmax())
+    expected = tok.decode(ids)
+    written = texts[0] + "".join(f"[[{n}]]{t}" for n, t in zip(gaps, texts[1:]))  # "To [[3]], or [[4]] be"
+    argv = ["predict", str(tmp_path / "r"), written, "--set", "order=left_to_right", "--set", "temperature=0"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
+    assert main(argv + ["--set", "mark=true"]) == 0
+    marked = capsys.readouterr().out.rstrip("\n")
+    assert marked.startswith("To [[") and marked.count("[[") == 2 and marked.replace("[[", "").replace("]]", "") == expected

@@ -36,16 +36,21 @@ def check_not_diffusion(args: argparse.Namespace, what: str) -> None:
                          f"right. Drop {' and '.join(given)}")
 
 
+def check_diffusion_flags(args: argparse.Namespace, tokens: int) -> None:
+    """Refuse what masked-diffusion drafting of `tokens` tokens at once cannot take."""
+    if getattr(args, "top_p", 1.0) != 1.0:
+        raise ValueError("--top-p (nucleus sampling) is not offered by masked-diffusion drafting: each step draws every masked "
+                         "position at once; use --temperature and --top-k")
+    if args.steps is not None and args.steps > tokens:
+        raise ValueError(f"--steps {args.steps} is more than the {tokens} tokens drafted together; use at most {tokens} (one token per step)")
+
+
 def diffusion_config(args: argparse.Namespace, tokens: int) -> Any:
     """The DiffusionConfig of the command's options for drafting `tokens` tokens at once."""
     from ..generation.diffusion import DiffusionConfig
 
-    if getattr(args, "top_p", 1.0) != 1.0:
-        raise ValueError("--top-p (nucleus sampling) is not offered by masked-diffusion drafting: each step draws every masked "
-                         "position at once; use --temperature and --top-k")
+    check_diffusion_flags(args, tokens)
     steps = args.steps if args.steps is not None else min(64, tokens)
-    if steps > tokens:
-        raise ValueError(f"--steps {steps} is more than the {tokens} tokens drafted together; use at most {tokens} (one token per step)")
     config = DiffusionConfig(steps=steps, temperature=args.temperature, top_k=args.top_k or 0, order=args.order or "confidence",
                              edit=bool(args.edit), seed=args.seed)
     try:

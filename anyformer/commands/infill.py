@@ -1,5 +1,7 @@
 """`anyformer infill RUN "LEFT" "RIGHT" --length N`: fill a gap of N tokens between two texts
-with a masked-diffusion run (task masked_diffusion); the given texts are never changed."""
+with a masked-diffusion run (task masked_diffusion); the given texts are never changed. The
+task's prediction with its settings as flags: `anyformer predict RUN "LEFT[[N]]RIGHT"` is the
+same fill."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import argparse
 import sys
 import time
 
-from ._diffusion import StepPrinter, add_diffusion_arguments, diffusion_config
+from ._diffusion import StepPrinter, add_diffusion_arguments, check_diffusion_flags
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,37 +30,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the left text, the filled gap and the right text."""
-    import torch
-
-    from ..generation.diffusion import diffusion_fill
-    from ._predict import load_served_run
+    """Print the left text, the filled gap and the right text (the task's `fill`, which
+    `anyformer predict RUN "LEFT[[N]]RIGHT"` also uses)."""
+    from ._predict import load_served_run, task_settings
 
     if args.length < 1:
         raise ValueError(f"--length must be at least 1 token, got {args.length}")
-    r, _ = load_served_run(args.run_dir, args.checkpoint, args.device, "infill",
-                           " (a left-to-right decoder cannot condition on the text after the gap)")
-    tok, context = r.tokenizer, r.cfg.model.max_seq_len
-    try:
-        left, right = tok.encode(args.left), tok.encode(args.right)  # type: ignore[union-attr]
-    except ValueError as e:
-        raise ValueError(f"the text cannot be encoded by this run's tokenizer: {e}") from None
-    total = len(left) + args.length + len(right)
-    if total > context:
-        raise ValueError(f"left ({len(left)}) + --length ({args.length}) + right ({len(right)}) = {total} tokens, more than the "
-                         f"model's context of {context}; shorten the texts or the gap")
-    config = diffusion_config(args, args.length)
-    mask_id = tok.vocab_size  # type: ignore[union-attr]
-    device = next(r.model.parameters()).device
-    ids = torch.tensor([left + [mask_id] * args.length + right], device=device)
-    fill = torch.zeros_like(ids, dtype=torch.bool)
-    fill[:, len(left) : len(left) + args.length] = True
-    printer = StepPrinter(tok, bool(args.show_steps))
+    r, task = load_served_run(args.run_dir, args.checkpoint, args.device, "infill",
+                              " (a left-to-right decoder cannot condition on the text after the gap)")
+    check_diffusion_flags(args, args.length)
+    given = {"steps": args.steps, "order": args.order, "edit": args.edit, "temperature": args.temperature, "top_k": args.top_k,
+             "seed": args.seed}
+    settings = task_settings(task, given, flag=True)
+    printer = StepPrinter(r.tokenizer, bool(args.show_steps))
     start = time.perf_counter()
-    filled = diffusion_fill(r.model, ids, fill, mask_id, config, on_step=printer)
+    try:
+        gap = task.fill(r.model, r.tokenizer, [args.left, args.right], [args.length], settings, on_step=printer)[0]
+    except ValueError as e:  # the task names its settings; this command's flags carry the same names
+        raise ValueError(_as_flags(str(e))) from None
     took = time.perf_counter() - start
-    gap = tok.decode(filled[0, len(left) : len(left) + args.length].tolist())  # type: ignore[union-attr]
+    config = task.drafting(settings, args.length)
     print(args.left + (f"[[{gap}]]" if args.mark else gap) + args.right)
     print(f"[{args.length} tokens filled in {took:.1f} s, {config.steps} steps, order {config.order}"
           f"{f', {printer.edits} drafts redrawn' if config.edit else ''}]", file=sys.stderr)
     return 0
+
+
+def _as_flags(message: str) -> str:
+    """A task's message about one of its settings ("edit (...) needs ...") in this command's flags."""
+    name, _, rest = message.partition(" ")
+    flag = {"steps": "--steps", "order": "--order", "edit": "--edit", "temperature": "--temperature", "top_k": "--top-k"}.get(name)
+    return f"{flag} {rest}" if flag else message

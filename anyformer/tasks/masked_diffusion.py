@@ -22,7 +22,9 @@ a random mask per rate, all from fixed seeds (the same at every call), in nats p
 (`val_loss`) and bits per token; with the char tokenizer that is per character, directly
 comparable with a causal decoder's validation loss on the same text.
 
-Generation (`anyformer generate`, `anyformer infill`): anyformer/generation/diffusion.py.
+Generation (`anyformer generate`, `anyformer infill`, `anyformer predict`): anyformer/generation/diffusion.py.
+`predict` reads a text whose gaps are written [[N]] (N tokens to fill each) and prints it filled;
+a text with no gap is continued by `length` tokens.
 
 Task options: eps (1e-3), eval_rates (8), sample_steps (64), sample_order ('confidence'), and the samples'
 sample_prompt, sample_tokens, temperature, top_k (SampleOptions).
@@ -32,8 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -45,10 +48,11 @@ from ..data import TokenData, prepare_tokens
 from ..data.sampler import SeededSampler
 from ..distributed import mean_across
 from ..dtypes import DTYPES
-from ..generation.diffusion import ORDERS, DiffusionConfig, diffusion_generate
-from .base import TASKS, SampleOptions, Task
+from ..generation.diffusion import ORDERS, DiffusionConfig, StepCallback, diffusion_fill, diffusion_generate
+from .base import TASKS, SampleOptions, Setting, Task
 
 EVAL_SEED = 20241111
+GAP = re.compile(r"\[\[(\d+)\]\]")  # a gap of N tokens in a `predict` input: [[N]]
 RATE_SCALE = 2**52  # a masking rate travels in a sampler row as an integer code: u * RATE_SCALE
 
 
@@ -120,9 +124,20 @@ class MaskedDiffusion(Task):
     architectures = ("encoder",)
     options_class = MaskedDiffusionOptions
     loss_unit = "nats/token"
-    use_command = 'anyformer infill RUN LEFT RIGHT --length N'
+    use_command = 'anyformer predict RUN "TEXT WITH A [[N]] GAP"'
     commands = ("infill",)
     generates = "diffusion"
+    predict_input = 'a text with each gap to fill written [[N]] (N tokens), e.g. "To be, or [[7]] be"; a text with no gap is continued'
+    predict_settings = {
+        "length": Setting(int, 64, "tokens added to a text that has no gap"),
+        "steps": Setting(int, 0, "model calls to draft the filled tokens, at most one per token (0: 64, or the tokens if fewer)"),
+        "order": Setting(str, "confidence", f"which masked positions are drafted first: {', '.join(ORDERS)}"),
+        "edit": Setting(bool, False, "low-confidence remasking: earlier drafts compete with new ones and the least confident are redrawn"),
+        "temperature": Setting(float, 0.8, "sampling temperature (0: the most likely token)"),
+        "top_k": Setting(int, 0, "draw among the k most likely tokens (0: all)"),
+        "seed": Setting(int, None, "random seed of the draws"),
+        "mark": Setting(bool, False, "show each filled gap between [[ and ]]"),
+    }
     mask_id: int  # set by prepare(): the id after the tokenizer's vocabulary
 
     def __init__(self, cfg: Any) -> None:
@@ -218,3 +233,75 @@ class MaskedDiffusion(Task):
             texts.append(o.sample_prompt + tok.decode(new))
         model.train()
         return texts
+
+    def predict_inputs(self, model: nn.Module, tokenizer: Any, inputs: list[str], settings: dict[str, Any]) -> Iterator[str]:
+        """Each input with its [[N]] gaps filled, or (with no gap) continued by `length` tokens."""
+        for text in inputs:
+            if len(inputs) > 1:
+                yield f"== {text}"
+            pieces = GAP.split(text)  # text, N, text, N, ..., text
+            texts, gaps = pieces[0::2], [int(n) for n in pieces[1::2]]
+            if not gaps:
+                yield self.continue_text(model, tokenizer, text, settings)
+                continue
+            filled = self.fill(model, tokenizer, texts, gaps, settings)
+            yield "".join(t + (f"[[{f}]]" if settings["mark"] else f) for t, f in zip(texts, filled)) + texts[-1]
+
+    def drafting(self, settings: dict[str, Any], tokens: int) -> DiffusionConfig:
+        """The DiffusionConfig of the prediction settings for drafting `tokens` tokens together;
+        a bad setting raises ValueError naming it."""
+        steps = settings["steps"] or min(64, tokens)
+        if steps > tokens:
+            raise ValueError(f"steps={steps} is more than the {tokens} tokens drafted together; use at most {tokens} (one token per step)")
+        config = DiffusionConfig(steps=steps, temperature=settings["temperature"], top_k=settings["top_k"], order=settings["order"],
+                                 edit=settings["edit"], seed=settings["seed"])
+        return config.validate()
+
+    def fill(self, model: nn.Module, tokenizer: Any, texts: list[str], gaps: list[int], settings: dict[str, Any],
+             on_step: StepCallback | None = None) -> list[str]:
+        """The texts that fill `gaps[i]` tokens between texts[i] and texts[i + 1] (the given texts
+        are never changed), drafted together by iterative unmasking."""
+        if any(n < 1 for n in gaps):
+            raise ValueError(f"a gap must hold at least 1 token; got {', '.join(str(n) for n in gaps)}")
+        try:
+            parts = [tokenizer.encode(t) for t in texts]
+        except ValueError as e:
+            raise ValueError(f"the text cannot be encoded by this run's tokenizer: {e}") from None
+        context = self.cfg.model.max_seq_len
+        total = sum(map(len, parts)) + sum(gaps)
+        if total > context:
+            raise ValueError(f"the texts ({sum(map(len, parts))} tokens) and gaps ({sum(gaps)} tokens) make {total} tokens, more than "
+                             f"the model's context of {context}; shorten the texts or the gaps")
+        mask_id = tokenizer.vocab_size
+        ids, fill = list(parts[0]), [False] * len(parts[0])
+        for n, part in zip(gaps, parts[1:]):
+            ids += [mask_id] * n + part
+            fill += [True] * n + [False] * len(part)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        filled = diffusion_fill(model, torch.tensor([ids], device=device), torch.tensor([fill], device=device), mask_id,
+                                self.drafting(settings, sum(gaps)), on_step=on_step)[0].tolist()
+        model.train(was_training)
+        out, at = [], len(parts[0])
+        for n, part in zip(gaps, parts[1:]):
+            out.append(tokenizer.decode(filled[at : at + n]))
+            at += n + len(part)
+        return out
+
+    def continue_text(self, model: nn.Module, tokenizer: Any, text: str, settings: dict[str, Any]) -> str:
+        """`text` followed by `length` tokens drafted block by block (a block as long as the
+        context allows, else half the context)."""
+        new, context = settings["length"], self.cfg.model.max_seq_len
+        if new < 1:
+            raise ValueError(f"length must be at least 1 token, got {new}")
+        try:
+            ids = tokenizer.encode(text)
+        except ValueError as e:
+            raise ValueError(f"the text cannot be encoded by this run's tokenizer: {e}") from None
+        block = new if len(ids) + new <= context else context // 2
+        was_training = model.training
+        model.eval()
+        produced = diffusion_generate(model, ids, new, tokenizer.vocab_size, context, self.drafting(settings, min(block, new)), block=block)
+        model.train(was_training)
+        return text + tokenizer.decode(produced)
