@@ -17,6 +17,15 @@ implements:
   -> logits`: run (b, n) tokens at (b, n) positions through the cache (extending it) -> (b, n, V)
   logits; with `last_only`, the last position's only, (b, 1, V): all that a prefill needs (a
   model may then skip the vocabulary projection of the others).
+
+Every model, generative or not, implements:
+
+- `example_inputs(batch, generator, length=None) -> tuple`: random but valid positional inputs of
+  one forward pass (`length` tokens, default the context; an image, a point cloud or a
+  spectrogram of the configured size, which ignore `length`): what the conformance suite and
+  FLOP counting feed a model without knowing its architecture. A model whose input always
+  becomes the same number of tokens also offers `tokens_per_input()`, the length its summary
+  counts at.
 """
 
 from __future__ import annotations

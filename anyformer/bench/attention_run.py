@@ -104,7 +104,10 @@ def _kernel_step(spec: dict, module: nn.Module, window: int | None, positional: 
             if positional.bias(positions[:, :1], positions[:, :1]) is not None:
                 extra["block_bias"] = PositionalBlockBias(positional, positions, positions)
         else:
-            extra["bias"] = positional.bias(positions, positions)  # (b, h, n, n) or None
+            bias = positional.bias(positions, positions)  # (b, h, n, n) or None
+            # an input of the kernel like q, k, v: a leaf (with a learned table, the graph to it
+            # would be freed by the first backward), with its gradient when the pass has one
+            extra["bias"] = None if bias is None else bias.detach().requires_grad_(spec["backward"])
 
         def step() -> None:
             if spec["backward"]:

@@ -106,6 +106,14 @@ class AudioSpectrogramTransformer(EncoderClassifier):
     def tokens(self, spectrograms: Tensor) -> tuple[Tensor, Tensor]:
         return self.patches(spectrograms, self.positional)
 
+    def example_inputs(self, batch: int, generator: torch.Generator, length: int | None = None) -> tuple[Tensor, ...]:
+        """Protocol (anyformer.protocol.example_inputs): random spectrograms of the configured frames and bins."""
+        o = self.patches.options
+        return (torch.randn(batch, o.frames, o.mel_bins, generator=generator).to(self.input_device()),)
+
+    def tokens_per_input(self) -> int:
+        return self.patches.options.num_tokens
+
 
 @ARCHITECTURES.register("ast", options=AstOptions)
 def build_ast(cfg: ModelConfig, parts: Parts) -> AudioSpectrogramTransformer:

@@ -37,6 +37,14 @@ def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> None:
         )
 
 
+def random_tokens(model: nn.Module, batch: int, generator: torch.Generator, length: int | None = None) -> Tensor:
+    """(batch, length) token ids drawn uniformly from the model's vocabulary (length: its
+    context by default), on the model's device: an input of `example_inputs`."""
+    cfg = model.config  # type: ignore[union-attr]
+    tokens = torch.randint(0, cfg.vocab_size, (batch, length or cfg.max_seq_len), generator=generator)
+    return tokens.to(next(model.parameters()).device)
+
+
 EXPORTERS: Registry = Registry("exporter")
 
 

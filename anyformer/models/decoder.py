@@ -5,16 +5,15 @@ Legend: `b` batch, `n` length, `d` width, `V` vocabulary.
 
 from __future__ import annotations
 
-from torch import nn
-
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..nn.kv_cache import ModelCache
 from ..nn.positional import PositionalEncoding
-from .common import Embeddings, GenerativeModel, LMHead, PretrainedIO, Stack, self_attention_context
+from .common import Embeddings, GenerativeModel, LMHead, PretrainedIO, Stack, random_tokens, self_attention_context
 from .parts import Parts
 from .registry import ARCHITECTURES
 
@@ -36,6 +35,10 @@ class DecoderLM(GenerativeModel, PretrainedIO, nn.Module):
         super().__init__()
         self.config = config
         self.embed, self.positional, self.stack, self.lm_head = embed, positional, stack, lm_head
+
+    def example_inputs(self, batch: int, generator: torch.Generator, length: int | None = None) -> tuple[Tensor, ...]:
+        """Protocol (anyformer.protocol.example_inputs): random tokens, `length` of them (default: the context)."""
+        return (random_tokens(self, batch, generator, length),)
 
     def forward(
         self,

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..nn.positional import PositionalEncoding
-from .common import Embeddings, PretrainedIO, Stack, self_attention_context
+from .common import Embeddings, PretrainedIO, Stack, random_tokens, self_attention_context
 from .parts import Parts
 from .registry import ARCHITECTURES, HEADS
 
@@ -104,6 +104,10 @@ class EncoderModel(PretrainedIO, nn.Module):
         super().__init__()
         self.config = config
         self.embed, self.positional, self.stack, self.head = embed, positional, stack, head
+
+    def example_inputs(self, batch: int, generator: torch.Generator, length: int | None = None) -> tuple[Tensor, ...]:
+        """Protocol (anyformer.protocol.example_inputs): random tokens, `length` of them (default: the context)."""
+        return (random_tokens(self, batch, generator, length),)
 
     def forward(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
@@ -41,6 +42,19 @@ class EncoderClassifier(nn.Module):
     def tokens(self, inputs: Any) -> tuple[Tensor, Tensor]:
         """The input's tokens (b, n, d), positions applied, and their positions (b, n)."""
         raise NotImplementedError
+
+    def example_inputs(self, batch: int, generator: torch.Generator, length: int | None = None) -> tuple[Tensor, ...]:
+        """Protocol (anyformer.protocol.example_inputs): random inputs of the configured shape."""
+        raise NotImplementedError
+
+    def tokens_per_input(self) -> int:
+        """The tokens one input becomes (its patches or groups plus the class tokens): the
+        length the model summary counts FLOPs at."""
+        raise NotImplementedError
+
+    def input_device(self) -> torch.device:
+        """The device the model's parameters are on (where its inputs go)."""
+        return next(self.parameters()).device
 
     def classify(self, hidden: Tensor) -> Tensor:
         """The head's output (class logits (b, classes), or the pooled state) of the final states (b, n, d)."""

@@ -14,7 +14,7 @@ from ..config import ModelConfig
 from ..nn.attention import AttentionContext, padding_mask
 from ..nn.kv_cache import ModelCache
 from ..nn.positional import PositionalEncoding
-from .common import Embeddings, GenerativeModel, LMHead, PretrainedIO, Stack, self_attention_context
+from .common import Embeddings, GenerativeModel, LMHead, PretrainedIO, Stack, random_tokens, self_attention_context
 from .parts import Parts
 from .registry import ARCHITECTURES
 
@@ -104,6 +104,10 @@ class EncoderDecoder(GenerativeModel, PretrainedIO, nn.Module):
         caches = None if cache is None else list(cache.layers)
         cross_caches = None if cache is None else list(cache.cross)
         return self.decoder(x, ctx, caches, memory=memory, cross_ctx=cross_ctx, cross_caches=cross_caches)
+
+    def example_inputs(self, batch: int, generator: torch.Generator, length: int | None = None) -> tuple[Tensor, ...]:
+        """Protocol (anyformer.protocol.example_inputs): a random source and target, `length` tokens each (default: the context)."""
+        return random_tokens(self, batch, generator, length), random_tokens(self, batch, generator, length)
 
     def forward(
         self,

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig
 from ..nn.kv_cache import CacheSpec
 from ..protocol import DecodingInfo
-from .common import LMHead, check_tokens, self_attention_context
+from .common import LMHead, check_tokens, random_tokens, self_attention_context
 from .parts import Parts
 from .registry import ARCHITECTURES, moved_section
 
@@ -164,6 +164,10 @@ class Megabyte(nn.Module):
         local_in = self.to_local(h).reshape(b * k, p, e) + torch.cat([first, prev[:, :-1]], 1)
         return self._local(local_in).reshape(b, t, -1)
 
+    def example_inputs(self, batch: int, generator: torch.Generator, length: int | None = None) -> tuple[Tensor, ...]:
+        """Protocol (anyformer.protocol.example_inputs): random bytes, `length` of them (default: the context)."""
+        return (random_tokens(self, batch, generator, length),)
+
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """tokens (b, n) -> logits (b, n, V); logits[:, i] predicts tokens[:, i + 1]."""
         check_tokens(tokens, self.config.vocab_size)
@@ -186,6 +190,20 @@ class Megabyte(nn.Module):
         g_layers, l_layers = len(glob.blocks), len(local.blocks)
         per_patch = 2 * count(glob, self.patch_in, self.to_local) + 2 * 2 * g_layers * (seq_len / p / 2) * g_width
         per_byte = 2 * count(local) + 2 * 2 * l_layers * (p / 2) * l_width + 2 * e * self.config.vocab_size
+        return per_patch / p + per_byte
+
+    def decoding_flops_per_token(self, seq_len: int) -> float:
+        """FLOPs of one decoding step per byte, averaged over a patch, with `seq_len - 1` bytes
+        cached (model summary): the local stack and the head every byte, attending to the bytes
+        of its patch so far; the global stack and the projections into and out of it once per
+        patch, attending to every cached patch."""
+        p = self.patch
+        count = lambda *mods: sum(x.numel() for m in mods for x in m.parameters())  # noqa: E731
+        g_width, l_width = self.attention_widths
+        e = self.local_bytes.embedding_dim
+        g_layers, l_layers = len(self.global_stack.blocks), len(self.local_stack.blocks)
+        per_patch = 2 * count(self.global_stack, self.patch_in, self.to_local) + 2 * 2 * g_layers * (seq_len / p) * g_width
+        per_byte = 2 * count(self.local_stack) + 2 * 2 * l_layers * ((p + 1) / 2) * l_width + 2 * e * self.config.vocab_size
         return per_patch / p + per_byte
 
     # --- the model protocol (anyformer.protocol) ---

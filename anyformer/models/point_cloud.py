@@ -154,6 +154,16 @@ class PointCloudTransformer(EncoderClassifier):
     def classify(self, hidden: Tensor) -> Tensor:
         return self.head(hidden, None)
 
+    def example_inputs(self, batch: int, generator: torch.Generator, length: int | None = None) -> tuple[Tensor, ...]:
+        """Protocol (anyformer.protocol.example_inputs): random clouds of the configured points in the unit ball."""
+        o: PointCloudOptions = self.config.arch_options
+        points = torch.randn(batch, o.num_points, 3, generator=generator)
+        points = points / points.norm(dim=-1, keepdim=True).clamp_min(1e-6) * torch.rand(batch, o.num_points, 1, generator=generator)
+        return (points.to(self.input_device()),)
+
+    def tokens_per_input(self) -> int:
+        return self.config.arch_options.num_groups + 1
+
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token (model summary) for `seq_len` tokens, the class token and
         seq_len - 1 groups: each group runs the shared PointNet once per point of the group and

@@ -77,19 +77,21 @@ class PointerGenerator(EncoderDecoder):
         nn.init.constant_(self.follow, _FOLLOW)
 
     def mix(self, h: Tensor, memory: Tensor, src: Tensor, src_mask: Tensor | None, matches: Tensor, *,
-            labels: Tensor | None = None, previous: Tensor | None = None, last_only: bool = False) -> tuple[Tensor, Tensor]:
+            labels: Tensor | None = None, previous: Tensor | None = None, last_only: bool = False,
+            key: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Decoder states h (b, n, d), encoder output memory (b, s, d), source ids src (b, s),
         its padding mask (b, s) (True = real), the matches M (b, n, s, K) and the copy attention
         of the position before these (b, s) (`previous`; none before the first) -> (log p
         (b, n, V) in fp32, the last position's copy attention (b, s)). With `labels` (b, n), log
         p(labels) (b, n) alone, which training needs and which costs no (b, n, V) mixture
         (labels outside the vocabulary, e.g. ignored positions, score 0); with `last_only`,
-        the last position's (b, 1, V)."""
+        the last position's (b, 1, V). `key`: the copy keys of `memory` (b, s, d) when already
+        computed (decoding computes them once per source, `copy_keys`)."""
         if src_mask is not None:
             matches = matches & src_mask.bool()[:, None, :, None]
         with torch.autocast(h.device.type, enabled=False):  # the copy part in fp32 (autocast would round its products)
             hf, m = h.float(), matches.float()
-            key = F.linear(memory.float(), self.copy_key.weight.float())
+            key = self.copy_keys(memory) if key is None else key
             scores = F.linear(hf, self.copy_query.weight.float()) @ key.transpose(1, 2) * h.shape[-1] ** -0.5  # (b, n, s)
             scores = scores + m @ self.match_weights.float()
             if src_mask is not None:
@@ -115,6 +117,11 @@ class PointerGenerator(EncoderDecoder):
             gate = gate[..., 0]
             out = torch.logaddexp(F.logsigmoid(gate) + log_vocab, F.logsigmoid(-gate) + torch.log(p_copy.clamp_min(tiny)))
             return out.where(valid, 0.0), last
+
+    def copy_keys(self, memory: Tensor) -> Tensor:
+        """The copy attention's keys (b, s, d) of the encoder output, in fp32."""
+        with torch.autocast(memory.device.type, enabled=False):
+            return F.linear(memory.float(), self.copy_key.weight.float())
 
     def _follow(self, scores: Tensor, previous: Tensor | None) -> Tensor:
         """Copy attention (b, n, s) from scores (b, n, s) (padding at -inf), position by
@@ -158,16 +165,17 @@ class PointerGenerator(EncoderDecoder):
         return out
 
     def encode_source(self, src: Tensor, src_keep: Tensor) -> Any:
-        """Protocol: the encoder's output, the source's key padding and the source ids."""
+        """Protocol: the encoder's output, the source's key padding, the source ids and the copy
+        keys (computed once per source, not per step)."""
         memory, keep = super().encode_source(src, src_keep)
-        return memory, keep, src
+        return memory, keep, src, self.copy_keys(memory)
 
     def decode_step(self, tokens: Tensor, cache: Any, positions: Tensor, *, attention_mask: Tensor | None = None, source: Any = None,
                     last_only: bool = False) -> Tensor:
         """Protocol: (b, n) decoder tokens through the cache -> log p (b, n, V), or (b, 1, V)
         of the last position with `last_only`. The cache's per-row state keeps the last K - 1
         inputs (for the matches) and the last copy attention (for the follow term)."""
-        memory, src_keep, src = source
+        memory, src_keep, src, key = source
         h = self.decode_hidden(tokens, memory, src_keep, cache=cache, positions=positions, attention_mask=attention_mask)
         K = self.match_weights.numel()
         recent = cache.rows.get("pointer_recent")  # the last K - 1 decoder inputs before these
@@ -176,7 +184,7 @@ class PointerGenerator(EncoderDecoder):
         history = torch.cat([recent, tokens], 1)
         cache.rows["pointer_recent"] = history[:, history.shape[1] - (K - 1) :]
         out, cache.rows["pointer_attention"] = self.mix(h, memory, src, src_keep, self.matches(history, src),
-                                                        previous=cache.rows.get("pointer_attention"), last_only=last_only)
+                                                        previous=cache.rows.get("pointer_attention"), last_only=last_only, key=key)
         return out
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -190,6 +198,15 @@ class PointerGenerator(EncoderDecoder):
             count -= self.tgt_embed.tokens.weight.numel()
         encdec = dataclasses.replace(self.config, arch="encoder_decoder")
         return flops_per_token(encdec, count, seq_len) + 2 * 2 * seq_len * self.config.dim
+
+    def decoding_flops_per_token(self, seq_len: int) -> float:
+        """FLOPs of one decoding step (model summary): the encoder-decoder's step (summary.
+        decoding_flops, which counts every weight outside the encoder) less the copy keys, computed
+        once per source, plus the copy attention's scores over the `seq_len` source tokens."""
+        from .summary import decoding_flops
+
+        keys = 2 * self.copy_key.weight.numel()
+        return float(decoding_flops(self, seq_len) or 0.0) - keys + 2 * seq_len * self.config.dim
 
 
 @ARCHITECTURES.register("pointer_generator")

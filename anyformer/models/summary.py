@@ -60,6 +60,13 @@ def _embedding_params(model: nn.Module) -> int:
     return sum(p.numel() for p in seen.values())
 
 
+def tied_head_flops(model: nn.Module) -> float:
+    """FLOPs per token of the output projections that reuse an embedding's weight (a tied LM or
+    masked-LM head), which the weight count leaves out with the embeddings: 2 per weight."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return float(sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) in embeddings))
+
+
 def flops_per_token(cfg: ModelConfig, non_embedding_params: int, seq_len: int, *, extra_layers: int = 0,
                     mixing: float | None = None) -> float:
     """Forward FLOPs per token (Kaplan et al. 2020): 2 per weight multiply-add, plus the
@@ -113,6 +120,28 @@ def decoding_mixing(model: nn.Module, seq_len: int) -> float | None:
                for m, c, f in found if c.causal or c.cross)
 
 
+def decoding_flops(model: nn.Module, seq_len: int) -> float | None:
+    """FLOPs of one decoding step with `seq_len - 1` tokens cached (None for a model with no
+    causal mixer): the weights that run per step, 2 per weight, the mixing of `decoding_mixing`
+    and the LM head. A stack with no causal mixer (an encoder) runs once per input, not per
+    step, and so do the key and value projections of cross-attention (their output is cached)."""
+    from .common import Stack
+
+    step = decoding_mixing(model, seq_len)
+    if step is None:
+        return None
+    weights = count_parameters(model) - _embedding_params(model) + _reused_blocks(model)[0]
+    for stack in model.modules():
+        if isinstance(stack, Stack) and len(stack.blocks):
+            mixers = [c for block in stack.blocks for mod in block.modules() if (c := getattr(mod, "build_context", None)) is not None]
+            if mixers and not any(c.causal for c in mixers):
+                weights -= count_parameters(stack) * stack.block_calls() // len(stack.blocks)
+    for mod, ctx, factor in _mixers(model):
+        if ctx.cross:
+            weights -= round(factor * sum(p.numel() for name in ("k_proj", "v_proj") for p in getattr(mod, name).parameters()))
+    return 2.0 * weights + step + tied_head_flops(model)
+
+
 def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, bytes_per_value: int = 2) -> float:
     """Activations kept for the backward pass (Korthikanti et al. 2022, no recomputation):
     per layer s*b*d*(34 + 5*h*s/d) bytes at 16 bits, plus the logits and their gradient."""
@@ -147,16 +176,19 @@ def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: in
         cfg = model_or_cfg
     else:
         model, cfg = model_or_cfg, model_or_cfg.config  # type: ignore[assignment]
-    seq_len = seq_len or cfg.max_seq_len
+    fixed = getattr(model, "tokens_per_input", None)  # a model whose input is always the same number of tokens (patches)
+    seq_len = seq_len or (fixed() if callable(fixed) else cfg.max_seq_len)
     total = count_parameters(model)
     emb = _embedding_params(model)
     reused, extra_layers = _reused_blocks(model)
-    own = getattr(model, "flops_per_token", None)  # an architecture whose work per token differs from a plain stack's says so
+    # an architecture whose work per token differs from a plain stack's says so, for a forward
+    # and (when it decodes) for one decoding step
+    own = getattr(model, "flops_per_token", None)
+    own_step = getattr(model, "decoding_flops_per_token", None)
     weights = total - emb + reused
     fwd = own(seq_len) if callable(own) else flops_per_token(cfg, weights, seq_len, extra_layers=extra_layers,
                                                               mixing=mixing_per_token(model, seq_len))
-    step = None if callable(own) else decoding_mixing(model, seq_len)
-    decoding = None if step is None else flops_per_token(cfg, weights, seq_len, mixing=step)
+    decoding = own_step(seq_len) if callable(own_step) else None if callable(own) else decoding_flops(model, seq_len)
     return ModelSummary(
         arch=cfg.arch,
         parameters=total,

@@ -95,6 +95,15 @@ class VisionTransformer(EncoderClassifier):
     def tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.patches(images, self.positional)
 
+    def example_inputs(self, batch: int, generator: torch.Generator, length: int | None = None) -> tuple[Tensor, ...]:
+        """Protocol (anyformer.protocol.example_inputs): random images of the configured size."""
+        v: VitOptions = self.config.arch_options
+        images = torch.rand(batch, v.channels, v.image_size, v.image_size, generator=generator) * 2 - 1
+        return (images.to(self.input_device()),)
+
+    def tokens_per_input(self) -> int:
+        return self.config.arch_options.num_patches + 1
+
 
 @ARCHITECTURES.register("vit", options=VitOptions)
 def build_vit(cfg: ModelConfig, parts: Parts) -> VisionTransformer:

@@ -16,13 +16,19 @@ from torch import Tensor, nn
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, inputs: Tensor) -> list[Tensor]:
-    """One (heads, n, n) weight map per attention layer for a single input: token ids (1, n)
-    for a decoder or an encoder, an image (1, c, H, W) for a ViT."""
+def attention_maps(model: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> list[Tensor]:
+    """One (heads, n, m) weight map per attention layer for a single input: token ids (1, n)
+    for a decoder or an encoder, an image (1, c, H, W) for a ViT, or a tuple of the forward's
+    inputs (an encoder-decoder's source and target)."""
+    import inspect
+
+    if "attn_store" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"architecture {getattr(getattr(model, 'config', None), 'arch', type(model).__name__)!r} does not hand "
+                         "over its attention weights (its forward takes no attn_store), so there are no maps to show")
     store: list[Tensor] = []
     was_training = model.training
     model.eval()
-    model(inputs, attn_store=store)
+    model(*(inputs if isinstance(inputs, tuple) else (inputs,)), attn_store=store)
     model.train(was_training)
     kind = getattr(getattr(getattr(model, "config", None), "attention", None), "kind", "?")
     if not store:

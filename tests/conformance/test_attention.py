@@ -91,3 +91,50 @@ def test_declared_flops_match_the_flop_counter(kind: str) -> None:
     measured = counter.get_total_flops() / n
     ours = summarize(model, seq_len=n).flops_per_token_forward
     assert 0.9 * measured <= ours <= 1.1 * measured, (ours, measured)
+
+
+def bench_spec(method: str, mode: str, positional: str = "none") -> dict:
+    return dict(method=method, mode=mode, n=32, causal=True, backward=True, positional=positional, num_heads=2, head_dim=8,
+                window=8, dtype="float32", device="cpu", threads=1, min_time=0.0, repeats=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bench_attention_times_it(kind: str) -> None:
+    """`anyformer bench attention` runs the kind, forward and backward, as the mode it declares
+    (kernel or whole module), and as a whole module when asked."""
+    from anyformer.bench.attention import all_methods
+    from anyformer.bench.attention_run import measure
+
+    method = "mha[sdpa]" if kind == "mha" else kind
+    mixer = next(m for m in built(kind).modules() if hasattr(m, "build_context"))
+    declared = getattr(mixer, "bench_mode", "module")
+    for mode in ("kernel", "module"):
+        if method not in all_methods(mode):
+            assert mode == "kernel", f"{method} missing from module-mode bench methods"
+            continue
+        result = measure(bench_spec(method, mode))
+        assert result["time_s"] > 0 and result["runs"] == 2, result
+        assert result["mode"] == ("module" if mode == "module" or declared == "module" else "kernel"), (mode, declared, result)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inspect_attention_gets_causal_maps_or_says_why_not(kind: str, tmp_path) -> None:
+    """What `anyformer inspect attention` does: one finite (heads, n, n) map per layer in which
+    no query weighs a later key (softmax kinds: rows sum to 1; differential and linear attention
+    hand over weights that need not), per-head statistics, the PNG grid; a kind that never
+    forms its weights says so."""
+    from anyformer.training.inspect import attention_maps, head_statistics, plot_attention_grid
+
+    model = built(kind)
+    try:
+        maps = attention_maps(model, torch.randint(0, 24, (1, 12), generator=torch.Generator().manual_seed(0)))
+    except ValueError as e:
+        assert "never forms its attention weights" in str(e), str(e)
+        return
+    assert len(maps) == 2
+    for w in maps:
+        assert w.shape[1:] == (12, 12) and 1 <= w.shape[0] <= 4 and bool(w.isfinite().all())  # differential: pairs of heads
+        assert float(w.triu(1).abs().max()) == 0.0
+    entropy, distance = head_statistics(maps)
+    assert entropy.shape == distance.shape == (2, maps[0].shape[0]) and bool(entropy.isfinite().all())
+    assert plot_attention_grid(maps, tmp_path / "maps.png").stat().st_size > 0

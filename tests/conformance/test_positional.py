@@ -1,6 +1,7 @@
 """The contract of every registered positional encoding, tested by being registered: a decoder
 built with it trains (a few steps on a fixed batch lower the loss), decodes with its cache as it
-does by recomputing, and its weights survive the checkpoint round trip. An encoding that exists
+does by recomputing, and its weights survive the checkpoint round trip; `bench attention` times
+it on every exact kernel and `inspect attention` shows its causal softmax maps. An encoding that exists
 only for a graph given as the attention mask is skipped here (tests/test_positional_magnetic.py
 holds its checks)."""
 
@@ -44,3 +45,28 @@ def test_a_decoder_with_it_trains_decodes_and_reloads(kind: str, tmp_path) -> No
     tokens = torch.randint(0, 24, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(tokens), again(tokens))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bench_attention_times_it_on_every_exact_kernel(kind: str) -> None:
+    """`anyformer bench attention --positional KIND` runs the exact kernels with it, forward and
+    backward (the chunked kernel takes its bias per block)."""
+    from anyformer.bench.attention_run import measure
+
+    skip_if_needs_graph(kind)
+    for method in ("mha[eager]", "mha[sdpa]", "mha[chunked]"):
+        result = measure(dict(method=method, mode="kernel", n=32, causal=True, backward=True, positional=kind, num_heads=2,
+                              head_dim=8, window=8, dtype="float32", device="cpu", threads=1, min_time=0.0, repeats=1))
+        assert result["time_s"] > 0 and result["runs"] == 2, (method, result)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inspect_attention_shows_causal_softmax_maps(kind: str) -> None:
+    from anyformer.training.inspect import attention_maps
+
+    skip_if_needs_graph(kind)
+    maps = attention_maps(built(kind), torch.randint(0, 24, (1, 12), generator=torch.Generator().manual_seed(0)))
+    assert len(maps) == 2
+    for w in maps:
+        assert w.shape == (4, 12, 12)
+        assert torch.allclose(w.sum(-1), torch.ones(4, 12), atol=1e-4) and float(w.triu(1).abs().max()) == 0.0
