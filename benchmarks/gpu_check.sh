@@ -11,7 +11,7 @@ set -uo pipefail
 out="${1:-gpu_check}"
 mkdir -p "$out"
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$out/device.txt"
-python -m pytest tests/test_attention_flex.py tests/test_scale_out.py -p no:cacheprovider -rs 2>&1 | tee "$out/tests.txt" | tail -5
+python -m pytest tests/nn/attention/test_flex.py tests/training/test_scale_out.py -p no:cacheprovider -rs 2>&1 | tee "$out/tests.txt" | tail -5
 python benchmarks/bench_train.py --device cuda --out "$out/bench_train.json" 2>&1 | tee "$out/bench_train.txt"
 anyformer bench attention --device cuda --dtype bfloat16 --causal yes --lengths 8192,16384,32768,65536 \
     --methods "mha[sdpa],mha[chunked],sliding_window,block_local,strided,linear" --max-memory-gb 100 \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 
 from anyformer.config import ModelConfig, from_dict
 from anyformer.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]  # the repository's root (README, configs/)
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def tiny_config(arch: str = "decoder", **overrides: Any) -> ModelConfig:
@@ -45,7 +49,7 @@ def skip_if_needs_graph(kind: str) -> None:
     from anyformer.nn.positional import POSITIONALS
 
     if getattr(POSITIONALS.get(kind), "needs_graph", False):
-        pytest.skip(f"positional kind '{kind}' encodes a graph given as attn_mask; tests/test_positional_magnetic.py covers it")
+        pytest.skip(f"positional kind '{kind}' encodes a graph given as attn_mask; tests/nn/positional/test_magnetic.py covers it")
 
 
 def reference_causal_mask(n: int, m: int) -> torch.Tensor:

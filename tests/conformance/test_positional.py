@@ -2,7 +2,7 @@
 built with it trains (a few steps on a fixed batch lower the loss), decodes with its cache as it
 does by recomputing, and its weights survive the checkpoint round trip; `bench attention` times
 it on every exact kernel and `inspect attention` shows its causal softmax maps. An encoding that exists
-only for a graph given as the attention mask is skipped here (tests/test_positional_magnetic.py
+only for a graph given as the attention mask is skipped here (tests/nn/positional/test_magnetic.py
 holds its checks)."""
 
 from __future__ import annotations

@@ -1,0 +1,110 @@
+"""∞-former (model.memory.kind=infinite_former): the basis-function fit reconstructs a smooth
+signal, the closed-form read of continuous attention equals numerical integration and each
+density integrates to 1, the memory's size stays constant as the input grows, an untrained
+memory is the segmented plain model, cached decoding equals the full forward, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from anyformer.config import ConfigError
+from anyformer.generation import generate
+from anyformer.models.memory.infinite_former import basis, density, expected_basis, fit
+from anyformer.training import Trainer
+
+from tests.helpers import build, greedy_by_recompute
+from tests.training_helpers import interrupted_copy, tiny_config
+
+
+def former(**options):  # type: ignore[no-untyped-def]
+    model = build(memory__kind="infinite_former", memory__options={"segment_len": 8, "num_basis": 16, **options})
+    for m in model.memories:  # a trained-looking memory: its read reaches the output
+        torch.nn.init.normal_(m.out.weight, std=0.3)
+        torch.nn.init.normal_(m.w_mu, std=0.5)
+        torch.nn.init.normal_(m.w_var, std=0.5)
+    return model
+
+
+def test_the_fit_reconstructs_a_smooth_signal() -> None:
+    t = (torch.arange(300, dtype=torch.float64) + 0.5) / 300
+    signal = torch.stack([torch.sin(2 * math.pi * t), torch.cos(3 * math.pi * t) * t], -1)[None]  # (1, L, 2)
+    b = fit(signal, t, 64, 1e-4)
+    recon = torch.einsum("nl,bnd->bld", basis(t, 64), b)
+    assert float((recon - signal)[:, 10:-10].abs().max()) < 0.01  # away from the ends, where fewer basis functions overlap
+    assert float((recon - signal).abs().max()) < 0.05
+
+
+def test_the_read_equals_numerical_integration_and_densities_integrate_to_one() -> None:
+    grid = torch.linspace(-4.0, 5.0, 200_001, dtype=torch.float64)
+    mu = torch.tensor([0.1, 0.5, 0.93], dtype=torch.float64)
+    var = torch.tensor([0.002, 0.05, 0.3], dtype=torch.float64)
+    p = density(grid, mu, var)  # (3, G)
+    torch.testing.assert_close(torch.trapezoid(p, grid), torch.ones(3, dtype=torch.float64), atol=1e-8, rtol=0)
+    numeric = torch.trapezoid(p[:, None, :] * basis(grid, 16)[None], grid)  # (3, N)
+    torch.testing.assert_close(expected_basis(mu, var, 16), numeric, atol=1e-6, rtol=1e-6)
+
+
+def test_memory_size_stays_constant_as_the_input_grows() -> None:
+    model = former()
+    sizes = []
+    with torch.no_grad():
+        cache = model.make_cache(1)
+        tokens = torch.randint(0, 97, (1, 80))
+        for i in range(80):
+            model.decode_step(tokens[:, i : i + 1], cache, cache.next_positions(torch.ones(1, 1, dtype=torch.bool)))
+            sizes.append(model.memory_size(cache.memories))
+    assert sizes[:7] == [0] * 7  # nothing before the first segment ends
+    assert len(set(sizes[7:])) == 1 and sizes[-1] == 2 * 16 * 32  # two layers of N x d, after 1 or 10 segments
+
+
+def test_an_untrained_memory_is_the_segmented_plain_model_and_a_trained_one_reaches_forward() -> None:
+    tokens = torch.randint(0, 97, (2, 30))
+    fresh = build(memory__kind="infinite_former", memory__options={"segment_len": 8, "num_basis": 16})
+    with torch.no_grad():
+        segmented = torch.cat([fresh.inner(tokens[:, s : s + 8]) for s in range(0, 30, 8)], 1)
+        torch.testing.assert_close(fresh(tokens), segmented)
+        model = former()
+        out = model(tokens)
+        plain = torch.cat([model.inner(tokens[:, s : s + 8]) for s in range(0, 30, 8)], 1)
+    torch.testing.assert_close(out[:, :8], plain[:, :8])  # the first segment has no memory
+    assert float((out[:, 8:] - plain[:, 8:]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("sticky", [False, True])
+def test_cached_decoding_equals_the_full_forward(sticky: bool) -> None:
+    model = former(sticky=sticky, samples=12)
+    tokens = torch.randint(0, 97, (2, 29))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(2)
+        parts, i = [], 0
+        for size in (3, 7, 1, 18):
+            chunk = tokens[:, i : i + size]
+            parts.append(model.decode_step(chunk, cache, cache.next_positions(torch.ones_like(chunk, dtype=torch.bool))))
+            i += size
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+    prompt = tokens[0, :5].tolist()
+    out = generate(model, [prompt], max_new_tokens=20)[0].tolist()
+    assert out == greedy_by_recompute(model, prompt, 20)
+
+
+def test_trains_from_a_config_and_resumes_exactly(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, "--model.memory.kind=infinite_former", "--model.memory.options.segment_len=16",
+                      "--model.memory.options.num_basis=8", "--train.seq_len=64")
+    full = Trainer(cfg, run_dir=tmp_path / "full", verbose=False).fit()
+    resumed = Trainer(cfg, run_dir=interrupted_copy(tmp_path / "full", tmp_path / "part"), resume=True, verbose=False).fit()
+    assert resumed.losses == pytest.approx(full.losses[4:], abs=1e-6)
+
+
+def test_bad_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match="num_basis \\(the memory's size\\) must be >= 1, got 0"):
+        build(memory__kind="infinite_former", memory__options={"num_basis": 0})
+    with pytest.raises(ConfigError, match="samples must be >= 1"):
+        build(memory__kind="infinite_former", memory__options={"samples": 0})
+    with pytest.raises(ConfigError, match="old_fraction must be in \\(0, 1\\)"):
+        build(memory__kind="infinite_former", memory__options={"old_fraction": 1.0})
+    with pytest.raises(ConfigError, match="wraps a decoder"):
+        build("encoder", memory__kind="infinite_former")
