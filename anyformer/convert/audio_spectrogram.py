@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig, from_dict
+from .hf_config import HF_READERS, HFReader
 from .vit import _HF_ACT, vit_state_dict_from_hf
 
 
@@ -43,3 +44,6 @@ def ast_state_dict_from_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str,
     out = vit_state_dict_from_hf(sd, cfg)  # the encoder, the class token, the patches and the positions
     out["patches.cls"] = torch.cat([out["patches.cls"], distill], 1)  # (1, 2, d): class, then distillation
     return out | head
+
+
+HF_READERS.register("audio-spectrogram-transformer")(HFReader(ast_config_from_hf, ast_state_dict_from_hf, ("ASTForAudioClassification",)))

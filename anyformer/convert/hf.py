@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
-from .hf_config import FAMILIES, config_from_hf, config_to_hf, family_of
+from .hf_config import FAMILIES, HF_READERS, config_from_hf, config_to_hf, family_of
 
 Fn = Callable[[list[Tensor]], list[Tensor]]
 
@@ -195,7 +195,7 @@ _RULES: dict[str, Callable[[ModelConfig], Rules]] = {"gpt2": _gpt2, "bert": _ber
 def rules(family: str, cfg: ModelConfig) -> Rules:
     """The conversion rules of `family` for the sizes in `cfg`."""
     if family not in _RULES:
-        hint = " (ViT state dicts are read by anyformer.convert.vit.vit_state_dict_from_hf)" if family == "vit" else ""
+        hint = f" ({family} state dicts are read by its registered HFReader, model_from_hf)" if family in HF_READERS else ""
         raise ConversionError(f"unsupported family {family!r}; supported: {', '.join(FAMILIES)}{hint}")
     return _RULES[family](cfg)
 
@@ -284,10 +284,8 @@ def model_from_hf(hf_config: dict, hf_sd: dict[str, Tensor]) -> torch.nn.Module:
     if hf_config.get("model_type") == "bert" and "pooler.dense.weight" not in hf_sd:
         cfg.head.kind, cfg.head.pooler = "none", False
     family = hf_config["model_type"]
-    if family == "vit":
-        from .vit import vit_state_dict_from_hf
-
-        sd = vit_state_dict_from_hf(dict(hf_sd), cfg)
+    if family in HF_READERS:
+        sd = HF_READERS.get(family).state_dict(dict(hf_sd), cfg)
     else:
         sd = state_dict_from_hf(family, hf_sd, cfg)
     model = build_model(cfg)

@@ -7,12 +7,39 @@ value we can reproduce. Anything else raises ConfigError naming the key.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from torch import Tensor
+
 from ..config import ConfigError, ModelConfig, from_dict
+from ..registry import Registry
 
 FAMILIES = ("gpt2", "bert", "t5", "llama")  # read and written
-READ_ONLY = ("vit",)  # read only (anyformer.convert.vit)
+
+
+@dataclass(frozen=True)
+class HFReader:
+    """A Hugging Face model type anyformer reads (and does not write), registered by its converter
+    file under its `model_type`: its config.json as a ModelConfig, its state dict in our names,
+    and the HF architecture names (config.json `architectures`) it covers."""
+
+    config: Callable[[dict[str, Any]], ModelConfig]
+    state_dict: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]]
+    architectures: tuple[str, ...]
+
+
+HF_READERS: Registry[HFReader] = Registry("Hugging Face model type")
+
+
+def read_only() -> tuple[str, ...]:
+    """The model types read by a registered HFReader (ViT, AST, ...)."""
+    return tuple(HF_READERS.names())
+
+
+def supported_architectures() -> dict[str, str]:
+    """Every HF architecture name we load, with its model type."""
+    return {**ARCHITECTURES, **{a: mt for mt in read_only() for a in HF_READERS.get(mt).architectures}}
 
 # Keys of every HF config that do not change the weights or the forward pass.
 _GENERIC = {
@@ -34,9 +61,7 @@ ARCHITECTURES = {
     "BertModel": "bert",
     "T5ForConditionalGeneration": "t5",
     "LlamaForCausalLM": "llama",
-    "ViTModel": "vit",
-    "ViTForImageClassification": "vit",
-}
+}  # the families read and written; readers add theirs (supported_architectures)
 
 
 def _act(name: Any, key: str) -> str:
@@ -81,12 +106,12 @@ class _Reader:
 
 
 def family_of_hf(hf: dict[str, Any]) -> str:
-    """The family ('gpt2', 'bert', 't5', 'llama', 'vit') of a HF config dict, from its model_type."""
+    """The family ('gpt2', 'bert', 't5', 'llama', or a reader's: 'vit', ...) of a HF config dict, from its model_type."""
     mt = hf.get("model_type")
-    if mt not in FAMILIES + READ_ONLY:
+    if mt not in FAMILIES + read_only():
         raise ConfigError(
             f"unsupported HF model_type {mt!r} (architectures {hf.get('architectures')}); supported "
-            f"model types: {', '.join(FAMILIES + READ_ONLY)} (architectures: {', '.join(ARCHITECTURES)})"
+            f"model types: {', '.join(FAMILIES + read_only())} (architectures: {', '.join(supported_architectures())})"
         )
     return mt
 
@@ -190,10 +215,8 @@ _FROM: dict[str, Callable[[_Reader], dict[str, Any]]] = {"gpt2": _gpt2_from, "be
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     """A ModelConfig equal in function to a HF config dict (the contents of config.json)."""
     family = family_of_hf(hf_config)
-    if family == "vit":
-        from .vit import vit_config_from_hf
-
-        return vit_config_from_hf(hf_config)
+    if family in HF_READERS:
+        return HF_READERS.get(family).config(hf_config)
     r = _Reader(hf_config, family)
     data = _FROM[family](r)
     r.done()
@@ -347,4 +370,4 @@ def config_to_hf(cfg: ModelConfig, family: str | None = None) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ARCHITECTURES", "FAMILIES", "READ_ONLY", "config_from_hf", "config_to_hf", "family_of", "family_of_hf"]
+__all__ = ["ARCHITECTURES", "FAMILIES", "HF_READERS", "HFReader", "config_from_hf", "config_to_hf", "family_of", "family_of_hf"]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..models.common import EXPORTERS
 from .hf import ConversionError, model_from_hf, model_to_hf
-from .hf_config import ARCHITECTURES, family_of_hf
+from .hf_config import family_of_hf, supported_architectures
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -34,10 +34,11 @@ def _read_config(root: Path) -> dict:
 
 def _check_architecture(cfg: dict, path: Path) -> None:
     archs = cfg.get("architectures") or []
-    supported = ", ".join(ARCHITECTURES)
+    known = supported_architectures()
+    supported = ", ".join(known)
     family_of_hf(cfg)  # unknown model_type raises, naming the supported ones
     for a in archs:
-        if a not in ARCHITECTURES:
+        if a not in known:
             raise ValueError(f"{path}: unsupported architecture {a!r}; supported architectures: {supported}")
 
 
@@ -66,7 +67,8 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
 
 
 def from_pretrained(path: str | Path) -> nn.Module:
-    """Our model (in eval mode) from a HF model directory of a GPT-2, BERT, T5, Llama or ViT model.
+    """Our model (in eval mode) from a HF model directory of a GPT-2, BERT, T5 or Llama model, or
+    of a model type a converter file registers a reader for (ViT, AST: anyformer.convert.HF_READERS).
 
     Weights are loaded into fp32 parameters. A BERT checkpoint with a pooler gives a model
     whose forward returns BertModel's `pooler_output` (its `hidden()` is `last_hidden_state`);

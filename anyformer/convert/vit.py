@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig, from_dict
+from .hf_config import HF_READERS, HFReader
 
 _HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
 
@@ -78,3 +79,6 @@ def vit_state_dict_from_hf(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str,
     if sd:
         raise ConfigError(f"unexpected ViT tensors that anyformer cannot place: {', '.join(sorted(sd)[:5])}")
     return out
+
+
+HF_READERS.register("vit")(HFReader(vit_config_from_hf, vit_state_dict_from_hf, ("ViTModel", "ViTForImageClassification")))

@@ -48,3 +48,17 @@ def test_patch_grid_and_options() -> None:
     model = build_model(cfg)
     with pytest.raises(ValueError, match=r"expected \(batch, 24 frames, 16 mel bins\)"):
         model(torch.randn(2, 16, 24))
+
+
+def test_from_pretrained_reads_a_hugging_face_ast_directory(tmp_path) -> None:
+    """save_pretrained's folder (config.json + model.safetensors) loads through
+    anyformer.from_pretrained, with transformers' logits; the reader is one registration in
+    anyformer/convert/audio_spectrogram.py."""
+    import anyformer
+
+    hf = hf_model()
+    hf.save_pretrained(tmp_path / "ast")
+    ours = anyformer.from_pretrained(tmp_path / "ast")
+    spectrograms = torch.randn(2, 24, 16)
+    with torch.no_grad():
+        assert torch.allclose(ours(spectrograms), hf(input_values=spectrograms).logits, atol=1e-5)
