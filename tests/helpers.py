@@ -81,3 +81,33 @@ def greedy_by_recompute(model: torch.nn.Module, prompt: list[int], new_tokens: i
         for _ in range(new_tokens):
             seq = torch.cat([seq, model(seq[None])[0, -1].argmax()[None]])
     return seq.tolist()
+
+
+def flops_against_counter(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], n: int, steps: int = 8) -> tuple[float, float]:
+    """(the FLOPs per token the model summary states, torch's FlopCounterMode count) for `inputs`
+    of `n` tokens: a bidirectional model's forward, or a generative model's last `steps`
+    decoding steps through its cache (protocol calls only), against the summary's step cost at
+    context n. A causal forward is not compared: the summary counts the causal half of the
+    scores (Kaplan et al.), which the eager kernel computes whole."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anyformer.models.summary import summarize
+
+    stated = summarize(model, seq_len=n)
+    with torch.no_grad():
+        if not hasattr(model, "decoding_info"):
+            with FlopCounterMode(display=False) as counter:
+                model(*inputs)
+            return stated.flops_per_token_forward, counter.get_total_flops() / n
+        assert stated.flops_per_token_decoding is not None, "the model decodes but its summary states no decoding cost"
+        if model.decoding_info().encoder_decoder:
+            src, tokens = inputs
+            source = model.encode_source(src, torch.ones_like(src, dtype=torch.bool))
+        else:
+            tokens, source = inputs[0], None
+        cache = model.make_cache(tokens.shape[0])
+        model.decode_step(tokens[:, : n - steps], cache, torch.arange(n - steps)[None], source=source)
+        with FlopCounterMode(display=False) as counter:
+            for i in range(n - steps, n):
+                model.decode_step(tokens[:, i : i + 1], cache, torch.tensor([[i]]), source=source)
+        return stated.flops_per_token_decoding, counter.get_total_flops() / steps

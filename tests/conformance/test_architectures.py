@@ -16,14 +16,14 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from anyformer import ConfigError, ModelConfig, build_model
 from anyformer.config import from_dict, to_dict
 from anyformer.models import ARCHITECTURES
-from anyformer.models.summary import summarize
 from anyformer.training.checkpoint import load_weights, save_checkpoint
 from anyformer.training.inspect import attention_maps
+
+from ..helpers import flops_against_counter
 
 NAMES = [name for name in ARCHITECTURES.names() if ARCHITECTURES.get(name).__module__.startswith("anyformer.")]
 LENGTH = 32  # tokens of a token model's example input (models of images, clouds, spectrograms have their own)
@@ -130,21 +130,7 @@ def test_cached_decoding_gives_the_full_forwards_logits(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_summary_flops_match_the_flop_counter(name: str) -> None:
     model = built(name).eval()
-    n = tokens_of(model)
-    stated = summarize(model, seq_len=n)
-    x = inputs(model)
-    if not hasattr(model, "decoding_info"):  # bidirectional: one forward over the input's n tokens
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(*x)
-        measured, ours = counter.get_total_flops() / n, stated.flops_per_token_forward
-    else:  # the last 8 steps of decoding n tokens, against the step cost at context n
-        assert stated.flops_per_token_decoding is not None, f"{name} decodes but its summary states no decoding cost"
-        with torch.no_grad():
-            tokens, source, cache = decoded(model, x, n - 8)
-            with FlopCounterMode(display=False) as counter:
-                for i in range(n - 8, n):
-                    model.decode_step(tokens[:, i : i + 1], cache, torch.tensor([[i]]), source=source)
-        measured, ours = counter.get_total_flops() / 8, stated.flops_per_token_decoding
+    ours, measured = flops_against_counter(model, inputs(model), tokens_of(model))
     assert 0.9 * measured <= ours <= 1.1 * measured, (ours, measured)
 
 

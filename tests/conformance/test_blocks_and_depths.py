@@ -1,6 +1,8 @@
 """Every registered block kind and depth wiring, in every combination, on the properties every
 variant must keep: gradients reach every parameter, causality, and cached decoding (plain and
-fast path) equal to a full recompute. New registrations are picked up automatically."""
+fast path) equal to a full recompute, and the summary's FLOPs within 10% of torch's FLOP counter
+(an encoder's forward, a decoder's decoding steps). New registrations are picked up
+automatically."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch
 from anyformer import ModelConfig, build_model
 from anyformer.generation import generate
 from anyformer.models import BLOCKS, DEPTHS
+
+from ..helpers import flops_against_counter
 
 COMBOS = [(b, d) for b in BLOCKS.names() for d in DEPTHS.names() if not b.startswith("ext_") and not d.startswith("ext_")]
 
@@ -44,3 +48,14 @@ def test_causal_and_cached_decoding_equals_recompute(block: str, depth: str) -> 
             tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], 1)
     for compile in (False, True):
         assert torch.equal(generate(model, a[:, :4], max_new_tokens=8, compile=compile), tokens)
+
+
+@pytest.mark.parametrize("block,depth", COMBOS)
+def test_summary_flops_match_the_flop_counter(block: str, depth: str) -> None:
+    for arch in ("decoder", "encoder"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(arch=arch, vocab_size=40, dim=32, num_layers=2, max_seq_len=40, attention={"num_heads": 4, "kernel": "eager"},
+                          block={"kind": block}, depth={"kind": depth}, head={"kind": "mlm"} if arch == "encoder" else {})
+        model = build_model(cfg).eval()
+        ours, measured = flops_against_counter(model, (torch.randint(0, 40, (1, 40)),), 40)
+        assert 0.9 * measured <= ours <= 1.1 * measured, (arch, ours, measured)

@@ -1,7 +1,8 @@
 """The contract of every registered exact kernel, norm, feed-forward, encoder head and memory
 kind, tested by being registered: a kernel equals the eager reference (causal or not, with a
-padding mask, grouped heads); a model built with each norm and feed-forward trains and decodes
-with its cache as it does by recomputing; each head gives its documented output shape; each
+padding mask, grouped heads); a model built with each norm and feed-forward trains, decodes
+with its cache as it does by recomputing, and costs a decoding step what its summary states
+(within 10% of torch's FLOP counter); each head gives its documented output shape; each
 memory kind wraps a decoder that trains and round-trips through a checkpoint."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from anyformer.nn.feedforward import FEEDFORWARDS
 from anyformer.nn.norm import NORMS
 from anyformer.training.checkpoint import load_weights, save_checkpoint
 
-from ..helpers import fit_losses, greedy_by_recompute
+from ..helpers import fit_losses, flops_against_counter, greedy_by_recompute
 
 
 def own(registry) -> list[str]:  # type: ignore[no-untyped-def]
@@ -39,8 +40,8 @@ def test_kernel_equals_the_eager_reference(name: str, causal: bool) -> None:
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-def decoder(**sections: object) -> ModelConfig:
-    return ModelConfig(vocab_size=24, dim=32, num_layers=2, max_seq_len=48, attention={"num_heads": 4}, **sections)  # type: ignore[arg-type]
+def decoder(kernel: str = "sdpa", **sections: object) -> ModelConfig:
+    return ModelConfig(vocab_size=24, dim=32, num_layers=2, max_seq_len=48, attention={"num_heads": 4, "kernel": kernel}, **sections)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("section, name", [("norm", n) for n in own(NORMS)] + [("ffn", n) for n in own(FEEDFORWARDS)])
@@ -52,6 +53,9 @@ def test_a_decoder_with_each_norm_and_feedforward_trains_and_decodes(section: st
     model.eval()
     prompt = [3, 1, 4, 1, 5]
     assert generate(model, [prompt], max_new_tokens=10)[0].tolist() == greedy_by_recompute(model, prompt, 10)
+    eager = build_model(decoder("eager", **{section: {"kind": name}})).eval()  # the one-query C++ kernel is invisible to the counter
+    ours, measured = flops_against_counter(eager, (torch.randint(0, 24, (1, 40)),), 40)  # the summary's decoding-step cost
+    assert 0.9 * measured <= ours <= 1.1 * measured, (ours, measured)
 
 
 SHAPES = {"none": (2, 10, 32), "mlm": (2, 10, 24), "sequence_classification": (2, 3), "token_classification": (2, 10, 3),

@@ -1,7 +1,8 @@
 """The contract of every registered positional encoding, tested by being registered: a decoder
 built with it trains (a few steps on a fixed batch lower the loss), decodes with its cache as it
 does by recomputing, and its weights survive the checkpoint round trip; `bench attention` times
-it on every exact kernel and `inspect attention` shows its causal softmax maps. An encoding that exists
+it on every exact kernel, `inspect attention` shows its causal softmax maps, and the summary's
+decoding-step FLOPs are within 10% of torch's FLOP counter. An encoding that exists
 only for a graph given as the attention mask is skipped here (tests/nn/positional/test_magnetic.py
 holds its checks)."""
 
@@ -15,15 +16,15 @@ from anyformer.generation import generate
 from anyformer.nn.positional import POSITIONALS
 from anyformer.training.checkpoint import load_weights, save_checkpoint
 
-from ..helpers import fit_losses, greedy_by_recompute, skip_if_needs_graph
+from ..helpers import fit_losses, flops_against_counter, greedy_by_recompute, skip_if_needs_graph
 
 KINDS = [name for name in POSITIONALS.names() if POSITIONALS.get(name).__module__.startswith("anyformer.")]
 
 
-def built(kind: str, seed: int = 0) -> torch.nn.Module:
+def built(kind: str, seed: int = 0, kernel: str = "sdpa") -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_model(ModelConfig(vocab_size=24, dim=32, num_layers=2, max_seq_len=48, ffn={"hidden_dim": 48},
-                                   attention={"num_heads": 4}, positional={"kind": kind}))
+                                   attention={"num_heads": 4, "kernel": kernel}, positional={"kind": kind}))
 
 
 def test_every_kind_is_covered() -> None:
@@ -70,3 +71,13 @@ def test_inspect_attention_shows_causal_softmax_maps(kind: str) -> None:
     for w in maps:
         assert w.shape == (4, 12, 12)
         assert torch.allclose(w.sum(-1), torch.ones(4, 12), atol=1e-4) and float(w.triu(1).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoding_flops_match_the_flop_counter(kind: str) -> None:
+    """The summary's cost of a decoding step with it, within 10% of torch's FLOP counter (on the
+    eager kernel: the one-query C++ decoding kernel is invisible to the counter)."""
+    skip_if_needs_graph(kind)
+    model = built(kind, kernel="eager").eval()
+    ours, measured = flops_against_counter(model, (torch.randint(0, 24, (1, 40)),), 40)
+    assert 0.9 * measured <= ours <= 1.1 * measured, (ours, measured)
