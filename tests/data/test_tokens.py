@@ -1,22 +1,15 @@
-"""Corpus parsing, document split, tokenizers, token cache, batches, schedule and decay groups."""
+"""Corpus parsing, document split, tokenizers, the token cache and training windows."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from anyformer.config import ConfigError
 from anyformer.data import WindowSampler, markdown_play_to_text, prepare_tokens, shakespeare_plays, split_documents
-from anyformer.models.builders import build_model
-from anyformer.nn.norm import LayerNorm, RMSNorm
 from anyformer.tokenizers import load_tokenizer, save_tokenizer, train_tokenizer
-from anyformer.training.config import TrainConfig
-from anyformer.training.optim import lr_at, param_groups
-from tests.training_helpers import tiny_config, write_corpus
+from tests.training_helpers import write_corpus
 
 MD = (
     "# A Play\n\n## ACT I\n\n### SCENE I. A heath.\n\n_Thunder. Enter three Witches_\n\n"
@@ -88,27 +81,6 @@ def test_windows_are_shifted_targets() -> None:
     a = s.starts(5)
     s.set_state(state)
     assert torch.equal(a, s.starts(5))
-
-
-def test_lr_schedule_shape() -> None:
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
-    assert lr_at(10, cfg, 110) == pytest.approx(1.0)
-    assert lr_at(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_at(110, cfg, 110) == pytest.approx(0.1) and lr_at(500, cfg, 110) == pytest.approx(0.1)
-
-
-def test_weight_decay_groups(tmp_path) -> None:
-    model = build_model(tiny_config(tmp_path).model)
-    decay, no_decay = param_groups(model, 0.1)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()})  # tied weight once
-    assert id(model.embed.tokens.weight) in {id(p) for p in no_decay["params"]}
-    norms = [m.weight for m in model.modules() if isinstance(m, (RMSNorm, LayerNorm))]
-    assert norms and all(id(w) in {id(p) for p in no_decay["params"]} for w in norms)
-    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight is not model.embed.tokens.weight]
-    assert all(id(w) in {id(p) for p in decay["params"]} for w in linears)
 
 
 def test_text_corpus_errors(tmp_path) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from anyformer.models.builders import build_model
+from anyformer.nn.norm import LayerNorm, RMSNorm
 from anyformer.training.config import TrainConfig, default_run_config
-from anyformer.training.optim import Muon, build_optimizer, lr_at, muon_param_groups, orthogonalize, set_lr
+from anyformer.training.optim import Muon, build_optimizer, lr_at, muon_param_groups, orthogonalize, param_groups, set_lr
+from tests.training_helpers import tiny_config
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32)])
@@ -80,3 +83,24 @@ def test_muon_trains_a_regression_and_beats_its_start() -> None:
         loss.backward()
         opt.step()
     assert loss.item() < 0.05 * first
+
+
+def test_lr_schedule_shape() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1) and lr_at(500, cfg, 110) == pytest.approx(0.1)
+
+
+def test_weight_decay_groups(tmp_path) -> None:
+    model = build_model(tiny_config(tmp_path).model)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()})  # tied weight once
+    assert id(model.embed.tokens.weight) in {id(p) for p in no_decay["params"]}
+    norms = [m.weight for m in model.modules() if isinstance(m, (RMSNorm, LayerNorm))]
+    assert norms and all(id(w) in {id(p) for p in no_decay["params"]} for w in norms)
+    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight is not model.embed.tokens.weight]
+    assert all(id(w) in {id(p) for p in decay["params"]} for w in linears)
