@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..nn.attention.cost import mixing_flops, step_flops
+from ..nn.positional import PositionalEncoding
 from .builders import build_model, count_parameters
 
 
@@ -99,6 +100,27 @@ def _mixers(model: nn.Module):  # type: ignore[no-untyped-def]
                         yield mod, ctx, factor
 
 
+def _positional_costs(model: nn.Module):  # type: ignore[no-untyped-def]
+    """`cost(ctx, queries, keys)`: what the model's positional encoding adds per query to the
+    self-attention mixer built with `ctx` (PositionalEncoding.mixing_flops; cross-attention
+    reads no positions), the encoding of the mixer's direction (an encoder-decoder has two)."""
+    encodings = {bool(getattr(p.ctx, "causal", False)): p for p in model.modules() if isinstance(p, PositionalEncoding) and p.ctx is not None}
+
+    def cost(ctx, queries: int, keys: int) -> float:  # type: ignore[no-untyped-def]
+        pos = encodings.get(bool(ctx.causal)) or (next(iter(encodings.values())) if len(encodings) == 1 else None)
+        return 0.0 if pos is None or ctx.cross else float(pos.mixing_flops(queries, keys, causal=ctx.causal))
+
+    return cost
+
+
+def _costed_positional_params(model: nn.Module) -> int:
+    """Parameters of positional encodings that state their own cost (their tables are read by
+    the queries, not applied as weights to every token), which the weight count leaves out."""
+    seen = {id(p): p.numel() for m in model.modules() if isinstance(m, PositionalEncoding)
+            and type(m).mixing_flops is not PositionalEncoding.mixing_flops for p in m.parameters()}
+    return sum(seen.values())
+
+
 def mixing_per_token(model: nn.Module, seq_len: int) -> float | None:
     """The mixing FLOPs per token of a forward over `seq_len` tokens, from what each mixer
     declares (anyformer/nn/attention/cost.py), each block per application; cross-attention
@@ -106,7 +128,8 @@ def mixing_per_token(model: nn.Module, seq_len: int) -> float | None:
     found = list(_mixers(model))
     if not found:
         return None
-    return sum(f * mixing_flops(m, seq_len, seq_len, causal=c.causal) for m, c, f in found)
+    pos = _positional_costs(model)
+    return sum(f * (mixing_flops(m, seq_len, seq_len, causal=c.causal) + pos(c, seq_len, seq_len)) for m, c, f in found)
 
 
 def decoding_mixing(model: nn.Module, seq_len: int) -> float | None:
@@ -116,7 +139,8 @@ def decoding_mixing(model: nn.Module, seq_len: int) -> float | None:
     found = list(_mixers(model))
     if not any(c.causal for _, c, _ in found):
         return None
-    return sum(f * (step_flops(m, seq_len - 1) if c.causal else mixing_flops(m, 1, seq_len, causal=False))
+    pos = _positional_costs(model)
+    return sum(f * (step_flops(m, seq_len - 1) + pos(c, 1, seq_len) if c.causal else mixing_flops(m, 1, seq_len, causal=False))
                for m, c, f in found if c.causal or c.cross)
 
 
@@ -130,7 +154,7 @@ def decoding_flops(model: nn.Module, seq_len: int) -> float | None:
     step = decoding_mixing(model, seq_len)
     if step is None:
         return None
-    weights = count_parameters(model) - _embedding_params(model) + _reused_blocks(model)[0]
+    weights = count_parameters(model) - _embedding_params(model) + _reused_blocks(model)[0] - _costed_positional_params(model)
     for stack in model.modules():
         if isinstance(stack, Stack) and len(stack.blocks):
             mixers = [c for block in stack.blocks for mod in block.modules() if (c := getattr(mod, "build_context", None)) is not None]
@@ -185,7 +209,7 @@ def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: in
     # and (when it decodes) for one decoding step
     own = getattr(model, "flops_per_token", None)
     own_step = getattr(model, "decoding_flops_per_token", None)
-    weights = total - emb + reused
+    weights = total - emb + reused - _costed_positional_params(model)
     fwd = own(seq_len) if callable(own) else flops_per_token(cfg, weights, seq_len, extra_layers=extra_layers,
                                                               mixing=mixing_per_token(model, seq_len))
     decoding = own_step(seq_len) if callable(own_step) else None if callable(own) else decoding_flops(model, seq_len)

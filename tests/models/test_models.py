@@ -89,7 +89,12 @@ def test_causal_model_ignores_future_tokens(kind, positional):
     b = a.clone()
     b[:, 7:] = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
-        la, lb = model(a), model(b)
+        try:
+            la, lb = model(a), model(b)
+        except ValueError as e:  # a relative encoding's terms that the kind cannot take: refused, naming the encoding
+            if "positional kind" not in str(e):
+                raise
+            pytest.skip(str(e))
     torch.testing.assert_close(la[:, :7], lb[:, :7], atol=1e-5, rtol=0)
     assert not torch.allclose(la[:, 7:], lb[:, 7:])
 

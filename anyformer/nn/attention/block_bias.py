@@ -32,6 +32,12 @@ def query_aware(block_bias: object) -> bool:
     return bool(getattr(block_bias, "query_aware", False))
 
 
+def value_aware(block_bias: object) -> bool:
+    """Whether a block bias also adds to the output a term computed from the probabilities
+    (`value_term(p_block, q0, q1, k0, k1)`, p_block (b, h, bn, bm) -> (b, h, bn, d))."""
+    return bool(getattr(block_bias, "value_aware", False))
+
+
 BIAS_CACHE_BYTES = 32 * 2**20  # reused positional-bias blocks kept per call, at most
 
 
@@ -96,6 +102,16 @@ class PositionalBlockBias:
         (b, h, bn, bm). Never the whole n x m matrix: the chunked kernel calls it per block."""
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
         return self.positional.query_bias(q, self.q_pos[:, q0:q1], self.k_pos[:, k0:k1], scale)
+
+    @property
+    def value_aware(self) -> bool:
+        """True when the encoding adds a term to the output (PositionalEncoding.value_term)."""
+        return bool(getattr(self.positional, "value_aware", False))
+
+    def value_term(self, p: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor | None:
+        """The value term of queries [q0, q1) whose (b, h, bn, bm) weights over keys [k0, k1)
+        are `p`: the encoding's value_term on the position slices, (b, h, bn, d)."""
+        return self.positional.value_term(p, self.q_pos[:, q0:q1], self.k_pos[:, k0:k1])
 
     def parameters(self) -> list[Tensor]:
         return [p for p in self.positional.parameters() if p.requires_grad]

@@ -29,7 +29,7 @@ from .native_kernels import native_softmax
 from .registry import KERNELS
 from .masks import as_4d, combine_masks
 from ..positional.bias import ALiBi
-from .block_bias import BlockBias, PositionalBlockBias, query_aware
+from .block_bias import BlockBias, PositionalBlockBias, query_aware, value_aware
 from .patterns import FULL, NONE, PARTIAL, Causal, Intersection, Pattern
 
 MASK_CACHE_ENTRIES = 64  # reused pattern-mask blocks kept per call, at most
@@ -113,6 +113,14 @@ class _Plan:
             s4.masked_fill_(self.blocked(q0, q1, k0, k1, s.device), float("-inf"))
         return s
 
+    def value_block(self, p: Tensor, q0: int, q1: int, k0: int, k1: int, h: int) -> Tensor | None:
+        """The block bias's value term for the block's weights p (b*g, r*bn, bm), as the rows of
+        the accumulator (b*g, r*bn, d); None when it has none."""
+        if not value_aware(self.block_bias):
+            return None
+        term = self.block_bias.value_term(p.view(-1, h, q1 - q0, k1 - k0), q0, q1, k0, k1)  # type: ignore[attr-defined]
+        return None if term is None else term.reshape(p.shape[0], p.shape[1], -1)
+
     def bias_block(self, q0: int, q1: int, k0: int, k1: int, q_block: Tensor | None = None) -> Tensor | None:
         """The block's positional bias, plus its query-aware term computed from `q_block`, the
         (b, h, bn, d) queries [q0, q1), when the block bias has one."""
@@ -181,7 +189,8 @@ def _fused_args(plan: _Plan) -> tuple[Tensor, int] | None:
     """When the C++ block loops can run `plan` (no mask or pattern besides causality; no
     positional bias, or ALiBi over consecutive positions with one offset for every row): the
     ALiBi slopes (empty without) and the first query's position minus the first key's. Else None."""
-    if plan.mask is not None or not (plan.pattern is None or type(plan.pattern) is Causal) or query_aware(plan.block_bias):
+    if (plan.mask is not None or not (plan.pattern is None or type(plan.pattern) is Causal) or query_aware(plan.block_bias)
+            or value_aware(plan.block_bias)):
         return None
     bias = plan.block_bias
     if bias is None:
@@ -240,13 +249,17 @@ class _ChunkedAttention(torch.autograd.Function):
                 if native is not None and s.is_contiguous():  # the same steps as below, one pass per row
                     alpha = native.online_softmax_(s, row_max, row_sum)
                     acc.mul_(alpha).baddbmm_(s, v3[:, k0:k1])
-                    continue
-                new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
-                p = s.sub_(new_max).exp2_()  # (b*g, r*bn, bm), in place over the logits
-                alpha = row_max.sub_(new_max).exp2_()
-                row_sum.mul_(alpha).add_(p.sum(-1, keepdim=True))
-                acc.mul_(alpha).baddbmm_(p, v3[:, k0:k1])
-                row_max = new_max
+                    p = s
+                else:
+                    new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
+                    p = s.sub_(new_max).exp2_()  # (b*g, r*bn, bm), in place over the logits
+                    alpha = row_max.sub_(new_max).exp2_()
+                    row_sum.mul_(alpha).add_(p.sum(-1, keepdim=True))
+                    acc.mul_(alpha).baddbmm_(p, v3[:, k0:k1])
+                    row_max = new_max
+                term = plan.value_block(p, q0, q1, k0, k1, h)  # linear in p: rescaled with the rest of acc
+                if term is not None:
+                    acc += term.to(acc.dtype)
             empty = row_sum == 0
             acc.div_(row_sum.masked_fill(empty, 1.0))
             out[:, :, q0:q1] = acc.view(b, h, bn, d)  # rows with no key stay 0 (acc is 0)
@@ -286,6 +299,7 @@ class _ChunkedAttention(torch.autograd.Function):
         # a query-aware term's share of dq, through autograd on each block's term (its gradient
         # with respect to the query block, added after dq is scaled below)
         terms_of_q = query_aware(plan.block_bias)
+        values_too = value_aware(plan.block_bias)
         dq_terms = torch.zeros(b, h, n, d, dtype=acc_dtype, device=q.device) if terms_of_q and ctx.needs_input_grad[1] else None
         for q0, q1, blocks in plan.schedule:
             bn = q1 - q0
@@ -307,6 +321,17 @@ class _ChunkedAttention(torch.autograd.Function):
                     p = s.sub_(lse_g).exp2_()
                 dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dog)
                 dp = torch.bmm(dog, v3t[:, :, k0:k1], out=dp_scratch.get(tuple(p.shape)))  # (b*g, r*bn, bm)
+                if values_too:  # the value term's share of dp, and its parameters' gradients, by autograd on the block
+                    with torch.enable_grad():
+                        p_leaf = p.detach().view(b, h, bn, k1 - k0).requires_grad_()
+                        term = plan.block_bias.value_term(p_leaf, q0, q1, k0, k1)  # type: ignore[union-attr]
+                    if term is not None:
+                        grads = torch.autograd.grad(term, [p_leaf, *params], dog.reshape(b, h, bn, d).to(term.dtype), allow_unused=True)
+                        if grads[0] is not None:
+                            dp += grads[0].reshape(dp.shape).to(dp.dtype)
+                        for acc, grad in zip(dparams, grads[1:]):
+                            if grad is not None:
+                                acc += grad
                 if native is not None and p.is_contiguous():
                     native.softmax_grad_(p, dp, delta_g)
                     ds = p

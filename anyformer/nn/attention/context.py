@@ -51,7 +51,8 @@ class AttentionContext:
         layer's logit scale, default head_dim ** -0.5). None when the encoding adds neither."""
         from .block_bias import PositionalBlockBias
 
-        if not self.positional.query_aware and self.positional.bias(self.q_pos[:, :1], self.k_pos[:, :1]) is None:
+        pos = self.positional
+        if not pos.query_aware and not pos.value_aware and pos.bias(self.q_pos[:, :1], self.k_pos[:, :1]) is None:
             return None
         return PositionalBlockBias(self.positional, self.q_pos, self.k_pos, scale)
 

@@ -175,6 +175,6 @@ def cuda_attention(
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=causal, scale=scale, dropout_p=dropout, enable_gqa=groups > 1
         )
-    if dropout > 0.0 or not flex_available() or getattr(block_bias, "query_aware", False):
-        return None  # a term computed from the queries goes through the chunked loops' per-block autograd
+    if dropout > 0.0 or not flex_available() or getattr(block_bias, "query_aware", False) or getattr(block_bias, "value_aware", False):
+        return None  # a term computed from the queries or probabilities goes through the chunked loops' per-block autograd
     return flex_attention_call(q, k, v, pattern=pattern, mask=mask, bias=bias, causal=causal, scale=scale, block_bias=block_bias)

@@ -209,11 +209,15 @@ class MultiHeadAttention(nn.Module):
         """Hook: the attention output (b, h, n, e) of q (b, h, n, d) over k, v (b, g, m, d/e).
         The fused kernel unless the layer changes logits or probabilities or weights are stored."""
         dropout = self.dropout if self.training else 0.0
-        if self.explicit or ctx.store is not None:
+        values = ctx.positional.value_aware  # a term from the probabilities: the chunked kernel's blocks, else explicit weights
+        if self.explicit or ctx.store is not None or (values and not self.lazy_bias):
             probs = self.probabilities(q, k, ctx)
             if ctx.store is not None:
                 ctx.store.append(probs)
-            return nn.functional.dropout(probs, dropout).to(v.dtype) @ repeat_kv(v, q.shape[1] // v.shape[1])
+            weights = nn.functional.dropout(probs, dropout).to(v.dtype)
+            out = weights @ repeat_kv(v, q.shape[1] // v.shape[1])
+            term = ctx.positional.value_term(weights, ctx.q_pos, ctx.k_pos) if values else None
+            return out if term is None else out + term.to(out.dtype)
         if self.lazy_bias:  # positional terms per block, the query-aware one included
             return self.kernel(
                 q, k, v, mask=ctx.mask, bias=ctx.bias, causal=ctx.causal, scale=self.scale, dropout=dropout,
@@ -234,6 +238,10 @@ class MultiHeadAttention(nn.Module):
         """x: (b, n, dim) -> (b, n, dim). `memory` (b, m, kv_dim) makes this cross-attention;
         `cache` holds earlier keys/values (self) or the memory's keys/values (cross)."""
         b, n, _ = x.shape
+        if ctx.positional.value_aware and type(self).attend is not MultiHeadAttention.attend:
+            raise ValueError(f"positional kind {type(ctx.positional).__name__} adds to the attention output a term computed from the "
+                             f"probabilities, which {type(self).__name__} (its own attend) does not take; use attention kind 'mha', "
+                             "or the encoding without its value term")
         q, k, v = self.qkv(x, ctx, memory=memory, cache=cache)
         out = self.transform_heads(self.attend(q, k, v, ctx), ctx)  # (b, h', n, e)
         # (b, n, h'*e), in x's dtype (a wider cache may have made the kernel work in fp32)

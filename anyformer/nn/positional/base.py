@@ -72,6 +72,23 @@ class PositionalEncoding(nn.Module):
         adds one sets `query_aware`."""
         return None
 
+    #: True when `value_term` adds to the attention output (attention then hands it its probabilities)
+    value_aware: bool = False
+
+    def value_term(self, p: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
+        """Output side, from the attention probabilities: an additive (b, h, n, d) term of the
+        attention output computed from p (b, h, n, m) and the positions, linear in p (Shaw et
+        al. 2018's value term, sum_j p_ij a^V_{j-i}). The chunked kernel calls it with one
+        block's unnormalised weights and rescales it with the block's values, so it must be
+        linear in p. None by default; an encoding that adds one sets `value_aware`."""
+        return None
+
+    def mixing_flops(self, queries: int, keys: int, *, causal: bool) -> float:
+        """FLOPs per query token per attention layer that the query-aware and value terms add
+        (the model summary adds them to each self-attention layer's cost); 0 by default. An
+        encoding that declares a cost has its parameters left out of the summary's weights."""
+        return 0.0
+
 
 @POSITIONALS.register("none")
 class NoPositional(PositionalEncoding):
