@@ -203,7 +203,11 @@ def measure(spec: dict) -> dict:
     # a module says how it is timed (`bench_mode`): a kind whose math lives in the layer's hooks
     # (differential, selective, shaped), or one that declares nothing (a recurrent mixer), runs
     # as a whole module; the row says so
-    mode = "module" if getattr(module, "bench_mode", "module") == "module" or (kernelized and has_bias) else spec.get("mode", "kernel")
+    # an encoding whose terms come from the layer's queries or probabilities (relative
+    # attention) acts inside the layer, not on ready q, k, v: timed as a whole module too
+    relative = bool(getattr(positional, "query_aware", False) or getattr(positional, "value_aware", False))
+    mode = ("module" if getattr(module, "bench_mode", "module") == "module" or (kernelized and has_bias) or relative
+            else spec.get("mode", "kernel"))
     make = _module_step if mode == "module" else _kernel_step
     setup = make(spec, module, window, positional, device, dtype)
 

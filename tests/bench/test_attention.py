@@ -95,3 +95,12 @@ def test_sweep_interleaves_methods_per_length_and_keeps_the_best_round(tmp_path,
         assert t == min(rounds) and peak == max(fake[(m, n, 0)][1], fake[(m, n, 1)][1])
     on_disk = json.loads((tmp_path / "attention.json").read_text())["results"]
     assert len(on_disk) == 4 and all("time_s" in r for r in on_disk)
+
+
+def test_relative_encodings_are_timed_inside_the_layer():
+    """A positional kind whose terms come from the queries or probabilities (shaw) cannot act on
+    ready q, k, v: kernel mode times the whole module and says so."""
+    spec = dict(method="mha[chunked]", mode="kernel", n=256, causal=True, backward=True, positional="shaw", num_heads=2,
+                head_dim=16, window=16, dtype="float32", device="cpu", threads=1, min_time=0.0, repeats=1)
+    assert measure(spec)["mode"] == "module"
+    assert measure(dict(spec, positional="none"))["mode"] == "kernel"

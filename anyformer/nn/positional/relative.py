@@ -41,23 +41,71 @@ def distance_span(queries: int, keys: int, limit: int) -> int:
     return min(queries - 1, limit) - max(-(keys - 1), -limit) + 1
 
 
-def relative_logits(q: Tensor, table: Tensor, rel: Tensor, limit: int) -> Tensor:
-    """q . table[rel] for every (query, key) pair without the (n, m, d) gather.
+def _layout(q_pos: Tensor, k_pos: Tensor, limit: int) -> tuple[str, int, int]:
+    """How the distances of a (block of) queries and keys are laid out: ("constant", d, d) when
+    every pair's clipped distance is the same d (a block far from the diagonal, for a clipped
+    table); ("skew", lo, hi) when every row's positions are consecutive with one query-key
+    offset, so that pair (i, j) has distance lo + (j - i + n - 1) before clipping; else
+    ("gather", lo, hi) with the clipped extremes."""
+    lo_raw = int(k_pos.min() - q_pos.max())
+    hi_raw = int(k_pos.max() - q_pos.min())
+    lo, hi = max(lo_raw, -limit), min(hi_raw, limit)
+    if lo >= hi:
+        return "constant", lo, lo
+    n, m = q_pos.shape[1], k_pos.shape[1]
+    steps_q, steps_k = q_pos[:, 1:] - q_pos[:, :-1], k_pos[:, 1:] - k_pos[:, :-1]
+    offsets = k_pos[:, 0] - q_pos[:, 0]
+    if n > 1 and bool((steps_q == 1).all()) and bool((steps_k == 1).all()) and bool((offsets == offsets[0]).all()) \
+            and lo_raw == int(offsets[0]) - (n - 1) and hi_raw == int(offsets[0]) + m - 1:
+        return "skew", lo_raw, hi_raw
+    return "gather", lo, hi
+
+
+def _skewed(x: Tensor, n: int, m: int) -> Tensor:
+    """The (..., n, m) view of x (..., n, n + m - 1) whose (i, j) entry is x[..., i, j - i + n - 1]:
+    the Music Transformer's skewing, as a strided view (no copy). x must be contiguous."""
+    r = x.shape[-1]
+    lead = x.shape[:-2]
+    strides = tuple(x.stride()[:-2]) + (r - 1, 1)
+    return x.as_strided((*lead, n, m), strides, x.storage_offset() + n - 1)
+
+
+def relative_logits(q: Tensor, table: Tensor, q_pos: Tensor, k_pos: Tensor, limit: int) -> Tensor:
+    """q_i . table[clip(j - i)] for every (query, key) pair without the (n, m, d) gather.
 
     q: (b, h, n, d); table: (2 * limit + 1, d) shared by the heads, or (h, 2 * limit + 1, d) one
-    per head, row r + limit holding distance r; rel: (b, n, m) clipped distances. Only the rows
-    between the smallest and the largest distance present are multiplied. Returns (b, h, n, m)."""
-    lo, hi = int(rel.min()), int(rel.max())
-    rows = table[..., lo + limit : hi + limit + 1, :].to(q.dtype)  # (R, d) or (h, R, d)
-    by_distance = q @ rows.transpose(-1, -2)  # (b, h, n, R)
-    index = (rel - lo)[:, None].expand(-1, q.shape[1], -1, -1)  # (b, h, n, m)
-    return by_distance.gather(-1, index)
+    per head, row r + limit holding distance r; q_pos (b, n), k_pos (b, m). Only the table rows
+    the pairs' distances span are multiplied by the queries, (b, h, n, R); each pair's entry is
+    then read by a strided view (skewing) when the positions are consecutive, else gathered. A
+    block whose pairs all clip to one distance gives (b, h, n, 1), broadcast over the keys.
+    Returns a tensor broadcastable to (b, h, n, m)."""
+    n, m = q.shape[2], k_pos.shape[1]
+    how, lo, hi = _layout(q_pos, k_pos, limit)
+    if how == "constant":
+        return q @ table[..., lo + limit : lo + limit + 1, :].to(q.dtype).transpose(-1, -2)  # (b, h, n, 1)
+    if how == "skew":  # rows for every unclipped distance lo..hi (those beyond the clip repeat the edge row)
+        rows = table[..., (torch.arange(lo, hi + 1, device=q.device).clamp(-limit, limit) + limit), :].to(q.dtype)
+        return _skewed((q @ rows.transpose(-1, -2)).contiguous(), n, m)
+    rel = distances(q_pos, k_pos, limit)
+    by_distance = q @ table[..., lo + limit : hi + limit + 1, :].to(q.dtype).transpose(-1, -2)  # (b, h, n, R)
+    return by_distance.gather(-1, (rel - lo)[:, None].expand(-1, q.shape[1], -1, -1))
 
 
-def relative_values(p: Tensor, table: Tensor, rel: Tensor, limit: int) -> Tensor:
-    """sum_j p_ij table[rel_ij] without the (n, m, d) gather: the probabilities summed per
-    distance, then multiplied by the table rows. p: (b, h, n, m); returns (b, h, n, d)."""
-    lo, hi = int(rel.min()), int(rel.max())
+def relative_values(p: Tensor, table: Tensor, q_pos: Tensor, k_pos: Tensor, limit: int) -> Tensor:
+    """sum_j p_ij table[clip(j - i)] without the (n, m, d) gather: the probabilities summed per
+    distance (b, h, n, R), then multiplied by the table rows (skewed back into place with a
+    strided view when positions are consecutive; a row sum when every pair clips to one
+    distance). p: (b, h, n, m); returns (b, h, n, d)."""
+    n, m = p.shape[2], p.shape[3]
+    how, lo, hi = _layout(q_pos, k_pos, limit)
+    if how == "constant":
+        return p.sum(-1, keepdim=True) @ table[..., lo + limit : lo + limit + 1, :].to(p.dtype)
+    if how == "skew":
+        sums = p.new_zeros(*p.shape[:2], n, n + m - 1)
+        _skewed(sums, n, m).copy_(p)  # each (i, distance) holds the one key at that distance
+        rows = table[..., (torch.arange(lo, hi + 1, device=p.device).clamp(-limit, limit) + limit), :].to(p.dtype)
+        return sums @ rows
+    rel = distances(q_pos, k_pos, limit)
     index = (rel - lo)[:, None].expand(-1, p.shape[1], -1, -1)  # (b, h, n, m)
     sums = p.new_zeros(*p.shape[:3], hi - lo + 1).scatter_add_(-1, index, p)  # (b, h, n, R)
     return sums @ table[..., lo + limit : hi + limit + 1, :].to(p.dtype)
@@ -90,7 +138,7 @@ class ShawRelative(PositionalEncoding):
 
     def query_bias(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float) -> Tensor:
         k = self.options.max_distance
-        return relative_logits(q, self.keys, distances(q_pos, k_pos, k), k) * scale
+        return relative_logits(q, self.keys, q_pos, k_pos, k) * scale
 
     def mixing_flops(self, queries: int, keys: int, *, causal: bool) -> float:
         """Each query times the table rows its distances span, per head, for the key term and
@@ -102,7 +150,7 @@ class ShawRelative(PositionalEncoding):
         if self.values is None:
             return None
         k = self.options.max_distance
-        return relative_values(p, self.values, distances(q_pos, k_pos, k), k)
+        return relative_values(p, self.values, q_pos, k_pos, k)
 
 
 @POSITIONALS.register("music_relative")
@@ -119,7 +167,7 @@ class MusicRelative(PositionalEncoding):
         self.table = nn.Parameter(torch.randn(ctx.num_heads, 2 * self.limit + 1, ctx.head_dim) * ctx.head_dim**-0.5)
 
     def query_bias(self, q: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float) -> Tensor:
-        return relative_logits(q, self.table, distances(q_pos, k_pos, self.limit), self.limit) * scale
+        return relative_logits(q, self.table, q_pos, k_pos, self.limit) * scale
 
     def mixing_flops(self, queries: int, keys: int, *, causal: bool) -> float:
         """Each query times its head's table rows that its distances span."""

@@ -199,3 +199,31 @@ def test_bad_settings_and_kinds_that_cannot_take_the_terms_say_so() -> None:
                                     positional={"kind": "shaw"}))
         with pytest.raises(ValueError, match=message):
             m(tokens)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_skewed_gathered_and_constant_layouts_equal_the_explicit_gather(per_head: bool) -> None:
+    """relative_logits and relative_values against table[clip(j - i)] gathered for every pair:
+    consecutive positions (the strided skew), positions with gaps and rows at different offsets
+    (the gather), and a block far from the diagonal where every pair clips to one distance."""
+    from anyformer.nn.positional.relative import _layout, relative_logits, relative_values
+
+    torch.manual_seed(0)
+    b, h, d, limit = 2, 3, 4, 5
+    table = torch.randn(h, 2 * limit + 1, d) if per_head else torch.randn(2 * limit + 1, d)
+    cases = {
+        "skew": (torch.arange(20, 26).expand(b, 6), torch.arange(14, 27).expand(b, 13)),
+        "gather": (torch.tensor([[3, 4, 7, 9], [0, 2, 3, 8]]), torch.tensor([[0, 1, 2, 5, 6, 9], [1, 2, 3, 4, 6, 8]])),
+        "constant": (torch.arange(40, 44).expand(b, 4), torch.arange(0, 7).expand(b, 7)),
+    }
+    for how, (q_pos, k_pos) in cases.items():
+        assert _layout(q_pos, k_pos, limit)[0] == how
+        q, p = torch.randn(b, h, q_pos.shape[1], d), torch.rand(b, h, q_pos.shape[1], k_pos.shape[1])
+        rel = (k_pos[:, None, :] - q_pos[:, :, None]).clamp(-limit, limit) + limit  # (b, n, m)
+        rows = torch.stack([table[..., rel[i], :] for i in range(b)])  # (b, [h,] n, m, d)
+        rows = rows if per_head else rows[:, None]
+        want_logits = torch.einsum("bhnd,bhnmd->bhnm", q, rows.expand(b, h, *rows.shape[2:]))
+        want_values = torch.einsum("bhnm,bhnmd->bhnd", p, rows.expand(b, h, *rows.shape[2:]))
+        got = relative_logits(q, table, q_pos, k_pos, limit).expand_as(want_logits)
+        assert torch.allclose(got, want_logits, atol=1e-5), how
+        assert torch.allclose(relative_values(p, table, q_pos, k_pos, limit), want_values, atol=1e-5), how
