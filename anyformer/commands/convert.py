@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Load SRC into anyformer (a .gguf file is dequantized) and write DST as a Hugging Face "
         "directory (config.json + model.safetensors + tokenizer files) that anyformer and transformers both load.",
     )
-    p.add_argument("src", help="a .gguf file, a Hugging Face model directory, or an installed package shipping one")
+    p.add_argument("src", help="a .gguf file, a Hugging Face model directory, a run folder written by `anyformer train`, or an installed package shipping one")
     p.add_argument("dst", help="output directory")
     p.add_argument("--dtype", default="float32", help="weight dtype to write: float32 (default), bfloat16, float16")
     p.add_argument("--force", action="store_true", help="overwrite a model already in DST")
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..convert import save_pretrained
     from ..pretrained import load_pretrained
     from ..dtypes import parse_dtype
-    from ..pretrained.loading import check_checkpoint_path
+    from ..pretrained.loading import check_checkpoint_path, is_run_folder
 
     start = time.perf_counter()
     src, dst = check_checkpoint_path(args.src), Path(args.dst)
@@ -60,17 +61,28 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{str(dst)!r} already holds a model (config.json); pass --force to overwrite it")
     print(f"loading {src}", file=sys.stderr)
     model, tokenizer = load_pretrained(src, dtype=dtype, progress=True)
-    save_pretrained(model, dst)
-    if src.is_dir():
-        for name in _SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, dst / name)
-        for name in _SIDE_DIRS:
-            if (src / name).is_dir():
-                shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
-    else:
-        tokenizer.save(dst)
-    _add_token_ids(dst / "config.json", bos=tokenizer.bos_id, eos=tokenizer.eos_id)
+    run_folder = is_run_folder(src)
+    # everything goes into a sibling folder first (save_pretrained converts and checks the model
+    # and a run's tokenizer before it writes); DST is replaced only once it is complete
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent if dst.parent.exists() else None))
+    try:
+        out = staging / "model"
+        save_pretrained(model, out, tokenizer=tokenizer if run_folder or not src.is_dir() else None)
+        if src.is_dir() and not run_folder:  # a HF directory's tokenizer and pooling files, as they are
+            for name in _SIDE_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, out / name)
+            for name in _SIDE_DIRS:
+                if (src / name).is_dir():
+                    shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+        _add_token_ids(out / "config.json", bos=getattr(tokenizer, "bos_id", None), eos=getattr(tokenizer, "eos_id", None))
+        if dst.exists():  # --force: the old folder goes only once the new one is complete
+            old = staging / "old"
+            dst.rename(old)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        out.rename(dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 2**20
     n = sum(p.numel() for p in model.parameters())
     print(f"done: {n / 1e6:.1f}M parameters ({args.dtype}) in {time.perf_counter() - start:.1f} s -> {dst} ({size:.0f} MiB)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -98,12 +99,23 @@ def from_pretrained(path: str | Path) -> nn.Module:
         raise ConversionError(f"{root}: {e}") from None
 
 
-def save_pretrained(model: nn.Module, path: str | Path) -> Path:
-    """Write `model` as a HF directory (config.json + model.safetensors); returns the directory.
+def save_pretrained(model: nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
+    """Write `model` as a HF directory (config.json + model.safetensors), with `tokenizer`'s
+    files when given (a run's char, byte or BPE tokenizer as a tokenizer.json that transformers'
+    AutoTokenizer loads and that encodes the same ids; a pretrained tokenizer as it came);
+    returns the directory.
 
-    Tied tensors are stored once, under the name HF keeps; `transformers` re-ties the rest.
+    Everything is checked and converted before anything is written; the files are written into
+    a temporary sibling folder and moved into place at the end, so a failure leaves `path` as it
+    was. Tied tensors are stored once, under the name HF keeps; `transformers` re-ties the rest.
     """
+    import os
+    import shutil
+    import tempfile
+
     from safetensors.torch import save_file
+
+    from ..tokenizers import hf_tokenizer_files
 
     if not hasattr(model, "config"):
         raise ValueError(f"save_pretrained needs an anyformer model with a .config, got {type(model).__name__}")
@@ -111,7 +123,9 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise ValueError(f"{root} is a file; give a directory to write the model into")
-    root.mkdir(parents=True, exist_ok=True)
+    # a run's tokenizer converts (or says it cannot, before anything is written); a pretrained one saves itself
+    convert = tokenizer is not None and (hasattr(tokenizer, "to_hf") or not hasattr(tokenizer, "save"))
+    text_files = hf_tokenizer_files(tokenizer) if convert else None
     seen: dict[int, str] = {}
     unique: dict[str, Tensor] = {}
     for name, t in hf_sd.items():
@@ -120,8 +134,28 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
             continue  # a tied alias of a tensor already written
         seen[key] = name
         unique[name] = t.detach().to("cpu").contiguous()
-    save_file(unique, str(root / "model.safetensors"), metadata={"format": "pt"})
-    (root / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    staging.chmod(0o777 & ~mask)  # the folder's permissions of a plain mkdir, not mkdtemp's 0700
+    try:
+        save_file(unique, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        if text_files is not None:
+            for name, body in text_files.items():
+                (staging / name).write_text(body)
+        elif tokenizer is not None:
+            tokenizer.save(staging)  # a pretrained tokenizer writes its own files
+        if not root.exists():
+            staging.rename(root)
+        else:
+            for f in staging.iterdir():
+                os.replace(f, root / f.name)
+            staging.rmdir()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return root
 
 

@@ -53,8 +53,8 @@ class PretrainedIO:
     that `transformers` and `anyformer.from_pretrained` load; the exporter registers itself
     under 'hf' (anyformer.convert.pretrained)."""
 
-    def save_pretrained(self, path: "str | Path") -> "Path":
-        return EXPORTERS.get("hf")(self, path)
+    def save_pretrained(self, path: "str | Path", tokenizer: Any = None) -> "Path":
+        return EXPORTERS.get("hf")(self, path, tokenizer)
 
 
 class GenerativeModel:

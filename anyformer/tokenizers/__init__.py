@@ -72,6 +72,17 @@ class CharTokenizer:
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": self.chars}
 
+    def to_hf(self) -> str:
+        """This vocabulary as a Hugging Face `tokenizers` JSON (tokenizer.json): every character
+        its own token, with the same ids; decoding concatenates them."""
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer(models.WordLevel(dict(self.index), unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        return tok.to_str()
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "CharTokenizer":
         return cls(data["chars"])
@@ -100,6 +111,21 @@ class ByteTokenizer:
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind}
+
+    def to_hf(self) -> str:
+        """The UTF-8 bytes as a Hugging Face `tokenizers` JSON (tokenizer.json): byte b is token b,
+        through the byte-level alphabet (GPT-2's byte-to-character table)."""
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        alphabet = _byte_alphabet()
+        tok = HFTokenizer(models.WordLevel({alphabet[b]: b for b in range(256)}, unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        return tok.to_str()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ByteTokenizer":
@@ -145,11 +171,40 @@ class BPETokenizer:
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "tokenizer": json.loads(self.backend.to_str())}
 
+    def to_hf(self) -> str:
+        """The trained `tokenizers` BPE itself (tokenizer.json)."""
+        return self.backend.to_str()
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
         return cls(HFTokenizer.from_str(json.dumps(data["tokenizer"])))
+
+
+def _byte_alphabet() -> list[str]:
+    """The character byte-level BPE writes for each byte (GPT-2's table): printable Latin-1
+    bytes stand for themselves, the others for the characters from U+0100 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def hf_tokenizer_files(tok: Any) -> dict[str, str]:
+    """The files of a Hugging Face tokenizer equal to `tok` (tokenizer.json, tokenizer_config.json),
+    by name; a tokenizer with no such equivalent (one without `to_hf`) raises ValueError naming it."""
+    to_hf = getattr(tok, "to_hf", None)
+    if not callable(to_hf):
+        raise ValueError(f"the {getattr(tok, 'kind', type(tok).__name__)!r} tokenizer has no Hugging Face equivalent; "
+                         "only char, byte and bpe tokenizers convert")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    return {"tokenizer.json": to_hf(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
 
 def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
@@ -193,6 +248,6 @@ from ..registry import discover  # noqa: E402  (variant files register themselve
 discover(__name__, __path__)
 
 __all__ = [
-    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "TOKENIZERS", "Tokenizer",
+    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "TOKENIZERS", "Tokenizer", "hf_tokenizer_files",
     "load_tokenizer", "save_tokenizer", "tokenizer_from_json", "train_tokenizer",
 ]
