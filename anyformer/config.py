@@ -474,15 +474,24 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The contents of a YAML file (None when empty); one error path for every command that
+    reads one: a file that is not UTF-8 text or not valid YAML is a ConfigError naming it."""
+    p = Path(path)
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+
+
 def load_yaml(cls: type[C], path: str | Path) -> C:
     """Read a YAML file into config dataclass `cls`, strictly."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    data = read_yaml(p) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping at the top level, got {type(data).__name__}")
     return from_dict(cls, data)

@@ -103,3 +103,14 @@ def test_summary_counts_match_module_parameters():
     assert s.flops_per_token_forward == 2 * s.non_embedding_parameters + 2 * 2 * layers * 512 * d + 2 * d * v
     assert s.flops_per_token_training == 3 * s.flops_per_token_forward
     assert "parameters" in str(s) and to_dict(cfg)["dim"] == d
+
+
+@pytest.mark.parametrize("threads", [0, -2])
+def test_thread_counts_below_one_are_refused(threads):
+    """train.threads=0 was torch's default (all cores) in disguise: it is refused, naming the setting."""
+    from anyformer.config import ConfigError, apply_overrides
+    from anyformer.training.config import default_run_config
+
+    with pytest.raises(ConfigError, match=f"train.threads must be at least 1 .* got {threads}"):
+        apply_overrides(default_run_config(), [f"--train.threads={threads}"]).validate()
+    assert apply_overrides(default_run_config(), ["--train.threads=1"]).validate().train.threads == 1

@@ -17,9 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_model_config(target: str, overrides: list[str]):  # type: ignore[no-untyped-def]
     """(ModelConfig, training context or None, description) of a config file, run folder or preset."""
-    import yaml
-
-    from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml
+    from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_yaml, read_yaml
     from ..models.presets import PRESETS, preset
     from ..training.config import RunConfig
 
@@ -29,7 +27,7 @@ def resolve_model_config(target: str, overrides: list[str]):  # type: ignore[no-
             raise FileNotFoundError(f"{target!r} is a folder without config.yaml; give a run folder written by `anyformer train`")
         p = p / "config.yaml"
     if p.is_file():
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p) or {}
         if isinstance(data, dict) and {"model", "data", "train"} & set(data):
             run = apply_overrides(load_yaml(RunConfig, p), overrides)
             return run.model, run.train.seq_len, f"run config {p}"

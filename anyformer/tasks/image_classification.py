@@ -14,6 +14,7 @@ Task options: augment (false), shift (2), flip (false).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,11 @@ def to_model_input(images: Tensor) -> Tensor:
     return (images.float() / 127.5 - 1.0).unsqueeze(1)
 
 
-def read_image(path: str | Path, size: int, *, invert: bool = False) -> Tensor:
-    """An image file as a uint8 (size, size) grayscale tensor (resized when it differs)."""
+def read_image(path: str | Path, size: int, *, invert: bool = False, notes: list[str] | None = None) -> Tensor:
+    """An image file as a uint8 (size, size) grayscale tensor. An image of another size is
+    resized, keeping its aspect: a non-square one is first padded to a square with the colour
+    of its border (its median edge pixel), so it is never squashed; what was done is appended
+    to `notes`. A file Pillow cannot decode (not an image, truncated, corrupt) raises ValueError."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -73,11 +77,24 @@ def read_image(path: str | Path, size: int, *, invert: bool = False) -> Tensor:
     try:
         with Image.open(path) as img:
             gray = img.convert("L")
-            if gray.size != (size, size):
-                gray = gray.resize((size, size), Image.Resampling.LANCZOS)
-            pixels = torch.from_numpy(np.array(gray, dtype=np.uint8))
+            gray.load()
     except UnidentifiedImageError:
         raise ValueError(f"{str(path)!r} is not an image file Pillow can read (PNG, JPEG, BMP, ...)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for a truncated or corrupt file
+        raise ValueError(f"{str(path)!r} could not be decoded ({e}); the file may be truncated or corrupt") from None
+    w, h = gray.size
+    if (w, h) != (size, size):
+        if w != h:
+            pixels = np.array(gray, dtype=np.uint8)
+            edge = int(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+            square = Image.new("L", (max(w, h), max(w, h)), edge)
+            square.paste(gray, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+            gray = square
+        gray = gray.resize((size, size), Image.Resampling.LANCZOS)
+        if notes is not None:
+            padded = f", padded to a square with its border colour {edge} first" if w != h else ""
+            notes.append(f"resized from {w} x {h} to the model's {size} x {size}{padded}")
+    pixels = torch.from_numpy(np.array(gray, dtype=np.uint8))
     return 255 - pixels if invert else pixels
 
 
@@ -164,8 +181,13 @@ class ImageClassification(Classifier):
         return list(FASHION_MNIST_CLASSES) if self.cfg.data.corpus == "fashion_mnist" else [str(i) for i in range(10)]
 
     def read_input(self, text: str, tokenizer: Any, settings: dict[str, Any]) -> Tensor:
-        """An image file as the model input (1, 1, H, W), resized to the run's image size."""
-        return to_model_input(read_image(text, self.cfg.model.arch_options.image_size, invert=settings["invert"])[None])
+        """An image file as the model input (1, 1, H, W), resized to the run's image size (keeping
+        its aspect; said on stderr)."""
+        notes: list[str] = []
+        image = read_image(text, self.cfg.model.arch_options.image_size, invert=settings["invert"], notes=notes)
+        for note in notes:
+            print(f"[{Path(text).name}: {note}]", file=sys.stderr)
+        return to_model_input(image[None])
 
     def describe(self, data: ImageData) -> str:
         test = f" / {len(data.test.labels):,} test" if data.test is not None else ""

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, apply_overrides, load_yaml, save_yaml, to_dict
+from ..config import ConfigError, apply_overrides, load_yaml, read_yaml, save_yaml, to_dict
 from .compare_report import write_results
 from .config import RunConfig, run_config_from_dict
 
@@ -81,7 +81,7 @@ def load_spec(path: str | Path) -> CompareSpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"compare spec {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise _fail(f"{path} must hold a mapping with base, variants, budget and seeds")
     unknown = set(raw) - {"base", "overrides", "variants", "budget", "seeds", "metric", "parallel"}

@@ -170,6 +170,8 @@ class RunConfig:
             raise ConfigError(f"train.keep_last must be at least 1, got {t.keep_last}")
         if t.samples < 0:
             raise ConfigError(f"train.samples must be >= 0 (0 = no samples), got {t.samples}")
+        if t.threads is not None and t.threads < 1:
+            raise ConfigError(f"train.threads must be at least 1 (or null for torch's default), got {t.threads}")
         return self
 
 

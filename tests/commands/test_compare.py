@@ -144,3 +144,18 @@ def test_a_non_language_task_compares_on_its_own_metric_with_runs_placed_on_gpus
     records = [json.loads((tmp_path / "cmp" / name / "seed_0.json").read_text()) for name in ("cls", "mean")]
     assert sorted(r["cuda_visible_devices"] for r in records) == ["0", "1"]
     assert "CUDA_VISIBLE_DEVICES=" in (tmp_path / "cmp" / "cls" / "seed_0.log").read_text()
+
+
+def test_a_spec_that_is_not_valid_yaml_is_one_error(tmp_path, capsys) -> None:
+    """The same error path as `train` and `info` for a broken YAML file or one that is not UTF-8."""
+    from anyformer.cli import main
+
+    (tmp_path / "broken.yaml").write_text("base: [unclosed\nvariants: {a: {}}\n")
+    (tmp_path / "latin1.yaml").write_bytes("base: caf\xe9\n".encode("latin-1"))
+    for name, message in [("broken.yaml", "is not valid YAML"), ("latin1.yaml", "is not UTF-8 text")]:
+        for command in (["compare", str(tmp_path / name), "--out", str(tmp_path / "out")], ["info", str(tmp_path / name)],
+                        ["train", str(tmp_path / name)]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert message in err and name in err and "Traceback" not in err, (command, err)
+    assert not (tmp_path / "out").exists()

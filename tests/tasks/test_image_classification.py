@@ -237,3 +237,33 @@ def test_fashion_mnist_trains_and_reports_test_accuracy(tmp_path) -> None:
     out = t.task.report(t.model, t.data, t.env, tmp_path)
     assert out["test_images"] == 10000 and 0.0 <= out["test_accuracy"] <= 1.0
     assert Path(out["confusion_matrix"]).name == "confusion_test.png"
+
+
+def test_read_image_keeps_the_aspect_and_refuses_broken_files(tmp_path, capsys) -> None:
+    """A 17 x 300 image with a bright bar across its whole width: padded to a square before the
+    resize, the bar stays a thin band in the middle rows (a squash would spread it over every
+    row), and the resize is said; a truncated PNG is a one-line error naming the file."""
+    from PIL import Image
+
+    from anyformer.cli import main
+    from anyformer.tasks.image_classification import read_image
+
+    pixels = np.zeros((17, 300), dtype=np.uint8)
+    pixels[4:13] = 255
+    Image.fromarray(pixels, mode="L").save(tmp_path / "wide.png")
+    notes: list[str] = []
+    out = read_image(tmp_path / "wide.png", 8, notes=notes)
+    rows = out.float().mean(1)  # squashed, every row would average 9/17 of 255 = 135
+    assert rows[3:5].min() > 20 and rows.max() < 100 and rows[:2].max() < 5 and rows[6:].max() < 5, rows
+    assert notes == ["resized from 300 x 17 to the model's 8 x 8, padded to a square with its border colour 0 first"]
+    Image.fromarray(np.full((8, 8), 9, dtype=np.uint8), mode="L").save(tmp_path / "fits.png")
+    notes.clear()
+    assert bool((read_image(tmp_path / "fits.png", 8, notes=notes) == 9).all()) and notes == []
+    data = (tmp_path / "wide.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    vit = Path(__file__).parents[1] / "fixtures" / "vit_run_before_arch_options"
+    for command in (["classify", str(vit), str(tmp_path / "cut.png")], ["inspect", "attention", str(vit), "--image", str(tmp_path / "cut.png"),
+                                                                          "--out", str(tmp_path / "maps.png")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "could not be decoded" in err and "cut.png" in err, err
