@@ -196,14 +196,18 @@ def _save_atomic(obj: Any, path: Path) -> None:
 def read_point_file(path: str | Path) -> np.ndarray:
     """The points (N, 3) float64 of a `.xyz` or `.npy` file (extra columns dropped)."""
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{str(path)!r} is empty; a point file holds x, y, z per point")
     if path.suffix.lower() == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{str(path)!r} is not a NumPy .npy array file ({e})") from None
+        except (ValueError, OSError, EOFError) as e:  # EOFError: a truncated file
+            raise ValueError(f"{str(path)!r} is not a NumPy .npy array file ({e or 'it ends early'})") from None
         what = "an array"
     else:
         text = path.read_text(errors="replace").replace(",", " ")
+        if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
+            raise ValueError(f"{str(path)!r} holds no points (only comments or blank lines); an .xyz file holds 'x y z' per row")
         try:
             array = np.loadtxt(io.StringIO(text), comments="#", ndmin=2, dtype=np.float64)
         except ValueError as e:

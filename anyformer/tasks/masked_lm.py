@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -197,6 +198,11 @@ class MaskedLM(Task):
         tok, device = tokenizer, next(model.parameters()).device
         for sequence in inputs:
             body = tok.encode(sequence)
+            letters = re.sub(r"<[^>]*>", "", sequence)  # special tokens written out are the tokenizer's to check
+            bad = sorted({c for c in letters if c.upper() not in tok.index})
+            if bad:  # the tokenizer maps them to <unk>, as it does in training data; a query names them
+                raise ValueError(f"{''.join(bad)!r} are not residues of this vocabulary (amino-acid letters "
+                                 f"{''.join(t for t in tok.tokens if len(t) == 1)}); write <unk> for an unknown residue")
             masks = [i for i, t in enumerate(body) if t == tok.mask_id]
             if not masks:
                 raise ValueError("the sequence has no <mask>; put <mask> where a residue should be predicted")

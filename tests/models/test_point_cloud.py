@@ -294,6 +294,16 @@ def test_bad_point_files_are_named(tmp_path, monkeypatch) -> None:
     np.save(tmp_path / "same.npy", np.ones((70, 3)))
     with pytest.raises(ValueError, match="all its points at one place"):
         read_cloud(tmp_path / "same.npy", 64, 8)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty"):
+        read_cloud(tmp_path / "empty.npy", 64, 8)
+    np.save(tmp_path / "whole.npy", np.random.rand(70, 3))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "whole.npy").read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a NumPy .npy array file"):
+        read_cloud(tmp_path / "cut.npy", 64, 8)
+    (tmp_path / "comments.xyz").write_text("# x y z\n\n")
+    with pytest.raises(ValueError, match="holds no points"):
+        read_cloud(tmp_path / "comments.xyz", 64, 8)
     (tmp_path / "words.xyz").write_text("one two three\n")
     with pytest.raises(ValueError, match="not an .xyz text file"):
         read_cloud(tmp_path / "words.xyz", 64, 8)

@@ -150,6 +150,10 @@ def test_eval_and_fill_mask_commands_use_the_task(tmp_path, capsys) -> None:
     assert len(filled) == 11 and filled[:3] == "MKT" and filled[4:9] == "AYIAK" and "<" not in filled
     assert main(["fill-mask", str(tmp_path / "run"), "MKTAYIAKQR"]) != 0
     assert "the sequence has no <mask>" in capsys.readouterr().err
+    # a letter outside the vocabulary is named, not read as <unk> in silence; <unk> written out is fine
+    assert main(["fill-mask", str(tmp_path / "run"), "MKT<mask>J1"]) == 2
+    assert "'1J' are not residues of this vocabulary" in capsys.readouterr().err
+    assert main(["fill-mask", str(tmp_path / "run"), "MKT<mask><unk>A"]) == 0
 
 
 def test_two_process_ddp_matches_one_process(tmp_path) -> None:
