@@ -64,13 +64,20 @@ def run(args: argparse.Namespace) -> int:
 
     from ..pretrained import load_pretrained
     from ..pretrained.embed import embed_sentences, max_tokens, sentence_pooling
-    from ..pretrained.loading import check_checkpoint_path
+    from ..pretrained.loading import check_checkpoint_path, is_run_folder
 
     start = time.perf_counter()
     sentences = _sentences(args)
     if args.out and Path(args.out).suffix not in (".json", ".jsonl", ".npy", ".pt"):
         raise ValueError(f"--out {args.out!r}: unsupported file type; use .json, .jsonl, .npy or .pt")
     path = check_checkpoint_path(args.model)
+    if is_run_folder(path):  # a training run: its task's commands serve it (predict, fill-mask, ...)
+        from ..tasks import TASKS
+        from ..training.config import load_run_config
+
+        kind = load_run_config((path if (path / "config.yaml").is_file() else path.parent.parent) / "config.yaml").task.kind
+        raise ValueError(f"{str(path)!r} is a training run (task {kind!r}); `embed` reads a pretrained sentence encoder "
+                         f"(a Hugging Face or sentence-transformers folder). Use: {TASKS.get(kind).next_commands(path)}")
     if not path.is_dir():
         raise ValueError(f"{str(path)!r} is not a model directory; `embed` needs an encoder checkpoint (config.json + model.safetensors)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,6 +22,9 @@ def resolve_model_config(target: str, overrides: list[str]):  # type: ignore[no-
     from ..training.config import RunConfig
 
     p = Path(target)
+    checkpoint = _checkpoint(target)
+    if checkpoint is not None:  # a Hugging Face folder, a GGUF file or an installed package shipping one, as `generate --model` reads
+        return apply_overrides(checkpoint[0], overrides), None, checkpoint[1]
     if p.is_dir():
         if not (p / "config.yaml").is_file():
             raise FileNotFoundError(f"{target!r} is a folder without config.yaml; give a run folder written by `anyformer train`")
@@ -37,7 +40,31 @@ def resolve_model_config(target: str, overrides: list[str]):  # type: ignore[no-
         return apply_overrides(preset(target), overrides), None, f"preset {target}"
     if target.endswith((".yaml", ".yml")) or "/" in target:
         raise FileNotFoundError(f"{target!r} does not exist")
-    raise ConfigError(f"{target!r} is not a file, a run folder or a preset; presets: {', '.join(PRESETS.names())}")
+    raise ConfigError(f"{target!r} is not a file, a run folder, a checkpoint (a Hugging Face folder, a .gguf file or an installed "
+                      f"package shipping one) or a preset; presets: {', '.join(PRESETS.names())}")
+
+
+def _checkpoint(target: str):  # type: ignore[no-untyped-def]
+    """(ModelConfig, description) of a pretrained checkpoint `target` names, or None when it
+    names none: a folder with a Hugging Face config.json, a GGUF file, or an installed package
+    shipping either. Only the config is read (no weights)."""
+    import json
+
+    from ..convert import config_from_hf
+    from ..pretrained.gguf import gguf_hf_config, is_gguf_file
+    from ..pretrained.loading import _packaged_checkpoint
+
+    p = Path(target)
+    if not p.exists():
+        packaged = _packaged_checkpoint(target)
+        if packaged is None:
+            return None
+        p = packaged
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        return config_from_hf(json.loads((p / "config.json").read_text())), f"Hugging Face checkpoint {p}"
+    if is_gguf_file(p):
+        return config_from_hf(gguf_hf_config(p)), f"GGUF checkpoint {p}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:

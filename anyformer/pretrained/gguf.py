@@ -233,6 +233,17 @@ GGUF_ARCHITECTURES.register("llama")(GGUFArchitecture(_llama_config, _llama_tens
 # --------------------------------------------------------------------------- loading
 
 
+def gguf_hf_config(path: str | Path) -> dict[str, Any]:
+    """The Hugging Face config dict of a GGUF file, from its metadata and tensor names alone
+    (nothing is dequantized): what `anyformer info` needs."""
+    reader = _reader(path)
+    meta = read_metadata(reader)
+    arch_name = meta.get("general.architecture")
+    if arch_name is None or arch_name not in GGUF_ARCHITECTURES:
+        raise ConfigError(f"GGUF file {str(path)!r} has architecture {arch_name!r}; supported: {', '.join(GGUF_ARCHITECTURES.names())}")
+    return GGUF_ARCHITECTURES.get(arch_name).hf_config(meta, {t.name for t in reader.tensors})
+
+
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, progress: bool = False) -> GGUFCheckpoint:
     """Read a GGUF file, dequantize every tensor to `dtype` and rename it to the Hugging Face layout.
 

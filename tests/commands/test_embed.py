@@ -115,3 +115,11 @@ def test_sentence_bert_config_is_read_from_the_transformer_module_folder(tmp_pat
     (tmp_path / "0_Transformer" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 0}))
     with pytest.raises(ConfigError, match="max_seq_length must be a positive integer"):
         sentence_pooling(tmp_path)
+
+
+def test_embed_on_a_training_run_names_the_commands_that_serve_it(learned_run, capsys) -> None:
+    """A run folder is not a sentence encoder: one line, naming the run's task and its commands
+    (was an AttributeError from deep inside)."""
+    assert main(["embed", "--model", str(learned_run.dir), "some text"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a training run (task 'causal_lm')" in err and f"anyformer eval {learned_run.dir}" in err, err
