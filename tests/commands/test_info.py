@@ -35,3 +35,24 @@ def test_info_reads_a_packaged_gguf_without_loading_its_weights(capsys) -> None:
     out = capsys.readouterr().out
     assert out.startswith("GGUF checkpoint ") and "decoder, 30 layers, width 576, 9 heads (3 kv)" in out
     assert "134,515,008" in out  # SmolLM2-135M's parameter count
+
+
+def test_output_piped_into_a_reader_that_leaves_early_is_no_traceback(monkeypatch, capsys) -> None:
+    """`anyformer info gpt2-tiny | head -1`: once the reader has closed the pipe, the next write
+    fails; the command stops quietly with exit 141 (a shell's SIGPIPE status), not a traceback."""
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone: every write to the pipe fails with EPIPE
+    broken = os.fdopen(write_end, "w", buffering=1)
+    with capsys.disabled():
+        monkeypatch.setattr(sys, "stdout", broken)
+        try:
+            assert main(["info", "gpt2-tiny"]) == 141
+        finally:
+            monkeypatch.undo()
+            try:
+                broken.close()
+            except BrokenPipeError:
+                pass
