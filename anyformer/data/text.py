@@ -74,7 +74,17 @@ def text_files(path: str | None = None) -> list[Document]:
         raise FileNotFoundError(f"data.path {str(p)!r} does not exist")
     if not files:
         raise FileNotFoundError(f"no .txt files in {str(p)!r}")
-    return [(f.name, f.read_text(encoding="utf-8")) for f in files]
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{str(f)!r} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. "
+                             f"iconv -f latin1 -t utf-8") from None
+        docs.append((f.name, text))
+    if not any(text.strip() for _, text in docs):
+        raise ValueError(f"{str(p)!r} is empty: the corpus holds no text" if p.is_file() else f"every .txt file in {str(p)!r} is empty")
+    return docs
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:

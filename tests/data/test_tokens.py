@@ -88,3 +88,13 @@ def test_text_corpus_errors(tmp_path) -> None:
         prepare_tokens("text", path=str(tmp_path / "nope.txt"), cache_dir=tmp_path)
     with pytest.raises(ConfigError, match="corpus"):
         prepare_tokens("wikipedia", cache_dir=tmp_path)
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.txt' is not UTF-8 text \(invalid continuation byte at byte 3\)"):
+        prepare_tokens("text", path=str(tmp_path / "latin.txt"), cache_dir=tmp_path)
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match="blank.txt' is empty"):
+        prepare_tokens("text", path=str(tmp_path / "blank.txt"), cache_dir=tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text("")
+    with pytest.raises(ValueError, match="every .txt file in .* is empty"):
+        prepare_tokens("text", path=str(tmp_path / "folder"), cache_dir=tmp_path)
