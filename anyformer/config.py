@@ -475,8 +475,7 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """The contents of a YAML file (None when empty); one error path for every command that
-    reads one: a file that is not UTF-8 text or not valid YAML is a ConfigError naming it."""
+    """A YAML file's contents (None when empty); not UTF-8 or not YAML: a ConfigError naming it."""
     p = Path(path)
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8"))
