@@ -73,9 +73,18 @@ class Parts:
         module.build_context = ctx
         return module
 
-    def feedforward(self, ctx: BuildContext) -> nn.Module:
-        """The feed-forward sublayer of the configured kind."""
-        return FEEDFORWARDS.get(self.cfg.ffn.kind).build(self.cfg.ffn, ctx)
+    def feedforward(self, ctx: BuildContext, *, stateful: bool = False) -> nn.Module:
+        """The feed-forward sublayer of the configured kind. One that keeps a decoding state of
+        its own (RWKV's token-shifted channel mixing) is built only where the block passes it
+        that state (`stateful`: the sequential block without cross-attention)."""
+        ffn = FEEDFORWARDS.get(self.cfg.ffn.kind).build(self.cfg.ffn, ctx)
+        if not stateful and callable(getattr(ffn, "make_cache", None)):
+            raise ConfigError(
+                f"ffn kind '{self.cfg.ffn.kind}' keeps a decoding state (a token shift) that only block kind 'sequential' "
+                f"of a decoder-only stack carries; here the block kind is '{self.cfg.block.kind}' in stack '{ctx.stack}'"
+                f"{' with cross-attention' if ctx.cross else ''}. Use model.block.kind=sequential or another ffn kind"
+            )
+        return ffn
 
     def wrap(self, sublayer: nn.Module) -> nn.Module:
         """`sublayer` inside its residual connection and norm(s), as `model.norm.placement` says."""

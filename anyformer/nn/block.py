@@ -64,18 +64,58 @@ def attention_cache(attn: nn.Module, spec: Any) -> nn.Module:
     return inner.make_cache(spec)
 
 
-class TransformerBlock(nn.Module):
-    """Self-attention then feed-forward, each already wrapped in its residual placement."""
+def keeps_state(sublayer: nn.Module) -> bool:
+    """True for a (possibly placement-wrapped) feed-forward that keeps a decoding state of its
+    own (`make_cache`, e.g. RWKV's token-shifted channel mixing): it is called as
+    `ffn(x, ctx, cache=state)`."""
+    return callable(getattr(getattr(sublayer, "sublayer", sublayer), "make_cache", None))
+
+
+class BlockCache(nn.Module):
+    """A block's decoding state when its feed-forward keeps one too: the self-attention's
+    cache (whose batch, max_len and device it reports) and the feed-forward's."""
 
     def __init__(self, attn: nn.Module, ffn: nn.Module) -> None:
         super().__init__()
         self.attn, self.ffn = attn, ffn
 
+    @property
+    def max_len(self) -> int:
+        return self.attn.max_len
+
+    @property
+    def batch(self) -> int:
+        return self.attn.batch
+
+    @property
+    def device(self) -> Any:
+        return self.attn.device
+
+    def reorder(self, index: Tensor) -> None:
+        self.attn.reorder(index)
+        self.ffn.reorder(index)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention then feed-forward, each already wrapped in its residual placement. A
+    feed-forward that keeps a decoding state (`keeps_state`) gets the context and its part
+    of a `BlockCache`."""
+
+    def __init__(self, attn: nn.Module, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn, self.ffn = attn, ffn
+        self.ffn_state = keeps_state(ffn)
+
     def make_cache(self, spec: Any) -> nn.Module:
-        """This block's decoding cache (its self-attention's)."""
+        """This block's decoding cache (its self-attention's, with the feed-forward's state)."""
+        if self.ffn_state:
+            return BlockCache(attention_cache(self.attn, spec), getattr(self.ffn, "sublayer", self.ffn).make_cache(spec))
         return attention_cache(self.attn, spec)
 
     def forward(self, x: Tensor, ctx: Any, *, cache: Any = None) -> Tensor:  # (b, n, d)
+        if self.ffn_state:
+            attn_cache, ffn_cache = (None, None) if cache is None else (cache.attn, cache.ffn)
+            return self.ffn(self.attn(x, ctx, cache=attn_cache), ctx, cache=ffn_cache)
         return self.ffn(self.attn(x, ctx, cache=cache))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config import AttentionConfig, ModelConfig
+from ..config import AttentionConfig, ModelConfig, PositionalConfig
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,10 @@ class BuildContext:
     @staticmethod
     def standalone(attention: AttentionConfig, *, dim: int, **fields: object) -> "BuildContext":
         """A context for building one attention layer of width `dim` outside a model (tests,
-        benchmarks): a model config holding `attention` and that width."""
-        return BuildContext(model=ModelConfig(dim=dim, attention=attention), dim=dim, **fields)  # type: ignore[arg-type]
+        benchmarks): a model config holding `attention`, that width and no positional encoding
+        (the caller hands the layer its own through the attention context)."""
+        model = ModelConfig(dim=dim, attention=attention, positional=PositionalConfig(kind="none"))
+        return BuildContext(model=model, dim=dim, **fields)  # type: ignore[arg-type]
 
     def replace(self, **fields: object) -> "BuildContext":
         """A copy with some fields changed (e.g. cross=True for a block's cross-attention)."""

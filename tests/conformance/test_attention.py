@@ -17,7 +17,7 @@ from anyformer.models.summary import summarize
 from anyformer.nn.attention import ATTENTIONS
 from anyformer.training.checkpoint import load_weights, save_checkpoint
 
-from ..helpers import fit_losses, greedy_by_recompute
+from ..helpers import fit_losses, greedy_by_recompute, orders_itself
 
 # the package's own kinds (tests register others into the same registry)
 KINDS = [name for name in ATTENTIONS.names() if ATTENTIONS.get(name).__module__.startswith("anyformer.")]
@@ -27,7 +27,8 @@ SPARSE_OPTIONS = {"sliding_window": {"window": 6}, "dilated": {"window": 6}, "la
 
 def config(kind: str, arch: str = "decoder", **attention: object) -> ModelConfig:
     options = dict(SPARSE_OPTIONS.get(kind, {}), **attention.pop("options", {}))  # type: ignore[arg-type]
-    return ModelConfig(arch=arch, vocab_size=24, dim=32, num_layers=2, max_seq_len=48, ffn={"hidden_dim": 48},
+    positional = {"kind": "none"} if orders_itself(kind) else {}
+    return ModelConfig(arch=arch, vocab_size=24, dim=32, num_layers=2, max_seq_len=48, ffn={"hidden_dim": 48}, positional=positional,
                        attention={"kind": kind, "num_heads": 4, "options": options, **attention},
                        head={"kind": "mlm"} if arch == "encoder" else {})
 

@@ -57,7 +57,12 @@ def test_norms_and_placements(arch, norm, placement):
 @pytest.mark.parametrize("ffn", FEEDFORWARDS.names())
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
 def test_feedforwards(ffn, activation):
-    model = build("decoder", ffn__kind=ffn, ffn__activation=activation, ffn__bias=True, ffn__hidden_mult=2.5)
+    try:
+        model = build("decoder", ffn__kind=ffn, ffn__activation=activation, ffn__bias=True, ffn__hidden_mult=2.5)
+    except ValueError as e:  # a kind of fixed form (RWKV's channel mixing) refuses, naming the settings to leave unset
+        if "leave model.ffn" not in str(e):
+            raise
+        pytest.skip(str(e))
     tokens = torch.randint(0, 97, (2, 6))
     assert run_model(model, tokens).shape == (2, 6, 97)
     assert_all_params_get_grads(model, tokens)
@@ -84,12 +89,12 @@ def test_attention_kinds_shapes_and_gradients(kind, arch):
 @pytest.mark.parametrize("positional", POSITIONALS.names())
 def test_causal_model_ignores_future_tokens(kind, positional):
     skip_if_needs_graph(positional)
-    model = build("decoder", attention__kind=kind, positional__kind=positional)
     a = torch.randint(0, 97, (1, 12))
     b = a.clone()
     b[:, 7:] = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         try:
+            model = build("decoder", attention__kind=kind, positional__kind=positional)
             la, lb = model(a), model(b)
         except ValueError as e:  # a relative encoding's terms that the kind cannot take: refused, naming the encoding
             if "positional kind" not in str(e):

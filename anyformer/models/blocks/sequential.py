@@ -17,7 +17,7 @@ def build_sequential(parts: Parts, ctx: BuildContext) -> nn.Module:
     if parts.cfg.block.options:
         raise ValueError(f"block kind 'sequential' takes no options, got {sorted(parts.cfg.block.options)}")
     attn = parts.wrap(parts.attention(ctx))
-    ffn = parts.wrap(parts.feedforward(ctx))
+    ffn = parts.wrap(parts.feedforward(ctx, stateful=not ctx.cross))
     if ctx.cross:
         return CrossAttentionBlock(attn, parts.wrap(parts.cross_attention(ctx)), ffn)
     return TransformerBlock(attn, ffn)

@@ -19,7 +19,8 @@ class AttentionContext:
     q_pos: (b, n) positions of the queries; k_pos: (b, m) positions of all keys (cached ones
     included); mask: bool broadcastable to (b, h, n, m), True = attend; bias: a user-given
     additive float mask; causal: queries see only keys up to their own index; store: when a
-    list, each attention layer appends its (b, h, n, m) weights to it.
+    list, each attention layer appends its (b, h, n, m) weights to it; carry: values a layer
+    hands to later layers of the same forward (RWKV-7's first-layer values).
     """
 
     q_pos: Tensor
@@ -29,6 +30,7 @@ class AttentionContext:
     bias: Tensor | None = None
     causal: bool = False
     store: list[Tensor] | None = None
+    carry: dict[str, Tensor] = field(default_factory=dict)
     _logit_bias: Tensor | None = field(default=None, repr=False)
     _logit_bias_ready: bool = field(default=False, repr=False)
 
