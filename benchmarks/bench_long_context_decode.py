@@ -10,14 +10,17 @@ cost does not depend on what the weights learned), generating after contexts of 
 - rmt: memory tokens (`--segment` tokens per segment, 8 memory tokens);
 - infinite_former: a continuous memory (`--segment`, 32 basis functions per layer);
 - megabyte: patches of 8 (the global model's cache grows by one position per patch);
+- rwkv7, rwkv4: RWKV time mixing (4 heads for RWKV-7) with no positional encoding, decoding
+  with a constant-size state per layer;
 - sliding_window: sliding-window attention over the last `--window` tokens, decoding through a
   rolling cache of the last `--window` keys (no sinks; RoPE depends on distances only, so
   slot positions give the same logits).
 
 For each context length L the context is fed through the model's cache (the model protocol's
 decode_step, in chunks), then `--tokens` single-token steps are timed; reported: milliseconds
-per token (median of the steps) and the bytes the decoding state holds (every tensor of the
-cache). Flat columns are what the method claims.
+per token (median of the steps), the bytes the decoding state holds (every tensor of the
+cache, the model cache's per-position bookkeeping of 9 bytes a token included) and the bytes of
+the layers' own states (`layer_state_bytes`). Flat columns are what the method claims.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def build(method: str, args, longest: int):  # type: ignore[no-untyped-def]
         base.update(arch="megabyte", max_seq_len=size, options=dict(patch_size=8, local_dim=args.dim // 2, local_layers=2))
     elif method == "lm_infinite":
         base.update(max_seq_len=args.window)
+    elif method in ("rwkv7", "rwkv4"):
+        base.update(attention=dict(kind=method, num_heads=4), positional=dict(kind="none"))
     elif method == "sliding_window":
         base.update(max_seq_len=args.window, attention=dict(kind="sliding_window", num_heads=4, options=dict(window=args.window)))
     model = build_model(from_dict(ModelConfig, base).validate()).eval()
@@ -75,7 +80,7 @@ def build(method: str, args, longest: int):  # type: ignore[no-untyped-def]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="1024,4096,16384")
-    p.add_argument("--methods", default="plain,lm_infinite,rmt,infinite_former,megabyte,sliding_window")
+    p.add_argument("--methods", default="plain,lm_infinite,rmt,infinite_former,megabyte,sliding_window,rwkv7,rwkv4")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--window", type=int, default=256)
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     times.append(time.perf_counter() - start)
                     token = logits[:, -1:].argmax(-1)
             row = {"method": method, "context": length, "ms_per_token": 1000 * statistics.median(times),
-                   "state_bytes": state_bytes(cache), "read_context_s": read}
+                   "state_bytes": state_bytes(cache), "layer_state_bytes": state_bytes(list(getattr(cache, "layers", []))),
+                   "read_context_s": read}
             results["rows"].append(row)
             print(json.dumps(row), file=sys.stderr)
     text = json.dumps(results, indent=2)

@@ -92,12 +92,13 @@ def wkv4_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: tuple[Tensor
     else:
         a, den, p = state
     entering = []
-    for i in range(c):  # the state entering each chunk
+    # the state entering each chunk (unbind: one gradient stack, not a full-size zero per chunk)
+    for L_i, m_i, a_i, b_i in zip(length.unbind(0), m_c.unbind(1), a_c.unbind(1), b_c.unbind(1)):
         entering.append((a, den, p))
-        decayed = p - length[i] * w
-        top = torch.maximum(decayed, m_c[:, i])
-        e1, e2 = (decayed - top).exp(), (m_c[:, i] - top).exp()
-        a, den, p = e1 * a + e2 * a_c[:, i], e1 * den + e2 * b_c[:, i], top
+        decayed = p - L_i * w
+        top = torch.maximum(decayed, m_i)
+        e1, e2 = (decayed - top).exp(), (m_i - top).exp()
+        a, den, p = e1 * a + e2 * a_i, e1 * den + e2 * b_i, top
     a_in, b_in, p_in = (torch.stack(t, 1) for t in zip(*entering))  # (b, c, d) each
     # token t of a chunk reads token j < t at exponent k_j - (t-1-j) w, itself at u + k_t, and
     # the entering state at p - t w

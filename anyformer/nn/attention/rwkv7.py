@@ -107,9 +107,9 @@ def rwkv7_chunked(
     E = Z.transpose(-1, -2) @ b_end + v.transpose(-1, -2) @ k_end  # (B, c, N, N) values x keys
     S = r.new_zeros(B, N, N) if state is None else state.reshape(B, N, N)
     entering = []
-    for i in range(c):
+    for A_i, E_i in zip(A.unbind(1), E.unbind(1)):  # unbind: one gradient stack, not a full-size zero per chunk
         entering.append(S)
-        S = torch.baddbmm(E[:, i], S, A[:, i])
+        S = torch.baddbmm(E_i, S, A_i)
     S_in = torch.stack(entering, 1)  # (B, c, N, N)
     out = Y + Q @ S_in.transpose(-1, -2)  # (B, c, C, N)
     return out.reshape(b, h, c * C, N)[:, :, :n], S.view(b, h, N, N)
