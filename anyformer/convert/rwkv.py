@@ -32,6 +32,10 @@ from .hf_config import HF_READERS, HFReader
 _VECTORS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")
 _UNUSED_FIRST = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 RWKV7_MAX_LEN = 1 << 20  # a recurrence has no length limit; this only bounds a decoding call
+# official name -> ours, for the tensors outside the blocks; and the parts of a block
+_FIXED = {"emb.weight": "embed.tokens.weight", "blocks.0.ln0.weight": "embed.norm.weight", "blocks.0.ln0.bias": "embed.norm.bias",
+          "ln_out.weight": "stack.final_norm.weight", "ln_out.bias": "stack.final_norm.bias", "head.weight": "lm_head.proj.weight"}
+_PARTS = {"ln1": "attn.norm", "ln2": "ffn.norm", "att": "attn.sublayer", "ffn": "ffn.sublayer"}
 
 
 def _need(sd: dict[str, Tensor], key: str) -> Tensor:
@@ -63,16 +67,13 @@ def rwkv7_config(sd: dict[str, Tensor]) -> ModelConfig:
 
 def _our_name(key: str) -> str | None:
     """Our name of an official key (None: not an RWKV-7 tensor)."""
-    fixed = {"emb.weight": "embed.tokens.weight", "blocks.0.ln0.weight": "embed.norm.weight", "blocks.0.ln0.bias": "embed.norm.bias",
-             "ln_out.weight": "stack.final_norm.weight", "ln_out.bias": "stack.final_norm.bias", "head.weight": "lm_head.proj.weight"}
-    if key in fixed:
-        return fixed[key]
+    if key in _FIXED:
+        return _FIXED[key]
     m = re.fullmatch(r"blocks\.(\d+)\.(ln1|ln2|att|ffn)\.(.+)", key)
     if m is None:
         return None
     i, part, rest = m.groups()
-    where = {"ln1": "attn.norm", "ln2": "ffn.norm", "att": "attn.sublayer", "ffn": "ffn.sublayer"}[part]
-    return f"stack.blocks.{i}.{where}.{rest}"
+    return f"stack.blocks.{i}.{_PARTS[part]}.{rest}"
 
 
 def rwkv7_state_dict_from_official(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -102,17 +103,16 @@ def rwkv7_state_dict_from_official(sd: dict[str, Tensor], cfg: ModelConfig) -> d
 
 def rwkv7_state_dict_to_official(our_sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """The official RWKV-7 layout of our state dict (per-channel vectors as (1, 1, C))."""
+    fixed = {ours: official for official, ours in _FIXED.items()}
+    parts = {ours: official for official, ours in _PARTS.items()}
     inverse: dict[str, Tensor] = {}
     for key, t in our_sd.items():
         m = re.fullmatch(r"stack\.blocks\.(\d+)\.(attn\.norm|ffn\.norm|attn\.sublayer|ffn\.sublayer)\.(.+)", key)
-        fixed = {"embed.tokens.weight": "emb.weight", "embed.norm.weight": "blocks.0.ln0.weight", "embed.norm.bias": "blocks.0.ln0.bias",
-                 "stack.final_norm.weight": "ln_out.weight", "stack.final_norm.bias": "ln_out.bias", "lm_head.proj.weight": "head.weight"}
         if key in fixed:
             name = fixed[key]
         elif m is not None:
             i, where, rest = m.groups()
-            part = {"attn.norm": "ln1", "ffn.norm": "ln2", "attn.sublayer": "att", "ffn.sublayer": "ffn"}[where]
-            name = f"blocks.{i}.{part}.{rest}"
+            name = f"blocks.{i}.{parts[where]}.{rest}"
         else:
             raise ConversionError(f"anyformer tensor {key!r} has no place in the official RWKV-7 layout")
         vector = name.rsplit(".", 1)[-1] in _VECTORS and t.dim() == 1
