@@ -12,6 +12,8 @@ cost does not depend on what the weights learned), generating after contexts of 
 - megabyte: patches of 8 (the global model's cache grows by one position per patch);
 - rwkv7, rwkv4: RWKV time mixing (4 heads for RWKV-7) with no positional encoding, decoding
   with a constant-size state per layer;
+- hierarchical: H-Transformer-1D attention (blocks of 16) over an ordinary KV cache: each step
+  scores its own block and one pooled block per level, reading the whole cache to pool it;
 - sliding_window: sliding-window attention over the last `--window` tokens, decoding through a
   rolling cache of the last `--window` keys (no sinks; RoPE depends on distances only, so
   slot positions give the same logits).
@@ -69,6 +71,8 @@ def build(method: str, args, longest: int):  # type: ignore[no-untyped-def]
         base.update(max_seq_len=args.window)
     elif method in ("rwkv7", "rwkv4"):
         base.update(attention=dict(kind=method, num_heads=4), positional=dict(kind="none"))
+    elif method == "hierarchical":
+        base.update(attention=dict(kind="hierarchical", num_heads=4))
     elif method == "sliding_window":
         base.update(max_seq_len=args.window, attention=dict(kind="sliding_window", num_heads=4, options=dict(window=args.window)))
     model = build_model(from_dict(ModelConfig, base).validate()).eval()
