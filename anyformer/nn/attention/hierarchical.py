@@ -72,13 +72,13 @@ def _safe(m: Tensor) -> Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def _weighted(S: Tensor, shift: Tensor, values: Tensor, dropout: float, training_dropout: bool) -> tuple[Tensor, Tensor]:
+def _weighted(S: Tensor, shift: Tensor, values: Tensor, dropout: float) -> tuple[Tensor, Tensor]:
     """exp(S - shift) times values (b, h, ..., k, d) and the row sums of the weights: the
     unnormalised output (fp32) and its normaliser. Dropout drops weights of the output only,
     which is dropout on the normalised probabilities."""
     e = torch.exp(S - shift[..., None])  # (..., rows, keys), fp32 or wider
     a = e.sum(-1)
-    if training_dropout and dropout > 0:
+    if dropout > 0:
         e = F.dropout(e, dropout)
     return _wide(e.to(values.dtype) @ values), a
 
@@ -90,6 +90,7 @@ def _sibling(t: Tensor) -> Tensor:
 
 
 def _pairs_max(S: Tensor) -> Tensor:
+    """Row maxima of logits, outside autograd (a softmax shift cancels in the gradient)."""
     with torch.no_grad():
         return S.amax(-1)
 
@@ -112,7 +113,7 @@ def hierarchical_attention(
         S = _wide(q @ k.transpose(-1, -2)) * scale  # (b, h, n, n)
         if keep is not None:
             S = S.masked_fill(~keep[:, None, None, :], _NEG)
-        y, a = _weighted(S, _safe(_pairs_max(S)), v, dropout, True)
+        y, a = _weighted(S, _safe(_pairs_max(S)), v, dropout)
         return (y / a.clamp_min(1e-30)[..., None]).to(v.dtype)
     if top < 1:
         raise ValueError(f"hierarchical_attention needs levels >= 1, got {levels}")
@@ -150,7 +151,7 @@ def hierarchical_attention(
             Sd = _wide(qb @ kd.transpose(-1, -2)) + logc
             S, values = torch.cat([Sd, S], -1), torch.cat([vd, vb], -2)  # (b, h, c, r, 2r), (b, h, c, 2r, d)
         shift = _safe(_pairs_max(S))  # (b, h, c, r)
-        y, a = _weighted(S, shift, values, dropout, True)
+        y, a = _weighted(S, shift, values, dropout)
         parts.append((y.view(b, h, N, d), a.view(b, h, N), shift.view(b, h, N)))
     y, a, s = parts[-1]
     for yl, al, sl in reversed(parts[:-1]):  # interpolate coarse to fine, one level at a time
@@ -219,12 +220,12 @@ def causal_hierarchical_attention(
             view = M.view(b, h, L // B // 2, 2, B)[:, :, :, 1]
             view.copy_(torch.maximum(view, S.amax(-1)))
         M = _safe(M)
-    y, a = _weighted(Sd, M.view(b, h, c, block), v.view(b, h, c, block, d), dropout, True)
+    y, a = _weighted(Sd, M.view(b, h, c, block), v.view(b, h, c, block, d), dropout)
     y, a = y.view(b, h, L, d), a.view(b, h, L)
     for level, (S, vm) in enumerate(scores):
         B = block << level
         p = L // B // 2
-        yl, al = _weighted(S, M.view(b, h, p, 2, B)[:, :, :, 1], vm, dropout, True)
+        yl, al = _weighted(S, M.view(b, h, p, 2, B)[:, :, :, 1], vm, dropout)
         y = y.view(b, h, p, 2, B, d)
         y = torch.stack([y[:, :, :, 0], y[:, :, :, 1] + yl], 3).view(b, h, L, d)
         a = a.view(b, h, p, 2, B)
@@ -272,7 +273,7 @@ def causal_hierarchical_rows(
         K, V = torch.cat(keys, 2), torch.cat(values, 2)  # (b, h, j, d)
         S = _wide(q[:, :, t : t + 1] * scale @ K.transpose(-1, -2))  # (b, h, 1, j)
         S = S + torch.cat(biases, -1)[:, :, None]
-        y, a = _weighted(S, _safe(S.amax(-1)), V, 0.0, False)
+        y, a = _weighted(S, _safe(_pairs_max(S)), V, 0.0)
         outs.append((y / a.clamp_min(1e-30)[..., None]).to(v.dtype))
     return torch.cat(outs, 2)
 
