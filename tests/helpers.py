@@ -83,6 +83,26 @@ def fit_losses(model: torch.nn.Module, steps: int = 12, vocab: int = 24) -> list
     return losses
 
 
+def assert_decoding_in_chunks_equals_forward(model: torch.nn.Module, tokens: torch.Tensor, sizes: tuple[int, ...]) -> None:
+    """decode_step over `tokens` (b, n) in chunks of `sizes` (summing to n) from a fresh cache
+    gives the full forward's logits, and greedy generation from a prompt of 5 tokens of the first
+    row equals greedy decoding by recomputation."""
+    from anyformer.generation import generate
+
+    assert sum(sizes) == tokens.shape[1]
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.make_cache(tokens.shape[0])
+        parts, i = [], 0
+        for size in sizes:
+            chunk = tokens[:, i : i + size]
+            parts.append(model.decode_step(chunk, cache, cache.next_positions(torch.ones_like(chunk, dtype=torch.bool))))
+            i += size
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+    prompt = tokens[0, :5].tolist()
+    assert generate(model, [prompt], max_new_tokens=20)[0].tolist() == greedy_by_recompute(model, prompt, 20)
+
+
 def greedy_by_recompute(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy decoding without any cache: the argmax of a full forward over the whole sequence
     at every step (the reference cached generation must equal)."""

@@ -48,7 +48,6 @@ import ast
 import hashlib
 import re
 import sys
-import sysconfig
 import time
 import warnings
 from collections import defaultdict
@@ -58,8 +57,9 @@ from typing import Iterator
 
 import torch
 
+from .python_source import SKIP_DIRS, python_files, stdlib_root
+
 CACHE_VERSION = "1"  # bump when the graphs built from the same files change
-SKIP_DIRS = ("test", "tests", "idlelib", "site-packages", "__pycache__")
 FN_TOKEN = "<fn>"  # the function's own name in its body
 _WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
 _NOT_IDENTIFIERS = {("Constant", "value"), ("Constant", "kind")}
@@ -356,28 +356,6 @@ def source_graphs(source: str | bytes, module: str = "<string>") -> list[CodeGra
         warnings.simplefilter("ignore")  # invalid escape sequences and the like in old code
         tree = ast.parse(source, filename=module)
     return [function_graph(fn, module) for fn in iter_functions(tree) if split_subtokens(fn.name)]
-
-
-def stdlib_root() -> Path:
-    """The folder of this Python's standard library sources."""
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def python_files(root: Path) -> list[tuple[str, Path]]:
-    """(module path relative to `root`, file) of every .py file under `root` (or `root` itself
-    when it is a file), sorted, skipping folders named test, tests, idlelib, site-packages and
-    __pycache__ below the root."""
-    root = Path(root)
-    if root.is_file():
-        return [(root.name, root)]
-    if not root.is_dir():
-        raise FileNotFoundError(f"no folder or file of Python code at {str(root)!r}")
-    out = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if not set(rel.parts[:-1]) & set(SKIP_DIRS) and path.is_file():
-            out.append((rel.as_posix(), path))
-    return sorted(out)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..config import ConfigError
 from ..registry import Registry
+from .python_source import python_files, stdlib_root
 
 Document = tuple[str, str]
 CORPORA: Registry[Callable[..., list[Document]]] = Registry("corpus")
@@ -84,6 +85,29 @@ def text_files(path: str | None = None) -> list[Document]:
         docs.append((f.name, text))
     if not any(text.strip() for _, text in docs):
         raise ValueError(f"{str(p)!r} is empty: the corpus holds no text" if p.is_file() else f"every .txt file in {str(p)!r} is empty")
+    return docs
+
+
+DOCUMENT_START = "\x1e"  # ASCII record separator: opens every python_stdlib document, marking where one starts
+
+
+@CORPORA.register("python_stdlib")
+def python_sources(path: str | None = None) -> list[Document]:
+    """Python source files as long documents (the code setting of the Memorizing Transformers
+    paper): every .py file under `path` (default: this Python's standard library, without its
+    tests), sorted, each opened by DOCUMENT_START, which no file holds, so a model with a memory
+    can tell where a file begins (e.g. `model.memory.options.boundary_token`: its id)."""
+    root = Path(path).expanduser() if path else stdlib_root()
+    docs = []
+    for module, f in python_files(root):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # a few legacy files in other encodings
+        if text.strip() and DOCUMENT_START not in text:
+            docs.append((module, DOCUMENT_START + text))
+    if not docs:
+        raise FileNotFoundError(f"no UTF-8 Python files under {str(root)!r}")
     return docs
 
 

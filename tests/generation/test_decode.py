@@ -183,10 +183,11 @@ def _decodable(name: str) -> torch.nn.Module:
                                   options__local_heads=2),
         "rmt": lambda: build("decoder", memory__kind="rmt", memory__options={"num_memory": 2, "segment_len": 8}),
         "infinite_former": lambda: build("decoder", memory__kind="infinite_former", memory__options={"segment_len": 8, "num_basis": 4}),
+        "knn": lambda: build("decoder", memory__kind="knn", memory__options={"segment_len": 4, "memory_size": 8, "top_k": 2}),
     }[name]()
 
 
-@pytest.mark.parametrize("name", ["decoder", "encoder_decoder", "megabyte", "rmt", "infinite_former"])
+@pytest.mark.parametrize("name", ["decoder", "encoder_decoder", "megabyte", "rmt", "infinite_former", "knn"])
 def test_last_only_logits_are_the_last_row_of_the_full_logits(name: str) -> None:
     """Protocol: decode_step(..., last_only=True) returns (b, 1, V), equal to the last position of
     the full call on a fresh cache (prefill asks for no more); a decoder runs its head on that

@@ -47,9 +47,8 @@ from torch import Tensor, nn
 
 from ...config import ConfigError, ModelConfig, parse_options
 from ...nn.attention.mha import MultiHeadAttention
-from ...protocol import DecodingInfo
 from ..registry import MEMORIES
-from .rmt import ANY_LENGTH
+from .segmented import SegmentCache, SegmentedDecoder
 
 GRID = 512  # points of [0, 1] on which sticky sampling reads the attention densities
 
@@ -128,30 +127,23 @@ class LongTermMemory(nn.Module):
         return self.out(read), mu, var
 
 
-class InfiniteFormerCache(nn.Module):
+class InfiniteFormerCache(SegmentCache):
     """Decoding state: the wrapped decoder's cache of the current segment, the memories, and the
     states and densities gathered in the segment so far."""
 
     def __init__(self, make_inner: Callable[[], nn.Module], layers: int) -> None:
-        super().__init__()
-        self.make_inner = make_inner
-        self.inner = make_inner()
+        super().__init__(make_inner)
         self.memories: list[Tensor | None] = [None] * layers
-        self.filled = 0
-        self.length = 0
-
-    def next_positions(self, keep: Tensor) -> Tensor:
-        return self.length + keep.long().cumsum(-1) - 1
 
     def reorder(self, index: Tensor) -> None:
-        self.inner.reorder(index)
+        super().reorder(index)
         self.memories = [None if m is None else m.index_select(0, index) for m in self.memories]
 
 
-class InfiniteFormer(nn.Module):
+class InfiniteFormer(SegmentedDecoder):
     """A decoder read in segments with a continuous long-term memory per attention layer."""
 
-    causal = True
+    what = "the ∞-former"
 
     def __init__(self, model: nn.Module, cfg: ModelConfig) -> None:
         super().__init__()
@@ -243,10 +235,7 @@ class InfiniteFormer(nn.Module):
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """tokens (b, N) of any length -> logits (b, N, V)."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("the ∞-former reads rows without padding; give sequences of equal length")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, length), got shape {tuple(tokens.shape)}")
+        self.check_rows(tokens, attention_mask)
         s = self.options.segment_len
         memories: list[Tensor | None] = [None] * len(self.attention)
         outs = []
@@ -264,18 +253,9 @@ class InfiniteFormer(nn.Module):
 
     # --- the model protocol (anyformer.protocol) ---
 
-    def decoding_info(self) -> DecodingInfo:
-        info = self.inner.decoding_info()  # type: ignore[operator]
-        return DecodingInfo(encoder_decoder=False, max_seq_len=ANY_LENGTH, absolute_positions=info.absolute_positions,
-                            positional=info.positional)
-
-    def encode_source(self, src: Tensor, src_keep: Tensor) -> Any:
-        raise ValueError("the ∞-former is a decoder; its prompts are decoder tokens")
-
     def make_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None, window: int | None = None, **kwargs: Any) -> InfiniteFormerCache:
-        if window is not None:
-            raise ValueError("the ∞-former keeps a long-term memory instead of a rolling cache; drop `window`")
+        self.check_decoding(window=window)
         s = self.options.segment_len
         cache = InfiniteFormerCache(lambda: self.inner.make_cache(batch, s, dtype=dtype, device=device), len(self.attention))  # type: ignore[operator]
         cache.pending = {"inputs": [[] for _ in self.attention], "densities": [[] for _ in self.attention]}  # type: ignore[attr-defined]
@@ -284,8 +264,7 @@ class InfiniteFormer(nn.Module):
     def decode_step(self, tokens: Tensor, cache: InfiniteFormerCache, positions: Tensor, *, attention_mask: Tensor | None = None,
                     source: Any = None, last_only: bool = False) -> Tensor:
         """(b, n) tokens -> logits (b, n, V); a full segment updates the memories."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("the ∞-former generates rows of equal length only (no padding); give prompts one at a time")
+        self.check_decoding(attention_mask)
         s = self.options.segment_len
         outs, i, n = [], 0, tokens.shape[1]
         pending = cache.pending  # type: ignore[attr-defined]

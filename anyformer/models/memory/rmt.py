@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from ...config import ConfigError, ModelConfig, parse_options
 from ...protocol import DecodingInfo
 from ..registry import MEMORIES
+from .segmented import ANY_LENGTH, SegmentCache
 
-ANY_LENGTH = 2**62  # what decoding_info reports as the longest sequence: no limit
 
 
 @dataclass
@@ -57,25 +57,17 @@ class RMTOptions:
     bptt_depth: int | None = None
 
 
-class RMTCache(nn.Module):
+class RMTCache(SegmentCache):
     """Decoding state: the wrapped decoder's cache of the current segment, the memory (b, m, d)
     and how many tokens the segment holds; `length` counts every token seen."""
 
     def __init__(self, make_inner: Callable[[], nn.Module], memory: Tensor) -> None:
-        super().__init__()
-        self.make_inner = make_inner
-        self.inner = make_inner()
+        super().__init__(make_inner)
         self.memory = memory
-        self.filled = 0
-        self.length = 0
         self.started = False  # the read memory of the current segment is in the inner cache
 
-    def next_positions(self, keep: Tensor) -> Tensor:
-        """Positions (b, n) of new tokens in the whole text (the wrapped model places them by segment)."""
-        return self.length + keep.long().cumsum(-1) - 1
-
     def reorder(self, index: Tensor) -> None:
-        self.inner.reorder(index)
+        super().reorder(index)
         self.memory = self.memory.index_select(0, index)
 
 

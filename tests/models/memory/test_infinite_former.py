@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from anyformer.config import ConfigError
-from anyformer.generation import generate
 from anyformer.models.memory.infinite_former import basis, density, expected_basis, fit
 from anyformer.training import Trainer
 
-from tests.helpers import build, greedy_by_recompute
+from tests.helpers import assert_decoding_in_chunks_equals_forward, build
 from tests.training_helpers import interrupted_copy, tiny_config
 
 
@@ -77,18 +76,7 @@ def test_an_untrained_memory_is_the_segmented_plain_model_and_a_trained_one_reac
 def test_cached_decoding_equals_the_full_forward(sticky: bool) -> None:
     model = former(sticky=sticky, samples=12)
     tokens = torch.randint(0, 97, (2, 29))
-    with torch.no_grad():
-        full = model(tokens)
-        cache = model.make_cache(2)
-        parts, i = [], 0
-        for size in (3, 7, 1, 18):
-            chunk = tokens[:, i : i + size]
-            parts.append(model.decode_step(chunk, cache, cache.next_positions(torch.ones_like(chunk, dtype=torch.bool))))
-            i += size
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
-    prompt = tokens[0, :5].tolist()
-    out = generate(model, [prompt], max_new_tokens=20)[0].tolist()
-    assert out == greedy_by_recompute(model, prompt, 20)
+    assert_decoding_in_chunks_equals_forward(model, tokens, (3, 7, 1, 18))
 
 
 def test_trains_from_a_config_and_resumes_exactly(tmp_path) -> None:
