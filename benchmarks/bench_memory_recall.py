@@ -15,8 +15,9 @@ steps, loss on the answers only; in the first third of the steps every batch is 
 the questions beside the facts, which teaches the look-up itself; after that each batch has 1
 to `--max-gap` + 2 segments, drawn uniformly): the Recurrent
 Memory Transformer (`--memory` tokens, full backpropagation through the segments), the
-∞-former (a continuous memory of `--basis` basis functions per layer) and the segmented plain
-model (no memory: chance level, 1/16, is all it can reach). A fourth model of the same size
+∞-former (a continuous memory of `--basis` basis functions per layer), the kNN memory (`--models
+knn`: the last layer retrieves the `--top-k` best keys of every earlier segment) and the segmented plain
+model (no memory: chance level, 1/16, is all it can reach). Another model of the same size
 reads the whole sequence with sliding-window attention over the last `--segment` tokens (its
 reach is layers x segment tokens back, a fixed horizon). Reported: held-out
 accuracy per gap (fixed seeds, `--eval` sequences each) and training time. The cost per token
@@ -54,7 +55,7 @@ def batch(n: int, segments: int, seg: int, facts: int, g):  # type: ignore[no-un
 
 
 def make(kind: str, memory: int, seg: int, dim: int, layers: int, longest: int):  # type: ignore[no-untyped-def]
-    """kind rmt / infinite_former (a memory around the decoder, reading one segment at a time), or
+    """kind rmt / infinite_former / knn (a memory around the decoder, reading one segment at a time), or
     sliding_window: the same decoder reading the whole sequence, each query attending to the
     `seg` most recent tokens (itself included)."""
     from anyformer.config import ModelConfig, from_dict
@@ -63,6 +64,8 @@ def make(kind: str, memory: int, seg: int, dim: int, layers: int, longest: int):
     base = dict(arch="decoder", vocab_size=64, dim=dim, num_layers=layers, attention=dict(num_heads=4), positional=dict(kind="rope"))
     if kind == "sliding_window":
         base.update(max_seq_len=longest, attention=dict(kind="sliding_window", num_heads=4, options=dict(window=seg)))
+    elif kind == "knn":  # the memory holds every earlier segment; the last layer retrieves `memory` entries per query
+        base.update(max_seq_len=seg, memory=dict(kind="knn", options=dict(segment_len=seg, memory_size=longest, top_k=memory)))
     else:
         options = dict(num_memory=memory, segment_len=seg) if kind == "rmt" else dict(num_basis=memory, segment_len=seg)
         base.update(max_seq_len=seg + 2 * max(memory, 1), memory=dict(kind=kind, options=options))
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment", type=int, default=16)
     p.add_argument("--memory", type=int, default=8, help="RMT memory tokens")
     p.add_argument("--basis", type=int, default=32, help="∞-former basis functions")
+    p.add_argument("--top-k", type=int, default=8, help="entries the kNN memory retrieves per query")
     p.add_argument("--models", default="rmt,infinite_former,segmented,sliding_window")
     p.add_argument("--facts", type=int, default=4)
     p.add_argument("--max-gap", type=int, default=3)
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     results: dict = {"args": vars(args), "threads": torch.get_num_threads(), "models": {}}
     kinds = {"rmt": ("rmt", args.memory), "infinite_former": ("infinite_former", args.basis), "segmented": ("rmt", 0),
-             "sliding_window": ("sliding_window", 0)}
+             "sliding_window": ("sliding_window", 0), "knn": ("knn", args.top_k)}
     longest = (max(args.max_gap, *(int(x) for x in args.eval_gaps.split(","))) + 2) * args.segment
     for name in args.models.split(","):
         if name not in kinds:

@@ -159,3 +159,13 @@ def test_a_spec_that_is_not_valid_yaml_is_one_error(tmp_path, capsys) -> None:
             err = capsys.readouterr().err
             assert message in err and name in err and "Traceback" not in err, (command, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_shipped_comparison_loads_and_its_variants_validate() -> None:
+    from tests.helpers import REPO
+
+    specs = sorted((REPO / "configs" / "compare").glob("*.yaml"))
+    assert {"attention.yaml", "mixers.yaml"} <= {p.name for p in specs}
+    for path in specs:
+        spec = load_spec(path)  # each variant's config is validated as it is read
+        assert spec.variants and len(spec.seeds) >= 1, path

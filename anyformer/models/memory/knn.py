@@ -40,6 +40,7 @@ boundary_token (None).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -82,18 +83,23 @@ def _faiss() -> Any:
     return faiss
 
 
+_SERIALS = itertools.count()
+
+
 class Memory:
     """The external memory of one layer: a ring of `capacity` slots per row holding keys and
-    values (b, g, C, d), the document of each slot (b, C; -1: empty or cleared) and the order
-    in which the slots were written (oldest overwritten first)."""
+    values (b, g, C, d), the document of each slot (b, C; -1: empty or cleared) and when each
+    slot was written (C,; a count of tokens, the same in every row: oldest overwritten first)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.docs: Tensor | None = None
+        self.stamps: Tensor | None = None
         self.written = 0  # tokens written per row so far
-        self.version = 0  # bumped by every change, so a search index knows when to rebuild
+        self.reorders = 0  # rows permuted (beam search): a search index must be rebuilt
+        self.serial = next(_SERIALS)  # tells memories apart (an id() can be reused once one is freed)
 
     def size(self) -> int:
         """Entries held (in any row), at most the capacity."""
@@ -109,6 +115,7 @@ class Memory:
             self.keys = keys.new_zeros(b, g, self.capacity, d)
             self.values = values.new_zeros(b, g, self.capacity, values.shape[-1])
             self.docs = torch.full((b, self.capacity), -1, dtype=torch.long, device=keys.device)
+            self.stamps = torch.full((self.capacity,), -1, dtype=torch.long)
         if s > self.capacity:  # only the newest `capacity` of them can be kept
             keys, values, docs = keys[:, :, -self.capacity:], values[:, :, -self.capacity:], docs[:, -self.capacity:]
             self.written += s - self.capacity
@@ -117,8 +124,8 @@ class Memory:
         self.keys[:, :, slots] = keys.detach().to(self.keys.dtype)
         self.values[:, :, slots] = values.detach().to(self.values.dtype)  # type: ignore[index]
         self.docs[:, slots] = docs  # type: ignore[index]
+        self.stamps[slots.cpu()] = self.written + torch.arange(s)  # type: ignore[index]
         self.written += s
-        self.version += 1
 
     def clear_before(self, docs: Tensor) -> None:
         """Clear every entry of a document earlier than docs (b,) in its row."""
@@ -126,22 +133,54 @@ class Memory:
             stale = (self.docs >= 0) & (self.docs < docs[:, None])
             if bool(stale.any()):
                 self.docs = self.docs.masked_fill(stale, -1)
-                self.version += 1
 
     def reorder(self, index: Tensor) -> None:
         if self.keys is not None:
             self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)  # type: ignore[union-attr]
             self.docs = self.docs.index_select(0, index)  # type: ignore[union-attr]
-            self.version += 1
+            self.reorders += 1
+
+
+class FaissIndex:
+    """A faiss index over some entries of one row and key/value head of a memory, added in the
+    order they were written: their slots and write stamps (an entry whose slot was since
+    overwritten, or whose document was cleared, is stale and never returned)."""
+
+    def __init__(self, o: KNNMemoryOptions, dim: int) -> None:
+        faiss = _faiss()
+        if o.search == "hnsw":
+            self.index = faiss.IndexHNSWFlat(dim, o.hnsw_neighbors, faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efSearch = max(o.hnsw_ef_search, 2 * o.top_k)
+        else:
+            self.index = faiss.IndexFlatIP(dim)
+        self.slots = torch.zeros(0, dtype=torch.long)
+        self.stamps = torch.zeros(0, dtype=torch.long)
+
+    def add(self, keys: Tensor, slots: Tensor, stamps: Tensor) -> None:
+        """keys (e, d) of the entries in `slots` written at `stamps` (e,)."""
+        if len(slots):
+            self.index.add(keys.detach().float().cpu().contiguous().numpy())
+            self.slots, self.stamps = torch.cat([self.slots, slots.cpu()]), torch.cat([self.stamps, stamps.cpu()])
+
+    def live(self, memory: Memory, row: int) -> Tensor:
+        """Which entries (e,) still hold what was added."""
+        return (memory.stamps[self.slots] == self.stamps) & (memory.docs[row].cpu()[self.slots] >= 0)  # type: ignore[index]
 
 
 class Search:
     """Top-k inner-product search of queries (b, h, n, d) over a memory's keys: the slots
-    (b, h, n, k) of the best entries of each query's own document, and whether each was found."""
+    (b, h, n, k) of the best entries of each query's own document, and whether each was found.
+
+    The faiss indices (one per row and key/value head) take each segment's entries as they
+    arrive; an exact (flat) index is rebuilt from the live entries once any is stale (a copy),
+    an HNSW graph once stale entries outnumber half the live ones, and it is searched for 2k
+    candidates, of which the k best live ones are kept."""
 
     def __init__(self, o: KNNMemoryOptions) -> None:
         self.options = o
-        self._built: tuple[int, int, list[list[tuple[Any, Tensor]]]] | None = None  # (memory id, version, indices)
+        self._memory: tuple[int, int] | None = None  # (serial, reorders) of the memory the indices follow
+        self._synced = 0  # memory.written when the indices last took new entries
+        self._indices: list[list[FaissIndex]] = []
 
     def __call__(self, q: Tensor, memory: Memory, query_docs: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if self.options.search == "torch":
@@ -159,49 +198,57 @@ class Search:
         best, slots = scores.topk(min(k, used), dim=-1)  # (b, h, n, k)
         return slots, torch.isfinite(best)
 
-    def _indices(self, memory: Memory) -> list[list[tuple[Any, Tensor]]]:
-        """Per row and key/value head: a faiss index over the entries held and their slots."""
-        if self._built is not None and self._built[0] == id(memory) and self._built[1] == memory.version:
-            return self._built[2]
-        faiss, o = _faiss(), self.options
-        keys, docs = memory.keys, memory.docs
-        b, g, _, d = keys.shape  # type: ignore[union-attr]
-        built = []
-        for r in range(b):
-            slots = torch.nonzero(docs[r] >= 0).flatten()  # type: ignore[index]
-            row = []
-            for j in range(g):
-                if o.search == "hnsw":
-                    index = faiss.IndexHNSWFlat(d, o.hnsw_neighbors, faiss.METRIC_INNER_PRODUCT)
-                    index.hnsw.efSearch = max(o.hnsw_ef_search, o.top_k)
-                else:
-                    index = faiss.IndexFlatIP(d)
-                if len(slots):
-                    index.add(keys[r, j, slots].float().cpu().contiguous().numpy())  # type: ignore[index]
-                row.append((index, slots))
-            built.append(row)
-        self._built = (id(memory), memory.version, built)
-        return built
+    def _fresh(self, memory: Memory, row: int, head: int) -> FaissIndex:
+        """An index over the live entries of a row and head, oldest first."""
+        index = FaissIndex(self.options, memory.keys.shape[-1])  # type: ignore[union-attr]
+        held = torch.nonzero((memory.stamps >= 0) & (memory.docs[row].cpu() >= 0)).flatten()  # type: ignore[operator, index]
+        held = held[memory.stamps[held].argsort()]  # type: ignore[index]
+        index.add(memory.keys[row, head, held.to(memory.keys.device)], held, memory.stamps[held])  # type: ignore[index]
+        return index
+
+    def _sync(self, memory: Memory) -> None:
+        """Bring the indices up to date with the memory: new entries added, stale ones purged."""
+        b, g = memory.keys.shape[:2]  # type: ignore[union-attr]
+        if self._memory != (memory.serial, memory.reorders):
+            self._indices = [[self._fresh(memory, r, j) for j in range(g)] for r in range(b)]
+            self._memory, self._synced = (memory.serial, memory.reorders), memory.written
+            return
+        new = min(memory.written - self._synced, memory.capacity)
+        stamps = torch.arange(memory.written - new, memory.written)
+        slots = stamps % memory.capacity
+        self._synced = memory.written
+        for r, row in enumerate(self._indices):
+            for j, index in enumerate(row):
+                index.add(memory.keys[r, j, slots.to(memory.keys.device)], slots, stamps)  # type: ignore[index]
+                alive = int(index.live(memory, r).sum())
+                stale = index.index.ntotal - alive
+                if stale and (self.options.search == "flat" or stale > alive // 2):
+                    row[j] = self._fresh(memory, r, j)
 
     def _faiss(self, q: Tensor, memory: Memory, query_docs: Tensor, k: int) -> tuple[Tensor, Tensor]:
         b, h, n, d = q.shape
         g = memory.keys.shape[1]  # type: ignore[union-attr]
+        self._sync(memory)
         slots = torch.zeros(b, h, n, k, dtype=torch.long)
         found = torch.zeros(b, h, n, k, dtype=torch.bool)
-        for r, row in enumerate(self._indices(memory)):
-            held_docs = memory.docs[r]  # type: ignore[index]
-            for j, (index, held) in enumerate(row):
-                if index.ntotal == 0:
+        for r, row in enumerate(self._indices):
+            for j, index in enumerate(row):
+                total = index.index.ntotal
+                if total == 0:
                     continue
                 heads = slice(j * (h // g), (j + 1) * (h // g))
                 queries = q[r, heads].detach().float().cpu().reshape(-1, d).contiguous().numpy()  # (h/g * n, d)
-                _, ids = index.search(queries, min(k, index.ntotal))
-                ids = torch.from_numpy(ids).view(h // g, n, -1)
-                hit = ids >= 0
-                slot = held[ids.clamp(min=0)].cpu()
-                same = held_docs.cpu()[slot] == query_docs[r].cpu()[None, :, None]  # the query's own document
-                slots[r, heads, :, : ids.shape[-1]] = slot
-                found[r, heads, :, : ids.shape[-1]] = hit & same
+                live = index.live(memory, r)
+                want = min(total, k if bool(live.all()) else 2 * k)
+                _, ids = index.index.search(queries, want)
+                ids = torch.from_numpy(ids).view(h // g, n, want)
+                entry = ids.clamp(min=0)
+                slot = index.slots[entry]
+                ok = (ids >= 0) & live[entry] & (memory.docs[r].cpu()[slot] == query_docs[r].cpu()[None, :, None])
+                keep = (~ok).long().argsort(dim=-1, stable=True)[..., :k]  # the best live candidates, in rank order
+                take = keep.shape[-1]
+                slots[r, heads, :, :take] = slot.gather(-1, keep)
+                found[r, heads, :, :take] = ok.gather(-1, keep)
         return slots.to(q.device), found.to(q.device)
 
 

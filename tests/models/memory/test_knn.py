@@ -244,10 +244,19 @@ def test_cached_decoding_equals_the_full_forward(options) -> None:  # type: igno
 
 
 @needs_faiss
-def test_faiss_flat_search_gives_the_torch_models_outputs() -> None:
-    tokens = torch.randint(0, 97, (2, 30))
+def test_faiss_search_gives_the_torch_models_outputs_through_eviction_boundaries_and_decoding() -> None:
+    """The faiss indices take each segment as it comes and drop stale entries: exact search
+    must stay the torch search's; HNSW (a graph searched broadly) too on a small memory with
+    nothing stale (with stale entries it searches 2k candidates and may keep fewer than k)."""
+    tokens = torch.randint(1, 97, (2, 70))
+    tokens[0, 21], tokens[1, 45] = 0, 0  # documents start mid-segment
+    options = {"memory_size": 20, "top_k": 3, "boundary_token": 0}  # the ring wraps every few segments
     with torch.no_grad():
-        torch.testing.assert_close(knn(search="flat")(tokens), knn()(tokens), atol=1e-5, rtol=1e-5)
+        exact = knn(**options)(tokens)
+        torch.testing.assert_close(knn(search="flat", **options)(tokens), exact, atol=1e-5, rtol=1e-5)
+        roomy = {"memory_size": 80, "top_k": 3}
+        torch.testing.assert_close(knn(search="hnsw", hnsw_ef_search=64, **roomy)(tokens), knn(**roomy)(tokens), atol=1e-5, rtol=1e-5)
+    assert_decoding_in_chunks_equals_forward(knn(search="flat", **options), tokens, (5, 30, 1, 1, 33))
 
 
 def test_gradients_reach_the_gate_and_the_retrieving_queries() -> None:
