@@ -95,8 +95,9 @@ DOCUMENT_START = "\x1e"  # ASCII record separator: opens every python_stdlib doc
 def python_sources(path: str | None = None) -> list[Document]:
     """Python source files as long documents (the code setting of the Memorizing Transformers
     paper): every .py file under `path` (default: this Python's standard library, without its
-    tests), sorted, each opened by DOCUMENT_START, which no file holds, so a model with a memory
-    can tell where a file begins (e.g. `model.memory.options.boundary_token`: its id)."""
+    tests), sorted, each opened by DOCUMENT_START, so a model with a memory can tell where a file
+    begins (e.g. `model.memory.options.boundary_token`: its id). Files that are not UTF-8, are
+    blank, or hold DOCUMENT_START themselves (none of the standard library's) are left out."""
     root = Path(path).expanduser() if path else stdlib_root()
     docs = []
     for module, f in python_files(root):
