@@ -301,21 +301,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(
-                f"{where}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}"
-            )
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
         return value
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
@@ -481,8 +476,10 @@ def read_yaml(path: str | Path) -> Any:
         return yaml.safe_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: what is wrong and where
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{p} is not valid YAML: {problem}{where}") from None
 
 
 def load_yaml(cls: type[C], path: str | Path) -> C:
@@ -493,7 +490,10 @@ def load_yaml(cls: type[C], path: str | Path) -> C:
     data = read_yaml(p) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping at the top level, got {type(data).__name__}")
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:  # the file is named once
+        raise e if str(p) in str(e) else type(e)(f"{p}: {e}") from None
 
 
 def parse_options(cls: type[C], options: dict[str, Any], where: str) -> C:

@@ -1,8 +1,11 @@
 """The library's small C++ CPU kernels, built on first use.
 
 Each kernel is one .cpp file shipped inside the package and compiled with the PyTorch C++
-extension tools the first time it is needed (tens of seconds; cached per machine under
-~/.cache/torch_extensions). Its module exposes `supported()`, which checks at run time that
+extension tools the first time it is needed (tens of seconds). The build is cached under
+$ANYFORMER_CACHE/native (default ~/.cache/anyformer/native), keyed by the source's contents:
+every checkout of the same code shares it. A build folder another process holds locked is
+waited for up to ANYFORMER_NATIVE_LOCK_TIMEOUT seconds (default 600), then given up with a
+message naming the lock file. Its module exposes `supported()`, which checks at run time that
 this CPU has the instructions the kernel was written for (AVX-512, with BF16 dot products).
 
 Where a kernel cannot be built (no C++ compiler, missing headers) or the CPU lacks those
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 import warnings
 from typing import Any
 
@@ -34,28 +38,90 @@ class NativeKernelError(RuntimeError):
 _MISSING = object()
 
 
-def _fingerprint(source: str) -> str:
-    """A short hash of `source` and the local headers it includes (`#include "x.h"`, resolved
-    next to it), so that a change in either builds a fresh module instead of reusing a stale one."""
-    digest = hashlib.sha256()
-    todo, seen = [os.path.abspath(source)], set()
+def _local_files(source: str) -> list[str]:
+    """`source` and the local headers it includes (`#include "x.h"`, resolved next to the file
+    that includes it, recursively), as absolute paths, `source` first."""
+    todo, seen = [os.path.abspath(source)], []
     while todo:
-        path = todo.pop()
+        path = todo.pop(0)
         if path in seen:
             continue
-        seen.add(path)
+        seen.append(path)
         with open(path, "rb") as f:
             text = f.read()
-        digest.update(text)
         for inc in re.findall(rb'^#include "([^"]+)"', text, flags=re.M):
             todo.append(os.path.normpath(os.path.join(os.path.dirname(path), inc.decode())))
+    return seen
+
+
+def _fingerprint(source: str) -> str:
+    """A short hash of the contents of `source` and its local headers (their names relative to
+    it, not where the checkout is), so a change in either builds a fresh module."""
+    digest = hashlib.sha256()
+    root = os.path.dirname(os.path.abspath(source))
+    for path in _local_files(source):
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()[:10]
+
+
+def _cache_root() -> str:
+    return os.environ.get("ANYFORMER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "anyformer")
+
+
+def build_paths(source: str, build_name: str) -> tuple[str, str]:
+    """(source to compile, build folder) of `build_name`: the source and its headers copied into
+    a folder named after their contents under $ANYFORMER_CACHE/native, so every checkout of the
+    same code compiles the same paths and shares one build (the build tool sees nothing changed)
+    instead of rebuilding over another checkout's."""
+    native = os.path.join(_cache_root(), "native")
+    src_dir, build_dir = os.path.join(native, "src", build_name), os.path.join(native, "build", build_name)
+    root = os.path.dirname(os.path.abspath(source))
+    for path in _local_files(source):
+        target = os.path.join(src_dir, os.path.relpath(path, root))
+        if not os.path.exists(target):  # the folder's name is its contents' hash: a present file is the same
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.{os.getpid()}.tmp"
+            with open(path, "rb") as f_in, open(tmp, "wb") as f_out:
+                f_out.write(f_in.read())
+            os.replace(tmp, target)
+    os.makedirs(build_dir, exist_ok=True)
+    return os.path.join(src_dir, os.path.basename(source)), build_dir
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another process's build of the same kernel
+    (ANYFORMER_NATIVE_LOCK_TIMEOUT, default 600)."""
+    try:
+        return float(os.environ.get("ANYFORMER_NATIVE_LOCK_TIMEOUT", "600"))
+    except ValueError:
+        return 600.0
+
+
+def wait_for_lock(build_dir: str, timeout: float) -> None:
+    """Return once no build holds the lock of `build_dir`; raise BuildLocked when its lock file
+    has stood for `timeout` seconds (a build that takes that long, or one that crashed and
+    left it behind)."""
+    lock = os.path.join(build_dir, "lock")
+    while True:
+        try:
+            age = time.time() - os.stat(lock).st_mtime
+        except FileNotFoundError:
+            return
+        if age >= timeout:
+            raise BuildLocked(f"its build folder has been locked for {age:.0f} s by {lock} (another process building it, "
+                              "or a build that was killed); if no build is running, delete that file to build again")
+        time.sleep(min(1.0, max(0.05, timeout - age)))
+
+
+class BuildLocked(RuntimeError):
+    """A kernel's build folder stays locked past the timeout."""
 
 
 def failure_marker(build_name: str) -> str:
     """The file that records a failed build of `build_name` (name plus source hash)."""
-    root = os.environ.get("ANYFORMER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "anyformer")
-    return os.path.join(root, "native", f"{build_name}.failed")
+    return os.path.join(_cache_root(), "native", f"{build_name}.failed")
 
 
 def _remember_failure(build_name: str, err: BaseException) -> str | None:
@@ -83,10 +149,19 @@ def load(name: str, source: str) -> Any | None:
             _MODULES[name] = None
             return None
         try:
+            staged, build_dir = build_paths(source, build_name)
+            wait_for_lock(build_dir, lock_timeout())
+        except (OSError, BuildLocked) as err:  # a read-only cache or a stuck lock: this process goes without
+            if require:
+                raise NativeKernelError(f"C++ kernel {name} cannot be built and ANYFORMER_REQUIRE_NATIVE is set: {err}") from err
+            warnings.warn(f"C++ kernel {name} unavailable: {err}; using the PyTorch path")
+            _MODULES[name] = None
+            return None
+        try:
             from torch.utils import cpp_extension
 
-            module = cpp_extension.load(name=build_name, sources=[source], extra_cflags=["-O3", "-fopenmp"],
-                                        extra_ldflags=["-fopenmp"], verbose=False)
+            module = cpp_extension.load(name=build_name, sources=[staged], extra_cflags=["-O3", "-fopenmp"],
+                                        extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
             if not module.supported():
                 if require:
                     raise NativeKernelError(f"C++ kernel {name} built, but this CPU lacks the instructions it needs "

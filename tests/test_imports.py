@@ -106,7 +106,8 @@ def test_generation_does_not_import_model_internals() -> None:
 # lower layers only; a unit of the package that is not listed here fails the test, so a new
 # package is placed deliberately.
 LAYERS: list[set[str]] = [
-    {"registry", "config", "protocol", "native", "dtypes", "distributed"},  # the ground floor
+    {"registry", "config", "protocol", "native", "dtypes", "distributed", "files"},  # the ground floor
+    {"plugins"},  # imports the user's modules (which may import anything) when asked
     {"nn", "tokenizers", "generation"},
     {"models", "data", "longcontext", "bench"},
     {"convert"},

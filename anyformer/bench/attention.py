@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..nn.attention import ATTENTIONS, KERNELS
+from ..plugins import child_environment
 
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 
@@ -116,7 +117,7 @@ def run_one(spec: dict, timeout: float) -> dict:
     """Measure one configuration in a fresh Python process."""
     cmd = [sys.executable, "-m", "anyformer.bench.attention_run", json.dumps(spec)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_environment())
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if done.returncode != 0:

@@ -237,4 +237,7 @@ def measure(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
+    from ..plugins import from_environment
+
+    from_environment()  # the variants of the plugins the parent process imported (ANYFORMER_PLUGINS)
     print(json.dumps(measure(json.loads(sys.argv[1]))))

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from ._args import at_least
+
 DIFFUSION_FLAGS = {"steps": "--steps", "order": "--order", "edit": "--edit", "block": "--block", "show_steps": "--show-steps"}
 
 
@@ -16,13 +18,13 @@ def add_diffusion_arguments(p: argparse.ArgumentParser, *, generate: bool = True
     from ..generation.diffusion import ORDERS
 
     g = p.add_argument_group("masked-diffusion runs (task masked_diffusion)")
-    g.add_argument("--steps", type=int, default=None,
+    g.add_argument("--steps", type=at_least(1), default=None,
                    help="model calls to draft the new tokens (per block); at most one per token (default: 64, or the number of tokens if fewer)")
     g.add_argument("--order", choices=ORDERS, default=None, help="which masked positions are drafted first (default: confidence)")
     g.add_argument("--edit", action="store_true", default=None,
                    help="low-confidence remasking: earlier drafts compete with new ones by confidence and the least confident are redrawn")
     if generate:
-        g.add_argument("--block", type=int, default=None,
+        g.add_argument("--block", type=at_least(1), default=None,
                        help="draft the new tokens in blocks of this many, each conditioned on the text before it "
                             "(default: all at once when prompt and new tokens fit in the context, else half the context)")
     g.add_argument("--show-steps", action="store_true", default=None, help="print the sequence after every step (masks as '_') to stderr")

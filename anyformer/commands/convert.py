@@ -6,7 +6,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,9 +42,26 @@ def _add_token_ids(config: Path, **ids: int | None) -> None:
     config.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def run_sampling(run: Path) -> dict | None:
+    """The sampling settings a run's task shows its samples with (its options' temperature and
+    top_k), as transformers' generation settings; None for a task without them."""
+    from ..config import load_yaml
+    from ..tasks import TASKS
+    from ..training.config import RunConfig
+
+    cfg = load_yaml(RunConfig, run / "config.yaml")
+    options = getattr(TASKS.get(cfg.task.kind)(cfg), "options", None)
+    if not hasattr(options, "temperature"):
+        return None
+    if options.temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": float(options.temperature), "top_k": int(getattr(options, "top_k", 0) or 0)}
+
+
 def run(args: argparse.Namespace) -> int:
     """Convert and print where the files went."""
     from ..convert import save_pretrained
+    from ..files import staged_folder
     from ..pretrained import load_pretrained
     from ..dtypes import parse_dtype
     from ..pretrained.loading import check_checkpoint_path, is_run_folder
@@ -59,15 +75,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("SRC and DST are the same directory; give a new DST")
     if (dst / "config.json").exists() and not args.force:
         raise ValueError(f"{str(dst)!r} already holds a model (config.json); pass --force to overwrite it")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / "config.json").exists():
+        raise ValueError(f"{str(dst)!r} holds other files (no model); give a new or empty folder")
     print(f"loading {src}", file=sys.stderr)
     model, tokenizer = load_pretrained(src, dtype=dtype, progress=True)
     run_folder = is_run_folder(src)
     # everything goes into a sibling folder first (save_pretrained converts and checks the model
     # and a run's tokenizer before it writes); DST is replaced only once it is complete
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent if dst.parent.exists() else None))
-    try:
-        out = staging / "model"
-        save_pretrained(model, out, tokenizer=tokenizer if run_folder or not src.is_dir() else None)
+    sampling = run_sampling(src) if run_folder else None
+    with staged_folder(dst, replace=True) as out:
+        save_pretrained(model, out, tokenizer=tokenizer if run_folder or not src.is_dir() else None, sampling=sampling)
         if src.is_dir() and not run_folder:  # a HF directory's tokenizer and pooling files, as they are
             for name in _SIDE_FILES:
                 if (src / name).is_file():
@@ -76,13 +93,6 @@ def run(args: argparse.Namespace) -> int:
                 if (src / name).is_dir():
                     shutil.copytree(src / name, out / name, dirs_exist_ok=True)
         _add_token_ids(out / "config.json", bos=getattr(tokenizer, "bos_id", None), eos=getattr(tokenizer, "eos_id", None))
-        if dst.exists():  # --force: the old folder goes only once the new one is complete
-            old = staging / "old"
-            dst.rename(old)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        out.rename(dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 2**20
     n = sum(p.numel() for p in model.parameters())
     print(f"done: {n / 1e6:.1f}M parameters ({args.dtype}) in {time.perf_counter() - start:.1f} s -> {dst} ({size:.0f} MiB)")

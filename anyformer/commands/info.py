@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._args import at_least
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `info` subcommand."""
     p = subparsers.add_parser("info", help="summarise a model from a config, a run folder or a preset name")
     p.add_argument("target", help="run config YAML, model config YAML, run folder, or preset name (e.g. gpt2-small)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for the activation estimate")
-    p.add_argument("--seq-len", type=int, default=None, help="context for FLOPs (default: train.seq_len or max_seq_len)")
+    p.add_argument("--batch", type=at_least(1), default=1, help="batch size for the activation estimate")
+    p.add_argument("--seq-len", type=at_least(1), default=None, help="context for FLOPs (default: train.seq_len or max_seq_len)")
     p.set_defaults(func=run, accepts_overrides=True)
 
 

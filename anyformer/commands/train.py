@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter() - process_age()  # the time budget covers the whole command
     from ..config import load_yaml
     from ..distributed import teardown
+    from ..plugins import imported
     from ..tasks import TASKS
     from ..training import Trainer, load_run_config
     from ..training.config import RunConfig
@@ -56,10 +57,14 @@ def run(args: argparse.Namespace) -> int:
 
             cfg = apply_overrides(cfg, args.overrides)
     else:
+        if args.config and Path(args.config).is_dir():
+            hint = f"; to continue that run: anyformer train --resume {args.config}" if (Path(args.config) / "config.yaml").is_file() else ""
+            raise ValueError(f"{args.config!r} is a folder; give a run config YAML file{hint}")
         if args.config and not Path(args.config).is_file():
             raise FileNotFoundError(f"config file {args.config!r} does not exist")
         cfg = load_run_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else None
+    cfg.plugins = list(dict.fromkeys([*cfg.plugins, *imported()]))  # recorded: later commands on the run import them
     try:
         trainer = Trainer(cfg, run_dir=run_dir, resume=bool(args.resume), start_time=start, verbose=not args.quiet)
         result = trainer.fit()

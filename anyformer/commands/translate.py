@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import at_least
 from ._predict import load_served_run, print_predictions, task_settings
 
 
@@ -13,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("translate", help="translate a text with a sequence_to_sequence (encoder-decoder) run")
     p.add_argument("run_dir", help="a folder written by `anyformer train` with task sequence_to_sequence")
     p.add_argument("text", help='the text to translate; "-" reads one text per line from standard input')
-    p.add_argument("--beams", type=int, default=None, help="beam width (default: the task's beams option; 1 = greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="longest translation in tokens (default: the task's max_target_tokens)")
+    p.add_argument("--beams", type=at_least(1), default=None, help="beam width (default: the task's beams option; 1 = greedy)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=None, help="longest translation in tokens (default: the task's max_target_tokens)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)

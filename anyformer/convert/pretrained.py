@@ -99,11 +99,31 @@ def from_pretrained(path: str | Path) -> nn.Module:
         raise ConversionError(f"{root}: {e}") from None
 
 
-def save_pretrained(model: nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
+# HF architecture names of models that `generate` (their folders get a generation_config.json)
+_GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def generation_settings(hf_cfg: dict, tokenizer: Any = None, sampling: dict | None = None) -> dict | None:
+    """The generation_config.json of a model with HF config `hf_cfg`: its special token ids
+    (the tokenizer's where it has them) and `sampling` (do_sample, temperature, top_k, ...);
+    None for a model that does not generate."""
+    if not any(a.endswith(_GENERATIVE) for a in hf_cfg.get("architectures") or []):
+        return None
+    out: dict[str, Any] = {}
+    for name in ("bos", "eos", "pad", "decoder_start"):
+        value = getattr(tokenizer, f"{name}_id", None)
+        value = value if value is not None else hf_cfg.get(f"{name}_token_id")
+        if value is not None:
+            out[f"{name}_token_id"] = int(value)
+    return {**out, **(sampling or {})}
+
+
+def save_pretrained(model: nn.Module, path: str | Path, tokenizer: Any = None, *, sampling: dict | None = None) -> Path:
     """Write `model` as a HF directory (config.json + model.safetensors), with `tokenizer`'s
     files when given (a run's char, byte or BPE tokenizer as a tokenizer.json that transformers'
     AutoTokenizer loads and that encodes the same ids; a pretrained tokenizer as it came);
-    returns the directory.
+    returns the directory. A model that generates also gets a generation_config.json (see
+    generation_settings; `sampling` adds the default sampling settings).
 
     Everything is checked and converted before anything is written; the files are written into
     a temporary sibling folder and moved into place at the end, so a failure leaves `path` as it
@@ -142,6 +162,9 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer: Any = None) -
     try:
         save_file(unique, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        generation = generation_settings(hf_cfg, tokenizer, sampling)
+        if generation is not None:
+            (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if text_files is not None:
             for name, body in text_files.items():
                 (staging / name).write_text(body)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError
+from ..files import read_text_file
 from ..registry import Registry
 from .python_source import python_files, stdlib_root
 
@@ -77,12 +78,7 @@ def text_files(path: str | None = None) -> list[Document]:
         raise FileNotFoundError(f"no .txt files in {str(p)!r}")
     docs = []
     for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{str(f)!r} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. "
-                             f"iconv -f latin1 -t utf-8") from None
-        docs.append((f.name, text))
+        docs.append((f.name, read_text_file(f, "corpus file")))
     if not any(text.strip() for _, text in docs):
         raise ValueError(f"{str(p)!r} is empty: the corpus holds no text" if p.is_file() else f"every .txt file in {str(p)!r} is empty")
     return docs

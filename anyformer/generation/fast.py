@@ -8,7 +8,7 @@ bf16 weights). Two faster paths, best first:
 
 - a small C++ kernel (cpu_decode.cpp: AVX-512 FMA for fp32, AVX512-BF16 dot products for bf16,
   rows split across threads), built once per machine with the PyTorch C++ extension tools
-  (~30 s, cached under ~/.cache/torch_extensions) on CPUs that have those instructions, and
+  (~30 s, cached under ~/.cache/anyformer/native) on CPUs that have those instructions, and
   registered as the operators torch.ops.anyformer.gemv / gemv_multi, so torch.compile traces
   through it;
 - otherwise `torch.compile` of `(W * x).sum(-1)`: one vectorised reduction loop that does not

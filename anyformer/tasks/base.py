@@ -117,6 +117,10 @@ class Task:
     generates: ClassVar[str | None] = None
     #: the settings of its predictions, by name (`predict --set NAME=VALUE`; the named command's flags)
     predict_settings: ClassVar[dict[str, Setting]] = {}
+    #: the task options that change only how training examples are drawn (augmentation) or what
+    #: the end-of-run samples show, never the held-out data or its scoring: the ones that
+    #: `anyformer compare` variants may set differently
+    training_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

@@ -58,6 +58,7 @@ class CausalLM(Task):
 
     architectures = ("decoder", "megabyte")
     options_class = SampleOptions
+    training_options = frozenset({"sample_prompt", "sample_tokens", "temperature", "top_k"})  # the end-of-run samples
     reads_any_length = True
     loss_unit = "nats/token"
     use_command = 'anyformer generate RUN --prompt "ROMEO:"'

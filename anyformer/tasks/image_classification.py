@@ -146,6 +146,7 @@ class ImageClassification(Classifier):
     predict_settings = {**Classifier.predict_settings, "invert": Setting(
         bool, False, "invert the gray levels first (the data sets have bright ink on black; use it for dark ink on white paper)")}
     reads_seq_len = False
+    training_options = frozenset({"augment", "shift", "flip"})
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -123,6 +123,7 @@ class MaskedDiffusion(Task):
 
     architectures = ("encoder",)
     options_class = MaskedDiffusionOptions
+    training_options = frozenset({"sample_steps", "sample_order", "sample_prompt", "sample_tokens", "temperature", "top_k"})  # the end-of-run samples
     loss_unit = "nats/token"
     use_command = 'anyformer predict RUN "TEXT WITH A [[N]] GAP"'
     commands = ("infill",)

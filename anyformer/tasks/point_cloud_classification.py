@@ -96,6 +96,7 @@ class PointCloudClassification(Classifier):
     use_command = 'anyformer classify RUN CLOUD.xyz'
     predict_input = "a point file (.xyz, .npy) or a mesh file (.obj, .stl, .ply, .off, ...)"
     reads_seq_len = False
+    training_options = frozenset({"augment"})  # rotate, anisotropy and noise also shape the held-out clouds
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

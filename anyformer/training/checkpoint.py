@@ -299,6 +299,7 @@ def export_run(src: str | Path, dst: str | Path) -> list[Path]:
     in one process or under DDP, and `eval`, `generate`, `convert` and `from_pretrained` read it
     as any run. Returns the checkpoint folders written (best first)."""
     from ..config import load_yaml, save_yaml
+    from ..files import staged_folder
     from ..models.builders import build_model
     from .config import RunConfig
     from .optim import build_optimizer
@@ -306,8 +307,8 @@ def export_run(src: str | Path, dst: str | Path) -> list[Path]:
     src, dst = Path(src), Path(dst)
     if not (src / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(src)!r} is not a run folder (no config.yaml); give a folder written by `anyformer train`")
-    if dst.exists() and any(dst.iterdir()):
-        raise ValueError(f"{str(dst)!r} exists and is not empty; give a new folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"{str(dst)!r} exists and is {'a file' if not dst.is_dir() else 'not empty'}; give a new folder")
     if dst.resolve() == src.resolve():
         raise ValueError("SRC and DST are the same folder; give a new DST")
     cfg = load_yaml(RunConfig, src / "config.yaml")
@@ -318,22 +319,23 @@ def export_run(src: str | Path, dst: str | Path) -> list[Path]:
         folder = find_checkpoint(src, which)
         if folder not in folders:
             folders.append(folder)
-    dst.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, folder in enumerate(folders):
-        state = read_state(folder)
-        model = build_model(cfg.model)
-        optimizer = build_optimizer(model, t)
-        if is_sharded_checkpoint(folder):
-            rng = load_sharded_training_state(folder, model, optimizer)
-        else:
-            load_weights(model, folder)
-            rng = load_training_state(folder, optimizer)
-        step = int(state["step"])
-        kept = {k: v for k, v in state.items() if k not in ("files", "format", "processes", "step")}
-        written.append(save_checkpoint(dst, step, model, optimizer, rng, kept, keep_last=2, is_best=i == 0))
-    save_yaml(cfg, dst / "config.yaml")
-    for name in ("tokenizer.json", "metrics.jsonl", "loss.png"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    with staged_folder(dst) as tmp:  # the copy appears whole or not at all
+        for i, folder in enumerate(folders):
+            state = read_state(folder)
+            model = build_model(cfg.model)
+            optimizer = build_optimizer(model, t)
+            if is_sharded_checkpoint(folder):
+                rng = load_sharded_training_state(folder, model, optimizer)
+            else:
+                load_weights(model, folder)
+                rng = load_training_state(folder, optimizer)
+            step = int(state["step"])
+            kept = {k: v for k, v in state.items() if k not in ("files", "format", "processes", "step")}
+            saved = save_checkpoint(tmp, step, model, optimizer, rng, kept, keep_last=2, is_best=i == 0)
+            written.append(dst / saved.relative_to(tmp))
+        save_yaml(cfg, tmp / "config.yaml")
+        for name in ("tokenizer.json", "metrics.jsonl", "loss.png"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
     return written

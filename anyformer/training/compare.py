@@ -32,6 +32,7 @@ import re
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, apply_overrides, load_yaml, read_yaml, save_yaml, to_dict
+from ..plugins import child_environment
 from .compare_report import write_results
 from .config import RunConfig, run_config_from_dict
 
@@ -123,9 +125,7 @@ def load_spec(path: str | Path) -> CompareSpec:
             cfg = apply_overrides(base, ov)
         except ConfigError as e:
             raise _fail(f"variant {name!r}: {e}") from None
-        if to_dict(cfg.task) != to_dict(base.task):
-            raise _fail(f"variant {name!r} changes the task ({[k for k in ov if k.startswith('task')]}); "
-                        "every variant must train the same task for the comparison to mean something")
+        _check_same_evaluation(name, base, cfg)
         try:
             cfg.validate()
         except ConfigError as e:
@@ -146,6 +146,32 @@ def load_spec(path: str | Path) -> CompareSpec:
     if not isinstance(parallel, int) or parallel < 1:
         raise _fail(f"parallel must be a positive integer, got {parallel!r}")
     return CompareSpec(base, variants, overrides, (kind, float(amount)), seeds, str(metric), parallel, raw)
+
+
+def _check_same_evaluation(name: str, base: RunConfig, cfg: RunConfig) -> None:
+    """A variant may change how its task draws training examples (the task's training_options,
+    e.g. augmentation), never the task, its held-out data or how they are scored."""
+    from ..tasks import TASKS
+
+    if cfg.task.kind != base.task.kind:
+        raise _fail(f"variant {name!r} changes the task ({base.task.kind!r} -> {cfg.task.kind!r}); every variant must "
+                    "train the same task for the comparison to mean something")
+    task = TASKS.get(cfg.task.kind)
+
+    def options(c: RunConfig) -> dict[str, Any]:  # with the defaults filled in, where the task parses them
+        parsed = getattr(task(c), "options", None)
+        return to_dict(parsed) if dataclasses.is_dataclass(parsed) else to_dict(c.task.options)
+
+    ours, theirs = options(cfg), options(base)
+    changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k, _UNSET) != theirs.get(k, _UNSET))
+    refused = [k for k in changed if k not in task.training_options]
+    if refused:
+        allowed = ", ".join(sorted(task.training_options)) or "none"
+        raise _fail(f"variant {name!r} changes task.options {', '.join(refused)}, which change what task {cfg.task.kind!r} is "
+                    f"evaluated on; variants may change only the options that shape training ({allowed})")
+
+
+_UNSET = object()
 
 
 def lower_is_better(metric: str) -> bool:
@@ -244,7 +270,7 @@ def run_comparison(spec: CompareSpec, folder: str | Path, *, verbose: bool = Tru
             slot = todo.pop(0)
             slot.log.parent.mkdir(parents=True, exist_ok=True)
             cmd = _command(spec, slot)
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**child_environment(), "PYTHONUNBUFFERED": "1"}  # the training processes import the same plugins
             device = None
             if placing:
                 device = free.pop(0)

@@ -125,6 +125,7 @@ class RunConfig:
     """A whole training run. The task sets what the data decides (`model.vocab_size` from the
     tokenizer, the head) at run time."""
 
+    plugins: list[str] = field(default_factory=list)  # modules to import first (anyformer/plugins.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -201,6 +202,18 @@ def _move_sample_settings(data: dict[str, Any]) -> None:
         task["options"] = {**keep, **(task.get("options") or {})}
 
 
+def _import_plugins(data: dict[str, Any]) -> None:
+    """The modules a config names under `plugins` are imported before its sections are read,
+    so that the variants they register are known names there."""
+    from ..plugins import import_plugins
+
+    specs = data.get("plugins") or []
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+        raise ConfigError(f"plugins must be a list of module names or .py paths, got {specs!r}")
+    import_plugins(specs, named_by="the config's `plugins` list")
+
+
+register_migration(RunConfig, _import_plugins)  # first: a plugin may register the task that the next one asks for
 register_migration(RunConfig, _move_sample_settings)
 
 
@@ -240,3 +253,4 @@ def default_run_config() -> RunConfig:
         out_dir="runs/shakespeare-char",
     )
     return RunConfig(model=model, data=DataConfig(), train=train, task=TaskConfig(options={"sample_tokens": 200}))
+

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,7 @@ class Trainer:
             found = restarted_run(self.run_dir, self.cfg)
             if found is not None:
                 self.run_dir, resume = found, True
+        self.resumed = resume
         if resume:
             self._resume()
         elif self.env.is_main:
@@ -291,7 +293,39 @@ class Trainer:
                              state, keep_last=self.cfg.train.keep_last, is_best=is_best)
 
     def fit(self) -> TrainResult:
-        """Train until the horizon (or the time budget), evaluating and checkpointing on the way."""
+        """Train until the horizon (or the time budget), evaluating and checkpointing on the way.
+
+        A new run that fails (or is interrupted) before its first checkpoint leaves no folder
+        behind, so the same command can simply be run again; one that has a checkpoint keeps it
+        and says how to resume."""
+        fresh = self.env.is_main and not self.resumed
+        existed = self.run_dir.exists()
+        try:
+            return self._fit()
+        except BaseException:
+            if fresh:
+                self._after_failure(existed)
+            raise
+
+    def _after_failure(self, existed: bool) -> None:
+        import shutil
+
+        self.metrics.close()
+        try:
+            ckpt.find_checkpoint(self.run_dir)
+            kept = True
+        except (FileNotFoundError, ckpt.CheckpointError):
+            kept = False
+        if kept:
+            print(f"the run so far is kept in {self.run_dir}; continue it with: anyformer train --resume {self.run_dir}",
+                  file=sys.stderr)
+        elif existed:  # an empty folder given as --out: emptied again
+            for p in self.run_dir.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _fit(self) -> TrainResult:
         t, env = self.cfg.train, self.env
         if self.finished:
             val = float(self.final_val) if self.final_val is not None else math.nan

@@ -169,3 +169,29 @@ def test_every_shipped_comparison_loads_and_its_variants_validate() -> None:
     for path in specs:
         spec = load_spec(path)  # each variant's config is validated as it is read
         assert spec.variants and len(spec.seeds) >= 1, path
+
+
+def test_variants_may_change_training_side_task_options_only(tmp_path) -> None:
+    """Augmentation on and off is a comparison of one task; the held-out split or the sample
+    count of the test set is not (it changes what the metric is computed on)."""
+    pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn")
+    from tests.tasks.test_image_classification import vit_config
+
+    base = to_dict(vit_config(tmp_path))
+    path = tmp_path / "spec.yaml"
+    variants = {"plain": {}, "explicit_default": {"task.options.augment": False},
+                "augmented": {"task.options.augment": True, "task.options.shift": 1, "task.options.flip": True}}
+    path.write_text(yaml.safe_dump({"base": base, "variants": variants, "budget": {"steps": 2}}))
+    spec = load_spec(path)
+    options = {name: spec.run_config(name, 0, tmp_path / name).task.options for name in variants}
+    assert options["augmented"] == {"augment": True, "shift": 1, "flip": True} and not options["plain"]
+    point_base = to_dict(tiny_config(tmp_path))  # a causal LM: its sample settings only shape the end-of-run samples
+    path.write_text(yaml.safe_dump({"base": point_base, "variants": {"a": {}, "b": {"task.options.temperature": 0.0}},
+                                    "budget": {"steps": 2}}))
+    assert load_spec(path).run_config("b", 0, tmp_path / "b").task.options["temperature"] == 0.0
+    from tests.models.test_point_cloud import task_config
+
+    path.write_text(yaml.safe_dump({"base": to_dict(task_config(tmp_path)), "budget": {"steps": 2},
+                                    "variants": {"a": {}, "b": {"task.options.augment": False, "task.options.noise": 0.05}}}))
+    with pytest.raises(ConfigError, match=r"variant 'b' changes task.options noise, .*only the options that shape training \(augment\)"):
+        load_spec(path)

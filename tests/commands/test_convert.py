@@ -79,3 +79,28 @@ def test_a_failed_convert_leaves_no_half_written_folder_and_a_retry_needs_no_for
     monkeypatch.undo()
     assert main(["convert", str(run), str(dst)]) == 0  # no --force needed: nothing was left
     assert (dst / "tokenizer.json").is_file() and (dst / "config.json").is_file()
+
+
+def test_a_converted_run_generates_in_transformers_as_it_does_here(run: Path, tmp_path: Path) -> None:
+    from anyformer.generation import GenerationConfig, generate
+
+    dst = tmp_path / "hf"
+    assert main(["convert", str(run), str(dst)]) == 0
+    r = load_run(run, device="cpu")
+    settings = transformers.GenerationConfig.from_pretrained(dst)
+    assert (settings.do_sample, settings.temperature, settings.top_k) == (True, 0.8, 0)  # the run's sample settings (defaults)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dst).eval()
+    prompt = r.tokenizer.encode("ROMEO:")
+    with torch.no_grad():
+        ours = generate(r.model, prompt, GenerationConfig(max_new_tokens=12, do_sample=False))
+        theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=0)[0, len(prompt):]
+    assert ours[0, len(prompt):].tolist() == theirs.tolist()
+
+
+def test_convert_refuses_a_folder_holding_other_files(run: Path, tmp_path: Path, capsys) -> None:
+    dst = tmp_path / "notes"
+    dst.mkdir()
+    (dst / "todo.txt").write_text("keep me")
+    assert main(["convert", str(run), str(dst), "--force"]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert [p.name for p in dst.iterdir()] == ["todo.txt"]

@@ -4,6 +4,7 @@ torch's linear, other calls pass through untouched, and greedy tokens equal Hugg
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +299,74 @@ def test_rows_of_another_dtype_take_the_general_path_and_equal_linear() -> None:
         want = (one.double() @ m.v_proj.weight.double().T + m.v_proj.bias.double()).bfloat16()
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-2, atol=1e-2)
+
+
+def test_native_builds_are_keyed_by_content_not_by_checkout(tmp_path, monkeypatch) -> None:
+    """Two checkouts of the same kernel source (and the header it includes) compile the same
+    staged paths into the same build folder, so neither rebuilds the other's; a changed header
+    is a new build."""
+    from torch.utils import cpp_extension
+
+    from anyformer import native
+
+    monkeypatch.setenv("ANYFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ANYFORMER_REQUIRE_NATIVE", raising=False)
+    builds = []
+
+    def recording_build(**kwargs):  # stands in for the compiler: records what it was asked to compile, and where
+        builds.append(kwargs)
+        raise RuntimeError("not compiled in this test")
+
+    monkeypatch.setattr(cpp_extension, "load", recording_build)
+    for checkout in ("a", "b"):
+        folder = tmp_path / checkout / "kernels"
+        folder.mkdir(parents=True)
+        (folder / "k.cpp").write_text('#include "k.h"\nint f() { return g(); }\n')
+        (folder / "k.h").write_text("inline int g() { return 1; }\n")
+        monkeypatch.setattr(native, "_MODULES", {})
+        monkeypatch.setenv("ANYFORMER_CACHE", str(tmp_path / "cache"))
+        for marker in (tmp_path / "cache" / "native").glob("*.failed"):
+            marker.unlink()  # the recorded failure of the first checkout's (fake) build
+        with pytest.warns(UserWarning):
+            native.load("anyformer_test_k", str(folder / "k.cpp"))
+    first, second = builds
+    assert first["sources"] == second["sources"] and first["build_directory"] == second["build_directory"]
+    assert first["name"] == second["name"]
+    staged = Path(first["sources"][0])
+    assert str(tmp_path / "cache") in str(staged) and (staged.parent / "k.h").read_text() == "inline int g() { return 1; }\n"
+    (tmp_path / "b" / "kernels" / "k.h").write_text("inline int g() { return 2; }\n")
+    monkeypatch.setattr(native, "_MODULES", {})
+    with pytest.warns(UserWarning):
+        native.load("anyformer_test_k", str(tmp_path / "b" / "kernels" / "k.cpp"))
+    assert builds[2]["name"] != first["name"] and builds[2]["build_directory"] != first["build_directory"]
+
+
+def test_a_build_lock_that_stays_times_out_with_a_message(tmp_path, monkeypatch) -> None:
+    """A lock file left in a kernel's build folder (a build killed midway) is waited for up to
+    ANYFORMER_NATIVE_LOCK_TIMEOUT seconds, then the PyTorch path is taken with a warning naming
+    the file (an error with ANYFORMER_REQUIRE_NATIVE); nothing is compiled meanwhile."""
+    import time
+
+    from torch.utils import cpp_extension
+
+    from anyformer import native
+
+    monkeypatch.setenv("ANYFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ANYFORMER_NATIVE_LOCK_TIMEOUT", "0.3")
+    monkeypatch.delenv("ANYFORMER_REQUIRE_NATIVE", raising=False)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("built while the folder was locked"))
+    src = tmp_path / "k.cpp"
+    src.write_text("int f() { return 1; }\n")
+    build_name = f"anyformer_test_locked_{native._fingerprint(str(src))}"
+    _, build_dir = native.build_paths(str(src), build_name)
+    lock = Path(build_dir) / "lock"
+    lock.write_text("")
+    monkeypatch.setattr(native, "_MODULES", {})
+    t0 = time.perf_counter()
+    with pytest.warns(UserWarning, match=f"locked for .* by {lock}.*delete that file"):
+        assert native.load("anyformer_test_locked", str(src)) is None
+    assert 0.25 < time.perf_counter() - t0 < 5
+    monkeypatch.setenv("ANYFORMER_REQUIRE_NATIVE", "1")
+    monkeypatch.setattr(native, "_MODULES", {})
+    with pytest.raises(native.NativeKernelError, match="locked"):
+        native.load("anyformer_test_locked", str(src))
