@@ -101,3 +101,16 @@ def read_text_file(path: str | Path, what: str = "file") -> str:
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. "
                          "iconv -f latin1 -t utf-8") from None
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` whole or not at all."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_figure(fig: object, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure to `path` (its format from the suffix) whole or not at all."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")  # type: ignore[attr-defined]
+    return Path(path)

@@ -7,16 +7,14 @@ import argparse
 import sys
 from typing import Any
 
-from ._args import at_least
-
 
 def add_lm_infinite_arguments(p: argparse.ArgumentParser) -> None:
     """--lm-infinite and its settings."""
     g = p.add_argument_group("LM-Infinite (RoPE models: read past the trained context, no training)")
     g.add_argument("--lm-infinite", action="store_true",
                    help="Λ-shaped attention (the first tokens plus a recent window) with rotary distances capped at the window")
-    g.add_argument("--lm-infinite-window", type=at_least(1), default=None, help="recent tokens each query sees (default: the model's max_seq_len)")
-    g.add_argument("--lm-infinite-global", type=at_least(0), default=None, help="first tokens every query sees (default 10)")
+    g.add_argument("--lm-infinite-window", type=int, default=None, help="recent tokens each query sees (default: the model's max_seq_len)")
+    g.add_argument("--lm-infinite-global", type=int, default=None, help="first tokens every query sees (default 10)")
 
 
 def apply_lm_infinite_option(args: argparse.Namespace, model: Any) -> Any:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..files import read_text_file
+from ..files import atomic_file, read_text_file
 from ._args import at_least
 
 
@@ -48,17 +48,15 @@ def _write(path: Path, sentences: list[str], emb) -> None:  # type: ignore[no-un
     import numpy as np
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npy":
-        np.save(path, emb.numpy())
-    elif path.suffix == ".pt":
-        torch.save({"sentences": sentences, "embeddings": emb}, path)
-    elif path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps({"text": s, "embedding": e}) + "\n" for s, e in zip(sentences, emb.tolist())))
-    elif path.suffix == ".json":
-        path.write_text(json.dumps({"sentences": sentences, "embeddings": emb.tolist()}))
-    else:
-        raise ValueError(f"--out {str(path)!r}: unsupported file type {path.suffix!r}; use .json, .jsonl, .npy or .pt")
+    with atomic_file(path) as tmp:  # whole or not at all (the suffix was checked before the model ran)
+        if path.suffix == ".npy":
+            np.save(tmp, emb.numpy())
+        elif path.suffix == ".pt":
+            torch.save({"sentences": sentences, "embeddings": emb}, tmp)
+        elif path.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps({"text": s, "embedding": e}) + "\n" for s, e in zip(sentences, emb.tolist())))
+        else:
+            tmp.write_text(json.dumps({"sentences": sentences, "embeddings": emb.tolist()}))
 
 
 def run(args: argparse.Namespace) -> int:

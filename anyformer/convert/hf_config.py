@@ -275,7 +275,7 @@ def family_of(cfg: ModelConfig) -> str:
         if not bad:
             return family
         reasons.append(f"{family}: {'; '.join(bad)}")
-    raise ConfigError("this model has no Hugging Face equivalent among the supported families:\n  " + "\n  ".join(reasons))
+    raise ConfigError("this model has no Hugging Face equivalent among the supported families (" + " | ".join(reasons) + ")")
 
 
 # what every written family needs: the plain form of each registered part (an attention kind,

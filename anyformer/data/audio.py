@@ -112,6 +112,8 @@ def read_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, list[str
     wave = samples.mean(1)
     if len(wave) == 0:
         raise ValueError(f"{p} holds no samples")
+    if not np.isfinite(wave).all():
+        raise ValueError(f"{p} holds samples that are NaN or infinite")
     if rate != sample_rate:
         from math import gcd
 

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..files import save_figure, write_text
+
 
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
@@ -47,8 +49,8 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 def write_results(results: dict[str, Any], folder: Path) -> None:
     """results.json, results.md and the plots."""
-    (folder / "results.json").write_text(json.dumps(results, indent=1))
-    (folder / "results.md").write_text(results_markdown(results))
+    write_text(folder / "results.json", json.dumps(results, indent=1))
+    write_text(folder / "results.md", results_markdown(results))
     plot_results(results, folder)
 
 
@@ -84,8 +86,7 @@ def plot_results(results: dict[str, Any], folder: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if len(results["variants"]) > 6 else 1)
         fig.tight_layout()
-        path = folder / f"{m}_vs_{axis}.png"
-        fig.savefig(path, dpi=110)
+        path = save_figure(fig, folder / f"{m}_vs_{axis}.png")
         plt.close(fig)
         paths.append(path)
     points = [(v["tokens_per_s"], v["final"]["mean"], v["name"]) for v in results["variants"] if "final" in v and v["tokens_per_s"]]
@@ -104,8 +105,7 @@ def plot_results(results: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_title("quality against speed")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = folder / "pareto.png"
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, folder / "pareto.png")
     plt.close(fig)
     paths.append(path)
     return paths

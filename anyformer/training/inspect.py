@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..files import save_figure
+
 
 @torch.no_grad()
 def attention_maps(model: nn.Module, inputs: Tensor | tuple[Tensor, ...]) -> list[Tensor]:
@@ -81,7 +83,6 @@ def plot_attention_grid(maps: list[Tensor], path: Path, labels: list[str] | None
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import save_figure
+
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
@@ -117,6 +119,6 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    save_figure(fig, out_path, dpi=100)
     plt.close(fig)
     return out_path

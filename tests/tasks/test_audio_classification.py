@@ -31,25 +31,31 @@ def test_fit_frames_keeps_the_loudest_window_and_pads_with_silence() -> None:
     assert short.shape == (100, 4) and np.all(short[70:] == 0)  # padded after the clip, with its (standardised) mean
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def audio_config(tmp: Path, *extra: str):  # type: ignore[no-untyped-def]
+    """A tiny Audio Spectrogram Transformer run on spoken keywords synthesized into `tmp`
+    (skipped without espeak-ng)."""
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
     from anyformer.data.audio import synthesize_keywords
 
-    tmp = tmp_path_factory.mktemp("audio")
     synthesize_keywords(tmp / "clips", words=("yes", "no", "stop"), pitches=(50,), speeds=(160,))
     for clip in (tmp / "clips").glob("*/*.wav"):  # speaker = the accent: the name before the first '_'
         clip.rename(clip.with_name(clip.name.replace("+", "_")))
-    cfg = apply_overrides(default_run_config(), [
+    return apply_overrides(default_run_config(), [
         "--task.kind=audio_classification", "--task.options.test_fraction=0.3", "--data.corpus=folder", f"--data.path={tmp / 'clips'}",
         "--data.val_fraction=0.3", f"--data.cache_dir={tmp / 'cache'}", "--model.arch=ast", "--model.options.mel_bins=32",
         "--model.options.frames=60", "--model.options.patch_size=8", "--model.options.frequency_stride=8", "--model.options.time_stride=8",
         "--model.max_seq_len=30", "--model.dim=32", "--model.num_layers=2", "--model.attention.num_heads=2", "--model.ffn.hidden_dim=64",
         "--model.positional.kind=learned", "--train.batch_size=16", "--train.max_steps=30", "--train.max_minutes=null",
         "--train.warmup_steps=3", "--train.eval_every=15", "--train.log_every=5", "--train.dtype=float32", "--train.optimizer=adamw",
-        "--train.lr=3e-3", "--train.samples=0", "--train.threads=1",
+        "--train.lr=3e-3", "--train.samples=0", "--train.threads=1", *extra,
     ])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("audio")
+    cfg = audio_config(tmp)
     Trainer(cfg, run_dir=tmp / "run", verbose=False).fit()
     return tmp / "run"
 
