@@ -141,3 +141,33 @@ def flops_against_counter(model: torch.nn.Module, inputs: tuple[torch.Tensor, ..
             for i in range(n - steps, n):
                 model.decode_step(tokens[:, i : i + 1], cache, torch.tensor([[i]]), source=source)
         return stated.flops_per_token_decoding, counter.get_total_flops() / steps
+
+
+def assert_storing_weights_changes_nothing(model: torch.nn.Module, tokens: torch.Tensor) -> None:
+    """`attn_store` (what `inspect attention` reads) is a side path: the logits with it equal
+    those without, in the forward pass and in a cached step after a prefix (or the cached step
+    refuses the store, naming the weights it cannot give). A model whose forward takes no store
+    is refused by `inspect attention` with a clear error instead."""
+    import inspect
+
+    from anyformer.training.inspect import attention_maps
+
+    model.eval()
+    if "attn_store" not in inspect.signature(model.forward).parameters:
+        with pytest.raises(ValueError, match="does not hand over its attention weights"):
+            attention_maps(model, tokens[:1])
+        return
+    with torch.no_grad():
+        plain, store = model(tokens), []
+        torch.testing.assert_close(model(tokens, attn_store=store), plain, rtol=0, atol=1e-5)
+        steps = []
+        for store in (None, []):
+            cache = model.make_cache(tokens.shape[0])
+            model(tokens[:, :-3], cache)
+            try:
+                steps.append(model(tokens[:, -3:], cache, attn_store=store))
+            except ValueError as e:  # a constant-size decoding state has no weights to hand over: it must say so
+                assert store is not None and "attention weights" in str(e), e
+        torch.testing.assert_close(steps[0], plain[:, -3:], rtol=1e-4, atol=1e-4)  # the cached step is the forward's
+        if len(steps) == 2:
+            torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=1e-5)

@@ -17,7 +17,7 @@ from anyformer.models.summary import summarize
 from anyformer.nn.attention import ATTENTIONS
 from anyformer.training.checkpoint import load_weights, save_checkpoint
 
-from ..helpers import fit_losses, greedy_by_recompute, orders_itself
+from ..helpers import assert_storing_weights_changes_nothing, fit_losses, greedy_by_recompute, orders_itself
 
 # the package's own kinds (tests register others into the same registry)
 KINDS = [name for name in ATTENTIONS.names() if ATTENTIONS.get(name).__module__.startswith("anyformer.")]
@@ -139,3 +139,8 @@ def test_inspect_attention_gets_causal_maps_or_says_why_not(kind: str, tmp_path)
     entropy, distance = head_statistics(maps)
     assert entropy.shape == distance.shape == (2, maps[0].shape[0]) and bool(entropy.isfinite().all())
     assert plot_attention_grid(maps, tmp_path / "maps.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_storing_the_weights_leaves_the_outputs_unchanged(kind: str) -> None:
+    assert_storing_weights_changes_nothing(built(kind), torch.randint(0, 24, (2, 20), generator=torch.Generator().manual_seed(3)))

@@ -20,7 +20,7 @@ from anyformer.nn.feedforward import FEEDFORWARDS
 from anyformer.nn.norm import NORMS
 from anyformer.training.checkpoint import load_weights, save_checkpoint
 
-from ..helpers import fit_losses, flops_against_counter, greedy_by_recompute
+from ..helpers import assert_storing_weights_changes_nothing, fit_losses, flops_against_counter, greedy_by_recompute
 
 
 def own(registry) -> list[str]:  # type: ignore[no-untyped-def]
@@ -87,3 +87,11 @@ def test_each_memory_kind_wraps_a_decoder_that_trains_and_reloads(name: str, tmp
     tokens = torch.randint(0, 24, (2, 20))
     with torch.no_grad():
         assert torch.equal(model(tokens), again(tokens))
+
+
+@pytest.mark.parametrize("name", own(MEMORIES))
+def test_each_memory_kind_hands_over_weights_without_changing_outputs_or_refuses(name: str) -> None:
+    options = {"none": {}, "rmt": {"segment_len": 8, "num_memory": 2}}.get(name, {"segment_len": 8})
+    torch.manual_seed(0)
+    model = build_model(decoder(memory={"kind": name, "options": options}))
+    assert_storing_weights_changes_nothing(model, torch.randint(0, 24, (2, 20), generator=torch.Generator().manual_seed(3)))

@@ -16,7 +16,7 @@ from anyformer.generation import generate
 from anyformer.nn.positional import POSITIONALS
 from anyformer.training.checkpoint import load_weights, save_checkpoint
 
-from ..helpers import fit_losses, flops_against_counter, greedy_by_recompute, skip_if_needs_graph
+from ..helpers import assert_storing_weights_changes_nothing, fit_losses, flops_against_counter, greedy_by_recompute, skip_if_needs_graph
 
 KINDS = [name for name in POSITIONALS.names() if POSITIONALS.get(name).__module__.startswith("anyformer.")]
 
@@ -81,3 +81,11 @@ def test_decoding_flops_match_the_flop_counter(kind: str) -> None:
     model = built(kind, kernel="eager").eval()
     ours, measured = flops_against_counter(model, (torch.randint(0, 24, (1, 40)),), 40)
     assert 0.9 * measured <= ours <= 1.1 * measured, (ours, measured)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_storing_the_weights_leaves_the_outputs_unchanged(kind: str) -> None:
+    skip_if_needs_graph(kind)
+    tokens = torch.randint(0, 24, (2, 20), generator=torch.Generator().manual_seed(3))
+    for kernel in ("eager", "sdpa", "chunked"):
+        assert_storing_weights_changes_nothing(built(kind, kernel=kernel), tokens)

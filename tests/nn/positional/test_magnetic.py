@@ -38,6 +38,37 @@ def test_q_zero_gives_the_symmetric_normalised_laplacian() -> None:
     assert magnetic_laplacian(adj[None], 0.0)[0].imag.abs().max() == 0
 
 
+def test_entries_of_a_small_directed_graph_are_the_written_out_values() -> None:
+    """Edges 0 -> 1 -> 2 and 2 <-> 3, q = 1/8: L = I - D^-1/2 (A_s * exp(i 2 pi q (A - A^T))) D^-1/2,
+    each entry computed by hand (degrees of the undirected graph 1, 2, 2, 1)."""
+    adj = torch.zeros(4, 4, dtype=torch.float64)
+    for u, v in [(0, 1), (1, 2), (2, 3), (3, 2)]:
+        adj[u, v] = 1
+    L = magnetic_laplacian(adj[None], 0.125)[0]
+    phase = complex(math.cos(math.pi / 4), math.sin(math.pi / 4))  # exp(i 2 pi / 8) along an edge, its conjugate against it
+    expected = torch.tensor([
+        [1, -phase / math.sqrt(2), 0, 0],
+        [-phase.conjugate() / math.sqrt(2), 1, -phase / 2, 0],
+        [0, -phase.conjugate() / 2, 1, -1 / math.sqrt(2)],  # 2 <-> 3: both directions, no phase
+        [0, 0, -1 / math.sqrt(2), 1],
+    ], dtype=torch.complex128)
+    torch.testing.assert_close(L, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, q", [(5, 0.1), (6, 0.25), (7, 0.0), (8, 0.4)])
+def test_the_directed_cycle_has_the_closed_form_spectrum(n: int, q: float) -> None:
+    """On the directed n-cycle the eigenvectors are the Fourier modes and the eigenvalues are
+    1 - cos(2 pi (j / n + q)), j = 0 .. n - 1."""
+    adj = torch.zeros(1, n, n, dtype=torch.float64)
+    for u in range(n):
+        adj[0, u, (u + 1) % n] = 1
+    got = torch.linalg.eigvalsh(magnetic_laplacian(adj, q)[0])
+    want = torch.sort(torch.tensor([1 - math.cos(2 * math.pi * (j / n + q)) for j in range(n)], dtype=torch.float64)).values
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    vals, _ = magnetic_eigenvectors(adj, q, 2)
+    torch.testing.assert_close(vals[0], want[:2], rtol=0, atol=1e-12)
+
+
 def test_reversing_every_edge_conjugates_the_laplacian_and_the_eigenvectors() -> None:
     adj = random_digraph(10, 0.3, 2)
     q = 0.2
