@@ -195,3 +195,37 @@ def test_variants_may_change_training_side_task_options_only(tmp_path) -> None:
                                     "variants": {"a": {}, "b": {"task.options.augment": False, "task.options.noise": 0.05}}}))
     with pytest.raises(ConfigError, match=r"variant 'b' changes task.options noise, .*only the options that shape training \(augment\)"):
         load_spec(path)
+
+
+def test_best_and_significance_marks_on_synthetic_run_summaries(tmp_path, monkeypatch) -> None:
+    """The best variant, the difference to it and its significance (a difference within the
+    larger of the two seed spreads is not significant) on run summaries written by hand, for a
+    metric where lower is better and one where higher is."""
+    from anyformer.training import compare
+    from anyformer.training.compare_report import results_markdown
+
+    finals = {"a": [1.00, 1.10], "b": [1.09, 1.11], "c": [1.60, 1.62]}  # std: a 0.0707, b 0.0141, c 0.0141
+
+    def summary(slot, metric, lower):  # type: ignore[no-untyped-def]
+        value = finals[slot.variant][slot.seed]
+        return {"seed": slot.seed, "status": "ok", "error": None, "peak_memory_mib": 100.0, "seconds": 1.0, "final": value,
+                "best": value, "tokens_per_s": 10.0, "parameters": 1000, "flops_per_token": 1e6, "steps": 3, "tokens": 96}
+
+    monkeypatch.setattr(compare, "_run_summary", summary)
+    for metric, lower in (("val_loss", True), ("accuracy", False)):
+        spec = load_spec(write_spec(tmp_path, variants={"a": {}, "b": {"model.dim": 48}, "c": {"model.dim": 64}}, metric=metric))
+        results = compare.collect_results(spec, tmp_path / "cmp")
+        by = {v["name"]: v for v in results["variants"]}
+        best = "a" if lower else "c"
+        assert [n for n, v in by.items() if v["is_best"]] == [best]
+        assert by["b"]["vs_best"] == pytest.approx(sum(finals["b"]) / 2 - sum(finals[best]) / 2)
+        if lower:
+            # b is 0.05 worse than a: above b's own spread (0.014), within a's (0.071): not significant
+            assert by["b"]["significant"] is False and by["c"]["significant"] is True
+        else:
+            assert by["b"]["significant"] is True and by["a"]["significant"] is True  # 0.51 and 0.56 below c
+        table = results_markdown(results)
+        assert f"| {best} |" in table and "| best |" in table
+        assert ("(not significant)" in table) == lower
+    one = load_spec(write_spec(tmp_path, variants={"a": {}, "b": {"model.dim": 48}}, seeds=[0]))
+    assert [v["significant"] for v in compare.collect_results(one, tmp_path / "cmp1")["variants"]] == [None, None]

@@ -244,3 +244,23 @@ def test_predict_fills_several_gaps_as_greedy_left_to_right_decoding(tmp_path, c
     assert main(argv + ["--set", "mark=true"]) == 0
     marked = capsys.readouterr().out.rstrip("\n")
     assert marked.startswith("To [[") and marked.count("[[") == 2 and marked.replace("[[", "").replace("]]", "") == expected
+
+
+@pytest.mark.parametrize("length, steps", [(7, 3), (10, 4), (11, 6), (9, 2), (13, 13)])
+@pytest.mark.parametrize("edit", [False, True])
+def test_every_position_is_filled_when_the_steps_do_not_divide_the_length(length: int, steps: int, edit: bool) -> None:
+    """After step s, floor(L * s / steps) positions per row are drafted (so each step drafts
+    floor or ceil of L / steps); after the last, none is left masked, whether or not `steps`
+    divides L, with and without edits."""
+    v, mask = 6, 5
+    model = Table(v, length + 2, mask, seed=1)
+    tokens = torch.zeros(2, length + 2, dtype=torch.long)
+    fill = torch.zeros_like(tokens, dtype=torch.bool)
+    fill[:, 1:-1] = True
+    drafted = []
+    out = diffusion_fill(model, tokens, fill, mask, DiffusionConfig(steps=steps, temperature=1.0, edit=edit, seed=0),
+                         on_step=lambda s, x, masked, f: drafted.append((f & ~masked).sum(-1).tolist()))
+    assert drafted == [[length * s // steps] * 2 for s in range(1, steps + 1)]
+    per_step = [b - a for a, b in zip([0] + [d[0] for d in drafted], [d[0] for d in drafted])]
+    assert set(per_step) <= {length // steps, -(-length // steps)}
+    assert not (out[fill] == mask).any() and torch.equal(out[~fill], tokens[~fill])

@@ -43,6 +43,26 @@ FLOW_EXAMPLE = textwrap.dedent("""\
         return y, z, g, o, x
     """)
 
+# every scoping and ordering rule the first example does not reach: an assignment that reads
+# the name it writes, a tuple swap, global, nonlocal, a walrus outside and inside a
+# comprehension, a comprehension's first iterable read outside it, a closure writing through nonlocal
+SCOPES_EXAMPLE = textwrap.dedent("""\
+    def h(n, a, b):
+        n = n + 1
+        a, b = b, a
+        global counter
+        counter = n
+        total = 0
+        def inner():
+            nonlocal total
+            total += a
+            return counter
+        if (m := n * 2) > 3:
+            b = m
+        squares = [k * m for k in range(b) if (last := k)]
+        return squares, last, total, inner, b
+    """)
+
 RECURSION_EXAMPLE = textwrap.dedent("""\
     class A:
         def fib(self, n):
@@ -173,6 +193,37 @@ def test_data_flow_rule_on_a_hand_written_function() -> None:
         (at(ast.alias, 8, "o"), name(15, "o")), (x2, name(15, "x")), (x4, name(15, "x")),
     }
     assert set(g.flow_edges) == want
+
+
+def test_data_flow_rule_on_every_scoping_and_ordering_rule() -> None:
+    (g,) = [g for g in source_graphs(SCOPES_EXAMPLE) if g.name == "h"]
+    fn = functions(SCOPES_EXAMPLE)[0]
+    pos = node_positions(g, fn)
+
+    def name(line: int, ident: str, nth: int = 0) -> int:
+        found = [n for n in ast.walk(fn) if isinstance(n, ast.Name) and n.lineno == line and n.id == ident]
+        return pos[id(sorted(found, key=lambda n: n.col_offset)[nth])]
+
+    arg = {a.arg: pos[id(a)] for a in fn.args.args}
+    inner = pos[id(next(n for n in ast.walk(fn) if isinstance(n, ast.FunctionDef) and n.name == "inner"))]
+    # (nth by column: a target comes before the value it is assigned)
+    n2, a3, b3, total6, total9, m11, b12 = name(2, "n", 0), name(3, "a", 0), name(3, "b", 0), name(6, "total"), name(9, "total"), \
+        name(11, "m"), name(12, "b")
+    k_elt, k_target, k_walrus = name(13, "k", 0), name(13, "k", 1), name(13, "k", 2)
+    want = {
+        (arg["n"], name(2, "n", 1)),  # n = n + 1 reads the argument, never its own target
+        (arg["b"], name(3, "b", 1)), (arg["a"], name(3, "a", 1)),  # a, b = b, a: the old values
+        (arg["n"], name(5, "n")), (n2, name(5, "n")),  # counter = n: counter is global, no binding
+        (arg["a"], name(9, "a")), (a3, name(9, "a")),  # a closure reads every binding of a
+        (total6, total9),  # nonlocal total: += reads h's total
+        (arg["n"], name(11, "n")), (n2, name(11, "n")), (m11, name(12, "m")),  # the walrus binds m in h
+        (arg["b"], name(13, "b")), (b3, name(13, "b")), (b12, name(13, "b")),  # the first iterable is read in h; no binding kills another
+        (k_target, k_walrus), (k_target, k_elt), (m11, name(13, "m")),  # k is the comprehension's; m is h's
+        (name(13, "squares"), name(14, "squares")), (name(13, "last"), name(14, "last")),  # last := k binds in h
+        (total6, name(14, "total")), (total9, name(14, "total")),  # the closure's nonlocal write is a binding of h
+        (inner, name(14, "inner")), (arg["b"], name(14, "b")), (b3, name(14, "b")), (b12, name(14, "b")),
+    }
+    assert set(g.flow_edges) == want, (sorted(set(g.flow_edges) - want), sorted(want - set(g.flow_edges)))
 
 
 def test_the_name_never_appears_in_its_own_input(tmp_path) -> None:

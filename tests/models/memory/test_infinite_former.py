@@ -96,3 +96,43 @@ def test_bad_settings_are_named() -> None:
         build(memory__kind="infinite_former", memory__options={"old_fraction": 1.0})
     with pytest.raises(ConfigError, match="wraps a decoder"):
         build("encoder", memory__kind="infinite_former")
+
+
+@pytest.mark.parametrize("old_fraction", [0.5, 0.3])
+def test_the_memory_update_contracts_the_old_signal_against_a_separate_fit(old_fraction: float) -> None:
+    """Two segments of distinct constant states: the update equals a ridge regression written
+    out in numpy (Gaussian basis, old signal sampled evenly and moved into [0, old_fraction],
+    the new states spread over the rest), and the memory reads the first state on its part of
+    [0, 1] and the second on the other."""
+    import numpy as np
+
+    model = former(old_fraction=old_fraction, num_basis=24, ridge=1e-3)
+    n_basis, s = 24, 8
+    a, b = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, 3.0, 2.0])
+    first = model._update(None, a.expand(1, s, 3).clone(), [])
+    second = model._update(first, b.expand(1, s, 3).clone(), [])
+
+    def psi(t: np.ndarray) -> np.ndarray:  # (N, L), the basis as the paper defines it
+        centres, width = np.linspace(0, 1, n_basis), 1 / n_basis
+        return np.exp(-0.5 * ((t[None] - centres[:, None]) / width) ** 2) / (width * np.sqrt(2 * np.pi))
+
+    def ridge(t: np.ndarray, x: np.ndarray) -> np.ndarray:  # B = (F F^T + lambda I)^-1 F X
+        f = psi(t)
+        return np.linalg.solve(f @ f.T + 1e-3 * np.eye(n_basis), f @ x)
+
+    new_t = (np.arange(s) + 0.5) / s
+    b1 = ridge(new_t, np.tile(a.numpy(), (s, 1)))
+    old_t = (np.arange(n_basis) + 0.5) / n_basis  # samples = num_basis, evenly
+    old = psi(old_t).T @ b1  # the first memory's signal at those points
+    t = np.concatenate([old_fraction * old_t, old_fraction + (1 - old_fraction) * new_t])
+    b2 = ridge(t, np.concatenate([old, np.tile(b.numpy(), (s, 1))]))
+    np.testing.assert_allclose(first[0].double().numpy(), b1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second[0].double().numpy(), b2, rtol=1e-5, atol=1e-5)
+    read = psi(t).T @ second[0].double().numpy()  # the memory at the points it was fitted to
+    inside_old, inside_new = t[2 : n_basis - 2], t[n_basis + 2 : -1]  # away from the step between the two and the ends
+    read_old, read_new = psi(inside_old).T @ b2, psi(inside_new).T @ b2
+    a_, b_ = a.numpy(), b.numpy()
+    assert np.abs(read_old - a_).max() < 0.15 and np.abs(read_new - b_).max() < 0.15  # the ridge smooths the step
+    assert (np.linalg.norm(read_old - a_, axis=1) < 0.1 * np.linalg.norm(read_old - b_, axis=1)).all()
+    assert (np.linalg.norm(read_new - b_, axis=1) < 0.1 * np.linalg.norm(read_new - a_, axis=1)).all()
+    assert read.shape == (len(t), 3)
