@@ -180,3 +180,26 @@ def test_bad_settings_are_named() -> None:
         apply_lm_infinite(build(), window=8, ceiling=4)
     with pytest.raises(ConfigError, match="window must be >= 1"):
         apply_lm_infinite(build(), window=-1)
+
+
+def test_a_whole_model_at_the_default_settings_equals_the_pairwise_formula(monkeypatch) -> None:
+    """`apply_lm_infinite(model)` with nothing set (window and ceiling the trained context, 10
+    global tokens) on an input 3x the context: every layer equals the paper's rule written pair
+    by pair (`reference`), computed in a copy of the model whose attention is that formula on
+    the unrotated queries and keys."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build(attention__num_heads=4, attention__num_kv_heads=2, max_seq_len=16).eval()
+    reference_model = copy.deepcopy(model)
+    tokens = torch.randint(0, 97, (2, 48))
+    rope = reference_model.positional
+    monkeypatch.setattr(rope, "rotate", lambda q, k, q_pos, k_pos: (q, k))  # the formula turns the queries itself
+    for layer in reference_model.modules():
+        if hasattr(layer, "attend") and hasattr(layer, "q_proj"):
+            monkeypatch.setattr(layer, "attend", lambda q, k, v, ctx: reference(q, k, v, rope, window=16, num_global=10, ceiling=16))
+    with torch.no_grad():
+        want = reference_model(tokens)
+        got = apply_lm_infinite(model)(tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, remove_lm_infinite(model)(tokens)[:, :], atol=1e-3)  # and it is not plain attention
