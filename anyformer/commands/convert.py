@@ -26,8 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Load SRC into anyformer (a .gguf file is dequantized) and write DST as a Hugging Face "
         "directory (config.json + model.safetensors + tokenizer files) that anyformer and transformers both load.",
     )
-    p.add_argument("src", help="a .gguf file, a Hugging Face model directory, a run folder written by `anyformer train`, or an installed package shipping one")
-    p.add_argument("dst", help="output directory")
+    p.add_argument("src", help="a .gguf file, a Hugging Face model directory, a run folder written by `anyformer train`, an installed "
+                   "package shipping one, or (with --from tracr) a RASP program file")
+    p.add_argument("dst", help="output directory (with --from tracr: a run folder that `anyformer predict` runs)")
+    p.add_argument("--from", dest="source", choices=["checkpoint", "tracr"], default="checkpoint",
+                   help="what SRC is: a checkpoint (default), or a RASP program file (program, vocab, max_seq_len) to "
+                   "compile with tracr into anyformer weights (the optional extra [tracr])")
     p.add_argument("--dtype", default="float32", help="weight dtype to write: float32 (default), bfloat16, float16")
     p.add_argument("--force", action="store_true", help="overwrite a model already in DST")
     p.set_defaults(func=run)
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from ..dtypes import parse_dtype
     from ..pretrained.loading import check_checkpoint_path, is_run_folder
 
+    if args.source == "tracr":
+        return run_tracr(args)
     start = time.perf_counter()
     src, dst = check_checkpoint_path(args.src), Path(args.dst)
     dtype = parse_dtype(args.dtype)
@@ -96,4 +102,38 @@ def run(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) / 2**20
     n = sum(p.numel() for p in model.parameters())
     print(f"done: {n / 1e6:.1f}M parameters ({args.dtype}) in {time.perf_counter() - start:.1f} s -> {dst} ({size:.0f} MiB)")
+    return 0
+
+
+def run_tracr(args: argparse.Namespace) -> int:
+    """Compile a RASP program with tracr and write its weights as a run folder of task 'program'."""
+    from ..convert.tracr import compile_program, input_words, load_program, to_anyformer
+    from ..files import staged_folder
+    from ..models.builders import build_model
+    from ..tokenizers.pair import PairTokenizer
+    from ..tokenizers.words import WordTokenizer
+    from ..training.config import RunConfig, TaskConfig, TrainConfig
+    from ..training.run import write_run
+
+    start = time.perf_counter()
+    dst = Path(args.dst)
+    if args.dtype != "float32":
+        raise ValueError("--from tracr writes float32 weights (a compiled program relies on exact sums); leave out --dtype")
+    if dst.exists() and not (dst.is_dir() and (args.force or not any(dst.iterdir()))):
+        raise ValueError(f"{str(dst)!r} already exists; give a new folder, or pass --force to replace it")
+    prog = load_program(args.src)
+    print(f"compiling {prog.path} with tracr", file=sys.stderr)
+    compiled = to_anyformer(compile_program(prog), input_words(prog))
+    model = build_model(compiled.config)
+    model.load_state_dict(compiled.state_dict)
+    tokenizer = PairTokenizer(WordTokenizer(compiled.inputs), WordTokenizer(compiled.outputs or []))
+    options = {"program": str(dst.resolve() / "program.py"), "outputs": compiled.outputs}
+    cfg = RunConfig(model=compiled.config, task=TaskConfig(kind="program", options=options), train=TrainConfig(dtype="float32"))
+    with staged_folder(dst, replace=True) as out:
+        shutil.copy2(prog.path, out / "program.py")
+        write_run(out, cfg, model, tokenizer, {"best_val_loss": None, "compiled_from": str(prog.path)})
+    c = compiled.config
+    print(f"done: {c.num_layers} layers, width {c.dim}, {c.attention.num_heads} heads, "
+          f"{sum(p.numel() for p in model.parameters()):,} weights in {time.perf_counter() - start:.1f} s -> {dst} "
+          f"(run it: anyformer predict {dst} \"{' '.join(compiled.inputs[2:4])}\")")
     return 0

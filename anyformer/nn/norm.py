@@ -74,3 +74,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
         return rms_norm(x, self.weight, self.eps)
+
+
+@NORMS.register("none")
+class NoNorm(nn.Module):
+    """No normalisation: the input unchanged (compiled programs such as tracr's are norm-free;
+    with it the residual stream is exactly the sum of the sublayers' outputs).
+
+    Args:
+        dim: accepted so every norm takes the same arguments; holds no weights.
+        eps: unused.
+        bias: must be False: a norm that is not there has no bias to learn.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, bias: bool = False) -> None:
+        super().__init__()
+        if bias:
+            raise ValueError("model.norm.kind=none has no bias, but bias=True was asked for: set model.norm.bias=false")
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
+        return x

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import load_yaml
+from ..config import load_yaml, save_yaml
 from ..distributed import pick_device
 from ..models.builders import build_model
 from ..tasks import TASKS
-from ..tokenizers import Tokenizer, load_tokenizer
+from ..tokenizers import Tokenizer, load_tokenizer, save_tokenizer
 from . import checkpoint as ckpt
 from .config import RunConfig
 
@@ -64,3 +64,14 @@ def _load(run: Path, folder: Path | None, device: str) -> LoadedRun:
 def autocast_dtype(cfg: RunConfig) -> torch.dtype:
     """The dtype a run trained its forward passes in."""
     return torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+
+
+def write_run(folder: Path, cfg: RunConfig, model: nn.Module, tokenizer: Tokenizer | None, state: dict) -> None:
+    """Write a run folder holding `model` as its one checkpoint (both best and latest), as
+    `anyformer train` lays it out, for weights made another way (a compiled program): every
+    command that reads a run then reads it. No optimizer state: it cannot be resumed."""
+    cfg.validate()
+    save_yaml(cfg, folder / "config.yaml")
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder / "tokenizer.json")
+    ckpt.save_checkpoint(folder, 0, model, None, {}, state, keep_last=1, is_best=True)

@@ -48,7 +48,9 @@ def decoder(kernel: str = "sdpa", **sections: object) -> ModelConfig:
 def test_a_decoder_with_each_norm_and_feedforward_trains_and_decodes(section: str, name: str) -> None:
     torch.manual_seed(0)
     model = build_model(decoder(**{section: {"kind": name}}))
-    losses = fit_losses(model)
+    # a norm-free stack starts from logits of about init_std^2 (tied embeddings, nothing rescales
+    # the stream), so its loss moves later: it gets 24 steps instead of 12
+    losses = fit_losses(model, steps=24 if (section, name) == ("norm", "none") else 12)
     assert losses[-1] < losses[0] - 0.1, losses
     model.eval()
     prompt = [3, 1, 4, 1, 5]
