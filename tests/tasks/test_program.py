@@ -42,7 +42,7 @@ def test_training_learns_histogram_from_examples(tmp_path: Path, capsys) -> None
     program = REPO / "configs" / "theory" / "programs" / "histogram.py"
     argv = ["train", str(REPO / "configs" / "theory" / "sort-learned.yaml"), "--out", str(out), f"--task.options.program={program}",
             "--train.max_steps=250", "--train.eval_every=250", "--task.options.train_examples=2048", "--task.options.val_examples=256",
-            "--train.max_minutes=2", "--model.max_seq_len=9"]
+            "--train.max_minutes=null", "--model.max_seq_len=9"]  # steps, not a time budget: CI machines vary
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
