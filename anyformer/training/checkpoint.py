@@ -284,6 +284,9 @@ def load_weights(model: nn.Module, folder: Path) -> None:
 
 def load_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Load the optimizer state in place and return the saved RNG states."""
+    if not (folder / "optimizer.pt").is_file() and (folder / "state.json").is_file() and "optimizer.pt" not in read_state(folder, verify=False).get("files", {}):
+        raise CheckpointError(f"checkpoint {str(folder)!r} holds weights only, no training state (it was written by "
+                              "`anyformer convert`, not by training): predict, eval and inspect read it; it cannot be resumed or exported")
     try:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
         return load_file(str(folder / "rng.safetensors"))

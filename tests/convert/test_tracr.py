@@ -163,6 +163,8 @@ def test_bad_command_lines_give_one_line(tmp_path: Path, capsys) -> None:
         (["predict", str(out), "a " * 9], "the input has 9 tokens; this program reads at most 8"),
         (["predict", str(out), "BOS a"], "the input holds BOS or PAD, which the program adds itself"),
         (["convert", "--from", "tracr", str(PROGRAMS / "reverse.py"), str(out)], "already exists; give a new folder"),
+        (["train", "--resume", str(out)], "holds weights only, no training state"),
+        (["export", str(out), str(tmp_path / "exported")], "holds weights only, no training state"),
         (["convert", "--from", "tracr", str(tmp_path / "none.py"), str(tmp_path / "x")], "is not a .py file"),
     ]:
         assert main(argv) != 0
