@@ -147,3 +147,30 @@ def test_inspect_attention_gets_a_map_per_layer_or_says_why_not(name: str) -> No
     for w in maps:
         assert w.dim() == 3 and w.shape[0] == 4
         assert torch.allclose(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-4)
+
+
+# Settings where one term of the FLOPs count is nearly all of it, so a wrong term shows beyond
+# the tolerance (at the default setting every term is a fraction and 10% hides it): the
+# token mixing (a long context through narrow layers), the weights (wide layers, a short
+# input), the output head (a large vocabulary through narrow layers).
+TERMS = {
+    "mixing": ({"dim": 8, "ffn": {"hidden_dim": 8}, "attention": {"num_heads": 2, "kernel": "eager"}}, 640),
+    "weights": ({"dim": 256, "ffn": {"hidden_dim": 1024}, "attention": {"num_heads": 4, "kernel": "eager"}}, 8),
+    "head": ({"dim": 16, "vocab_size": 16384, "ffn": {"hidden_dim": 16}, "attention": {"num_heads": 2, "kernel": "eager"}}, 8),
+}
+
+
+@pytest.mark.parametrize("term", TERMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_each_flops_term_matches_the_counter_where_it_dominates(name: str, term: str) -> None:
+    overrides, length = TERMS[term]
+    cfg = dataclasses.replace(config(name), **{k: v for k, v in overrides.items() if not isinstance(v, dict)})
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = model.example_inputs(1, torch.Generator().manual_seed(0), length)
+    fixed = getattr(model, "tokens_per_input", None)
+    ours, measured = flops_against_counter(model, x, fixed() if callable(fixed) else length, steps=4)
+    assert abs(ours - measured) <= 0.02 * measured, (term, ours, measured)
