@@ -12,7 +12,8 @@ an integer constant n -> n + 1, a float constant x -> 2x (0 -> 1). Strings, docs
 annotations, error messages and `raise` statements are left alone: the point is the numbers.
 
 Tests for a file: its mirror under tests/ (anyformer/a/b.py -> tests/a/test_b.py), the tests of
-its package folder when the mirror is missing, every test file that imports the module, and the
+its package folder when the mirror is missing, every test file that imports the module (else the
+test files named for it anywhere under tests/), and the
 conformance file of its family (attention, positional, architectures, blocks and depths,
 parts). They run with -x in a copy of the repository (one per worker), so a killed mutant
 costs only the time to its first failure; a run past --timeout counts as killed (an infinite
@@ -168,6 +169,8 @@ def tests_for(rel: str) -> list[str]:
         text = t.read_text(errors="ignore")
         if f"from {module} import" in text or f"import {module}" in text:
             found.add(t)
+    if not found:  # tests named for the file elsewhere (anyformer/longcontext/lm_infinite.py -> tests/generation/test_lm_infinite.py)
+        found = set((ROOT / "tests").rglob(f"test_{parts[-1]}.py"))
     for folder, conformance in CONFORMANCE.items():
         if rel.startswith(folder + "/"):
             found.add(ROOT / conformance)

@@ -18,7 +18,7 @@ def vit_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if act not in _HF_ACT:
         raise ConfigError(f"ViT hidden_act {act!r} is not supported; supported: {', '.join(_HF_ACT)}")
     image, patch = hf.get("image_size", 224), hf.get("patch_size", 16)
-    labels = len(hf.get("id2label", {})) if hf.get("architectures", [""])[0] == "ViTForImageClassification" else 0
+    labels = len(hf.get("id2label", {})) if (hf.get("architectures") or [""])[0] == "ViTForImageClassification" else 0
     return from_dict(
         ModelConfig,
         dict(

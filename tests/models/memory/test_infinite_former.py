@@ -96,6 +96,10 @@ def test_bad_settings_are_named() -> None:
         build(memory__kind="infinite_former", memory__options={"old_fraction": 1.0})
     with pytest.raises(ConfigError, match="wraps a decoder"):
         build("encoder", memory__kind="infinite_former")
+    # a segment as long as the context is the largest allowed (the bound is inclusive)
+    build(memory__kind="infinite_former", memory__options={"segment_len": 64, "num_basis": 16})
+    with pytest.raises(ConfigError, match="segment_len=65 exceeds model.max_seq_len=64"):
+        build(memory__kind="infinite_former", memory__options={"segment_len": 65})
 
 
 @pytest.mark.parametrize("old_fraction", [0.5, 0.3])

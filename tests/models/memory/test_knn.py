@@ -126,6 +126,16 @@ def test_the_memory_evicts_its_oldest_entries_and_clears_earlier_documents() -> 
 
 
 @needs_faiss
+def test_each_search_builds_its_own_faiss_index() -> None:
+    import faiss
+
+    from anyformer.models.memory.knn import FaissIndex
+
+    assert type(FaissIndex(KNNMemoryOptions(search="hnsw"), 8).index) is faiss.IndexHNSWFlat  # approximate: a graph
+    assert type(FaissIndex(KNNMemoryOptions(search="flat"), 8).index) is faiss.IndexFlatIP  # exact: every entry
+
+
+@needs_faiss
 def test_faiss_flat_search_equals_torch_and_hnsw_recalls_the_exact_neighbours() -> None:
     torch.manual_seed(4)
     b, h, g, n, d, held = 2, 4, 2, 32, 16, 2000
