@@ -207,6 +207,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
     p.add_argument("--out", default=None, help="JSON report")
+    p.add_argument("--survivors-of", default=None, metavar="REPORT",
+                   help="test again only the mutants that survived in an earlier JSON report (after adding tests)")
     args = p.parse_args()
     files = [ROOT / f for f in args.files] if args.files else sorted(f for d in args.folders for f in (ROOT / d).rglob("*.py"))
     by_folder: dict[str, list[Mutant]] = {}
@@ -219,6 +221,10 @@ def main() -> int:
         picked = ms if args.sample is None or args.sample >= len(ms) else sorted(rng.sample(ms, args.sample), key=lambda m: (m.file, m.line))
         print(f"{folder}: {len(ms)} mutation sites, testing {len(picked)}", flush=True)
         chosen += picked
+    if args.survivors_of:
+        old = json.loads(Path(args.survivors_of).read_text())["mutants"]
+        chosen = [Mutant(**{**m, "status": "pending", "seconds": 0.0}) for m in old if m["status"] == "survived"]
+        print(f"testing again the {len(chosen)} survivors of {args.survivors_of}", flush=True)
     tests = {m.file: tests_for(m.file) for m in chosen}
     with tempfile.TemporaryDirectory(prefix="anyformer-mutation-") as tmp:
         works = [Path(tmp) / f"w{i}" for i in range(args.workers)]

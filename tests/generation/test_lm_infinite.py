@@ -203,3 +203,17 @@ def test_a_whole_model_at_the_default_settings_equals_the_pairwise_formula(monke
         got = apply_lm_infinite(model)(tokens)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, remove_lm_infinite(model)(tokens)[:, :], atol=1e-3)  # and it is not plain attention
+
+
+def test_without_global_tokens_a_query_one_window_away_loses_the_first_key() -> None:
+    """At num_global=0 the last of 9 tokens under a window of 8 sees keys 1..8 only: its logits
+    change and every earlier position's do not (the boundary where LM-Infinite starts to act)."""
+    torch.manual_seed(0)
+    model = build(attention__num_heads=4, max_seq_len=64).eval()
+    tokens = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        plain = model(tokens)
+        apply_lm_infinite(model, window=8, num_global=0, ceiling=8)
+        bounded = model(tokens)
+    torch.testing.assert_close(bounded[:, :8], plain[:, :8], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(bounded[:, 8], plain[:, 8], atol=1e-4)

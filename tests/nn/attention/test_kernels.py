@@ -98,3 +98,20 @@ def test_causal_mask_puts_the_queries_at_the_end_of_the_keys(n: int, m: int) -> 
     for i in range(n):
         for j in range(m):
             assert bool(got[i, j]) == (j <= i + m - n), (i, j)
+
+
+@pytest.mark.parametrize("strided", ["k", "v", "both"])
+def test_one_query_decoding_with_strided_keys_or_values_equals_the_formula(strided: str) -> None:
+    """The one-query CPU path hands unit-stride keys and values to its C++ kernel and anything
+    else to torch: a view with a stride along the head dim (every other channel of a wider
+    tensor) must give the same attention as the formula."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 1, 8)
+    wide_k, wide_v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    k = wide_k[..., ::2] if strided in ("k", "both") else wide_k[..., :8].contiguous()
+    v = wide_v[..., ::2] if strided in ("v", "both") else wide_v[..., :8].contiguous()
+    assert (k.stride(-1) != 1) == (strided != "v") and (v.stride(-1) != 1) == (strided != "k")
+    with torch.no_grad():
+        got = KERNELS.get("sdpa")(q, k, v)
+    want = naive(q.double(), k.double(), v.double(), torch.ones(1, 1, 1, 9, dtype=torch.bool), None, 8**-0.5)  # 4 query heads share 2
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

@@ -106,3 +106,16 @@ def test_the_learned_table_is_read_at_position_plus_offset() -> None:
     x = torch.zeros(1, 3, 4)
     out = enc.embed(x, torch.tensor([[0, 1, 5]]))
     assert torch.equal(out[0], enc.table.weight.detach()[[2, 3, 7]])
+
+
+@pytest.mark.parametrize("queries, keys, limit, rows", [
+    (1, 10, 4, 5),  # one query at the end: distances -9..0, clipped to -4..0
+    (10, 10, 4, 9),  # -9..9 clipped to -4..4
+    (10, 10, 100, 19),  # -9..9, nothing clipped
+    (3, 10, 100, 12),  # the last 3 queries: -9..2
+    (1, 1, 4, 1),  # one query, one key: distance 0
+])
+def test_the_distance_span_counts_the_clipped_distances(queries: int, keys: int, limit: int, rows: int) -> None:
+    from anyformer.nn.positional.relative import distance_span
+
+    assert distance_span(queries, keys, limit) == rows
