@@ -217,3 +217,7 @@ def test_without_global_tokens_a_query_one_window_away_loses_the_first_key() -> 
         bounded = model(tokens)
     torch.testing.assert_close(bounded[:, :8], plain[:, :8], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(bounded[:, 8], plain[:, 8], atol=1e-4)
+
+
+def test_the_smallest_settings_are_allowed() -> None:
+    LMInfiniteOptions(window=1, num_global=0, ceiling=1).check()  # a window of one: each query sees itself

@@ -62,3 +62,12 @@ def test_from_pretrained_reads_a_hugging_face_ast_directory(tmp_path) -> None:
     spectrograms = torch.randn(2, 24, 16)
     with torch.no_grad():
         assert torch.allclose(ours(spectrograms), hf(input_values=spectrograms).logits, atol=1e-5)
+
+
+def test_strides_and_patches_of_one_are_allowed() -> None:
+    from anyformer import ModelConfig
+    from anyformer.models.audio_spectrogram import AstOptions
+
+    cfg = ModelConfig(arch="ast", dim=16, max_seq_len=4096, attention={"num_heads": 2},
+                      options={"mel_bins": 4, "frames": 6, "patch_size": 1, "frequency_stride": 1, "time_stride": 1})
+    AstOptions(mel_bins=4, frames=6, patch_size=1, frequency_stride=1, time_stride=1).validate(cfg)

@@ -26,3 +26,14 @@ def test_a_cls_pooled_classifier_reads_the_first_position_only() -> None:
         out = model(tokens)
         hidden = model.hidden(tokens)
         torch.testing.assert_close(out, model.head.classifier(model.head.pooler.dense(hidden[:, 0])))
+
+
+def test_the_encoder_is_bidirectional() -> None:
+    """A later token changes an earlier position's state (a causal encoder would not)."""
+    model = build("encoder")
+    tokens = torch.randint(0, 96, (1, 8))
+    changed = tokens.clone()
+    changed[0, -1] += 1
+    with torch.no_grad():
+        a, b = model.hidden(tokens), model.hidden(changed)
+    assert not torch.allclose(a[:, 0], b[:, 0], atol=1e-6)

@@ -300,3 +300,14 @@ def test_encoder_decoder_needs_a_sequential_block():
     cross = AttentionConfig(kind="shaped", num_heads=H)
     with pytest.raises(ConfigError, match="self-attention only"):
         ATTENTIONS.get("shaped")(cross, BuildContext.standalone(cross, dim=D, cross=True))
+
+
+def test_the_branch_gains_are_learned_by_default_as_in_the_paper() -> None:
+    from anyformer.models.blocks.simplified import SimplifiedOptions
+
+    assert SimplifiedOptions().trainable_gains is True
+    from tests.helpers import build
+
+    model = build(block__kind="simplified")
+    names = {n for n, _ in model.named_parameters()}
+    assert {"stack.blocks.0.attn_gain", "stack.blocks.0.ffn_gain"} <= names, sorted(names)[:8]

@@ -146,3 +146,11 @@ def test_bad_options_raise_config_errors():
         build("decoder", attention__kind="sliding_window", attention__options=dict(windw=4))
     with pytest.raises(ConfigError, match="num_summary"):
         build("decoder", attention__kind="fixed", attention__options=dict(stride=4, num_summary=5))
+
+
+def test_keys_per_query_of_one_query_is_the_keys_it_sees() -> None:
+    from anyformer.nn.attention.patterns import Pattern, Window
+
+    assert Pattern().keys_per_query(1, 10, causal=False) == 10.0  # one query sees all 10 keys
+    assert Pattern().keys_per_query(4, 10, causal=True) == (7 + 8 + 9 + 10) / 4
+    assert Window(3).keys_per_query(1, 10, causal=True) == 3.0
