@@ -207,6 +207,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
     p.add_argument("--out", default=None, help="JSON report")
+    p.add_argument("--check-baseline", action="store_true",
+                   help="first run every test set once unmutated and stop if one fails (by default the suite is assumed green, as CI checks)")
     p.add_argument("--survivors-of", default=None, metavar="REPORT",
                    help="test again only the mutants that survived in an earlier JSON report (after adding tests)")
     args = p.parse_args()
@@ -231,6 +233,15 @@ def main() -> int:
         for w in works:
             _copy_repo(w)
         free = list(works)
+        if args.check_baseline:  # a test set that fails unmutated would count every mutant as killed
+            sets = sorted({tuple(t) for t in tests.values() if t})
+            with ThreadPoolExecutor(args.workers) as pool:
+                failing = [t for t, status in zip(sets, pool.map(lambda t: _run(works[sets.index(t) % len(works)], list(t), args.timeout), sets))
+                           if status != "survived"]
+            if failing:
+                print("these test sets fail without any mutant; fix them first:\n  " + "\n  ".join(" ".join(t) for t in failing))
+                return 1
+            print(f"baseline: all {len(sets)} test sets pass unmutated", flush=True)
 
         def one(m: Mutant) -> Mutant:
             work = free.pop()
