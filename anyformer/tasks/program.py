@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from ..distributed import mean_across, split_evenly
 from ..dtypes import DTYPES
 from ..tokenizers.pair import PairTokenizer
 from ..tokenizers.words import WordTokenizer
-from .base import TASKS, Setting, Task
+from .base import TASKS, Task
 
 EVAL_SEED = 20240607
 IGNORE = -100  # the label of BOS, padding and positions without a value
@@ -91,7 +91,6 @@ class ProgramTask(Task):
     options_class = ProgramOptions
     use_command = 'anyformer predict RUN "TOKENS"'
     predict_input = "the program's input tokens, separated by spaces"
-    predict_settings: ClassVar[dict[str, Setting]] = {}
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -113,12 +112,11 @@ class ProgramTask(Task):
         return self.cfg.model.max_seq_len
 
     def prepare(self, env: Any) -> ProgramData:
-        from tracr.rasp import rasp
-
         from ..convert.tracr import input_words, load_program
 
         o = self.options
-        prog = load_program(o.program)
+        prog = load_program(o.program)  # names the [tracr] extra when tracr is missing
+        from tracr.rasp import rasp
         if prog.max_seq_len + 1 > self.cfg.model.max_seq_len:
             raise ConfigError(f"the program reads up to {prog.max_seq_len} tokens plus BOS; set model.max_seq_len to at least {prog.max_seq_len + 1}")
         if o.min_len > prog.max_seq_len:
@@ -126,7 +124,8 @@ class ProgramTask(Task):
         numerical = rasp.is_numerical(prog.program)
         g = torch.Generator().manual_seed(self.cfg.train.seed)
 
-        def draw(count: int, avoid: set[tuple[int, ...]]) -> list[tuple[list[Any], list[Any]]]:
+        def draw(count: int, avoid: set[tuple[int, ...]]) -> list[tuple[tuple[int, ...], list[Any], list[Any]]]:
+            """(vocab indices, input values, the program's outputs) of `count` random inputs not in `avoid`."""
             out = []
             for _ in range(50 * count):
                 n = int(torch.randint(o.min_len, prog.max_seq_len + 1, (1,), generator=g))
@@ -134,14 +133,13 @@ class ProgramTask(Task):
                 if picks in avoid:
                     continue
                 xs = [prog.vocab[i] for i in picks]
-                out.append((xs, rasp.evaluate(prog.program, xs)))
+                out.append((picks, xs, rasp.evaluate(prog.program, xs)))
                 if len(out) == count:
                     break
             return out
 
         raw_train = draw(o.train_examples, set())
-        seen = {tuple(prog.vocab.index(x) for x in xs) for xs, _ in raw_train}
-        raw_val = draw(o.val_examples, seen)  # held-out inputs are never training inputs
+        raw_val = draw(o.val_examples, {picks for picks, _, _ in raw_train})  # held-out inputs are never training inputs
         if len(raw_val) < o.val_examples:
             raise ConfigError(f"only {len(raw_val)} of task.options.val_examples={o.val_examples} held-out inputs differ from every "
                               f"training input (the program has few distinct inputs); lower train_examples or val_examples")
@@ -150,7 +148,7 @@ class ProgramTask(Task):
         elif o.outputs is not None:
             labels = list(o.outputs)
         else:
-            labels = sorted({str(v) for _, ys in raw_train + raw_val for v in ys if v is not None})
+            labels = sorted({str(v) for _, _, ys in raw_train + raw_val for v in ys if v is not None})
         target, source = WordTokenizer(labels), WordTokenizer(input_words(prog))
         tok = PairTokenizer(source, target)
 
@@ -164,7 +162,7 @@ class ProgramTask(Task):
                 raise ConfigError(f"the program outputs {unknown}, which task.options.outputs does not list")
             return ids, torch.tensor([IGNORE] + [IGNORE if v is None else target.index[str(v)] for v in ys])
 
-        train, val = [encode(*e) for e in raw_train], [encode(*e) for e in raw_val]
+        train, val = [encode(xs, ys) for _, xs, ys in raw_train], [encode(xs, ys) for _, xs, ys in raw_val]
         majority = None
         if not numerical:
             counts = torch.bincount(torch.cat([y[y != IGNORE] for _, y in train]), minlength=max(1, len(labels)))

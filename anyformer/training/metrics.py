@@ -40,9 +40,9 @@ def format_time(seconds: float) -> str:
 class Progress:
     """One live status line (rewritten in place on a terminal, a new line otherwise)."""
 
-    def __init__(self, stream=sys.stdout) -> None:  # type: ignore[no-untyped-def]
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
+        self.stream = sys.stdout if stream is None else stream  # read when made, not when this module was imported
+        self.tty = self.stream.isatty()
         self.width = 0
 
     def update(self, text: str) -> None:
