@@ -134,10 +134,17 @@ def _attend(layer: MultiHeadAttention, opts: LMInfiniteOptions):  # type: ignore
     plain = layer.attend
 
     def attend(q: Tensor, k: Tensor, v: Tensor, ctx) -> Tensor:  # type: ignore[no-untyped-def]
-        if not isinstance(ctx.positional, RoPE) or ctx.mask is not None or ctx.bias is not None or not ctx.causal:
-            return plain(q, k, v, ctx)
+        if not isinstance(ctx.positional, RoPE) or not ctx.causal:
+            return plain(q, k, v, ctx)  # cross-attention, or the encoder of an encoder-decoder: not an LM's context
         if int((ctx.q_pos[:, -1] - ctx.k_pos[:, 0]).max()) < opts.window:
             return plain(q, k, v, ctx)  # every key within every query's window: the Λ is plain causal attention
+        masked = ctx.mask is not None and not bool(ctx.mask.all())
+        if masked or ctx.bias is not None:
+            what = "padding (rows of different lengths) or a boolean mask" if masked else "an additive attention mask"
+            raise ConfigError(
+                f"LM-Infinite reads unpadded sequences without attention masks, and this input has {what} beyond the "
+                f"window of {opts.window}: run rows of equal length (or one at a time), without a mask"
+            )
         return lm_infinite_attention(q, k, v, ctx.q_pos, ctx.k_pos, ctx.positional, opts, scale=layer.scale)
 
     attend.lm_infinite = opts  # type: ignore[attr-defined]
@@ -148,11 +155,15 @@ def _attend(layer: MultiHeadAttention, opts: LMInfiniteOptions):  # type: ignore
 def apply_lm_infinite(model: nn.Module, window: int | None = None, num_global: int = 10, ceiling: int | None = None) -> nn.Module:
     """Switch the causal self-attention layers of a RoPE model to LM-Infinite (in place; returns
     the model). window and ceiling default to the model's trained context
-    (`model.config.max_seq_len`). Raises ConfigError for a model without RoPE."""
+    (`model.config.max_seq_len`). Raises ConfigError for a model without RoPE or one that is not
+    causal; its forward raises ConfigError for padded or masked input that reaches past the
+    window (the Λ of a padded row would start at its padding)."""
     cfg = getattr(model, "config", None)
     if cfg is None or cfg.positional.kind != "rope":
         kind = None if cfg is None else cfg.positional.kind
         raise ConfigError(f"LM-Infinite bounds rotary distances and needs a RoPE model; this model's positional encoding is {kind!r}")
+    if not getattr(model, "causal", False):
+        raise ConfigError(f"LM-Infinite extends the context of causal language models; this {cfg.arch!r} model attends both ways")
     trained = cfg.max_seq_len
     opts = LMInfiniteOptions(window or trained, num_global, ceiling or (max(trained, window) if window else trained)).check()
     layers = [mod for mod in model.modules() if isinstance(mod, MultiHeadAttention)]

@@ -179,18 +179,22 @@ class Megabyte(nn.Module):
         return self.predict_bytes(x)[:, 1 : n + 1]
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per byte (for the model summary): the global stack and the projections
-        into and out of it once per patch, the local stack and the head once per byte, each
-        stack's attention over its causal context (half of it on average)."""
+        """Forward FLOPs per byte of a forward over `seq_len` bytes (for the model summary): the
+        global stack and the projections into and out of it once per patch, the local stack and
+        the head once per byte, each stack's attention over its causal context (half of it on
+        average). The forward reads one byte more than it is given (the prediction after the
+        last), rounded up to whole patches; that work is counted and shared among the bytes."""
         p = self.patch
         count = lambda *mods: sum(x.numel() for m in mods for x in m.parameters())  # noqa: E731
         glob, local = self.global_stack, self.local_stack
         g_width, l_width = self.attention_widths
         e = self.local_bytes.embedding_dim
         g_layers, l_layers = len(glob.blocks), len(local.blocks)
-        per_patch = 2 * count(glob, self.patch_in, self.to_local) + 2 * 2 * g_layers * (seq_len / p / 2) * g_width
+        processed = seq_len + 1 + (-(seq_len + 1) % p)
+        patches = processed // p
+        per_patch = 2 * count(glob, self.patch_in, self.to_local) + 2 * 2 * g_layers * (patches / 2) * g_width
         per_byte = 2 * count(local) + 2 * 2 * l_layers * (p / 2) * l_width + 2 * e * self.config.vocab_size
-        return per_patch / p + per_byte
+        return (patches * per_patch + processed * per_byte) / seq_len
 
     def decoding_flops_per_token(self, seq_len: int) -> float:
         """FLOPs of one decoding step per byte, averaged over a patch, with `seq_len - 1` bytes

@@ -188,16 +188,14 @@ class PointerGenerator(EncoderDecoder):
         return out
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per target token (model summary): the encoder-decoder's count (Kaplan et
-        al.) plus the copy attention's projections, scores and gate (the match comparisons are
-        not floating-point work)."""
-        from .summary import flops_per_token
+        """Forward FLOPs per target token (model summary): the encoder-decoder's count (its
+        stacks as their mixers declare them, every weight once, the copy projections and gate
+        included) plus the copy scores, one dot product per source token (the copy distribution
+        needs no weighted sum of values; the match comparisons are not floating-point work)."""
+        from .summary import stack_flops_per_token
 
-        count = sum(p.numel() for p in self.parameters()) - self.src_embed.tokens.weight.numel()
-        if self.tgt_embed is not self.src_embed:
-            count -= self.tgt_embed.tokens.weight.numel()
         encdec = dataclasses.replace(self.config, arch="encoder_decoder")
-        return flops_per_token(encdec, count, seq_len) + 2 * 2 * seq_len * self.config.dim
+        return stack_flops_per_token(self, seq_len, encdec) + 2 * seq_len * self.config.dim
 
     def decoding_flops_per_token(self, seq_len: int) -> float:
         """FLOPs of one decoding step (model summary): the encoder-decoder's step (summary.

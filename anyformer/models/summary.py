@@ -190,6 +190,17 @@ def _reused_blocks(model: nn.Module) -> tuple[int, int]:
     return weights, layers
 
 
+def stack_flops_per_token(model: nn.Module, seq_len: int, cfg: ModelConfig | None = None) -> float:
+    """Forward FLOPs per token of `model` counted as a plain stack (its weights once per
+    application, what its mixers declare, the head of `cfg`'s architecture; default the model's
+    own config): what `summarize` states for a model that declares no `flops_per_token`, and
+    the base an architecture that does declare it adds its own work to."""
+    reused, extra_layers = _reused_blocks(model)
+    weights = count_parameters(model) - _embedding_params(model) + reused - _costed_positional_params(model)
+    return flops_per_token(cfg or model.config, weights, seq_len, extra_layers=extra_layers,  # type: ignore[arg-type]
+                           mixing=mixing_per_token(model, seq_len))
+
+
 def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: int | None = None) -> ModelSummary:
     """Summary of a built model or a config (built on the meta device, no memory used)."""
     if isinstance(model_or_cfg, ModelConfig):
@@ -204,14 +215,11 @@ def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: in
     seq_len = seq_len or (fixed() if callable(fixed) else cfg.max_seq_len)
     total = count_parameters(model)
     emb = _embedding_params(model)
-    reused, extra_layers = _reused_blocks(model)
     # an architecture whose work per token differs from a plain stack's says so, for a forward
     # and (when it decodes) for one decoding step
     own = getattr(model, "flops_per_token", None)
     own_step = getattr(model, "decoding_flops_per_token", None)
-    weights = total - emb + reused - _costed_positional_params(model)
-    fwd = own(seq_len) if callable(own) else flops_per_token(cfg, weights, seq_len, extra_layers=extra_layers,
-                                                              mixing=mixing_per_token(model, seq_len))
+    fwd = own(seq_len) if callable(own) else stack_flops_per_token(model, seq_len)
     decoding = own_step(seq_len) if callable(own_step) else None if callable(own) else decoding_flops(model, seq_len)
     return ModelSummary(
         arch=cfg.arch,

@@ -174,3 +174,15 @@ def test_each_flops_term_matches_the_counter_where_it_dominates(name: str, term:
     fixed = getattr(model, "tokens_per_input", None)
     ours, measured = flops_against_counter(model, x, fixed() if callable(fixed) else length, steps=4)
     assert abs(ours - measured) <= 0.02 * measured, (term, ours, measured)
+    if term in ("weights", "head") and hasattr(model, "decoding_info"):
+        # a generative model's forward too: over 8 tokens the scores the summary halves under the
+        # causal mask (and the eager kernel computes whole) are a fraction of a percent
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from anyformer.models.summary import summarize
+
+        n = fixed() if callable(fixed) else length
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*x)
+        forward = summarize(model, seq_len=n).flops_per_token_forward
+        assert abs(forward - counter.get_total_flops() / n) <= 0.02 * counter.get_total_flops() / n, (forward, counter.get_total_flops() / n)

@@ -221,3 +221,49 @@ def test_without_global_tokens_a_query_one_window_away_loses_the_first_key() -> 
 
 def test_the_smallest_settings_are_allowed() -> None:
     LMInfiniteOptions(window=1, num_global=0, ceiling=1).check()  # a window of one: each query sees itself
+
+
+@pytest.mark.parametrize("needs_grad", ["q", "k", "v"])
+def test_gradients_reach_the_one_input_that_needs_them(needs_grad: str) -> None:
+    """When only one of q, k, v requires gradients (a frozen model with a trainable prefix, say),
+    the attention still takes the differentiable path: its value and that input's gradient
+    equal the pairwise formula's."""
+    rope = _rope()
+    b, h, g, n, d = 1, 4, 2, 24, 8
+    gen = torch.Generator().manual_seed(3)
+    raw = {name: torch.randn(b, c, n, d, generator=gen).requires_grad_(name == needs_grad) for name, c in (("q", h), ("k", g), ("v", g))}
+    pos = torch.arange(n)[None]
+    q, k = rope.rotate(raw["q"], raw["k"], pos, pos)
+    got = lm_infinite_attention(q, k, raw["v"], pos, pos, rope, LMInfiniteOptions(6, 2, 9))
+    want = reference(raw["q"], raw["k"], raw["v"], rope, 6, 2, 9)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    cot = torch.randn(got.shape, generator=gen)
+    (got_grad,) = torch.autograd.grad((got * cot).sum(), raw[needs_grad])
+    (want_grad,) = torch.autograd.grad((want * cot).sum(), raw[needs_grad])
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_or_masked_input_past_the_window_is_refused_and_within_it_is_plain_attention() -> None:
+    """A padded row's Λ would begin at its padding, so past the window padded input is refused
+    with the fix named; inside the window LM-Infinite is plain causal attention, padding
+    included."""
+    model = build(attention__num_heads=4, max_seq_len=64)
+    tokens = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+    pad = torch.ones(2, 20, dtype=torch.bool)
+    pad[1, :5] = False  # the second row is 5 tokens shorter, padded on the left
+    with torch.no_grad():
+        plain = model(tokens, attention_mask=pad)
+        apply_lm_infinite(model, window=32, num_global=2)
+        torch.testing.assert_close(model(tokens, attention_mask=pad), plain)
+        remove_lm_infinite(model)
+        apply_lm_infinite(model, window=8, num_global=2)
+        with pytest.raises(ConfigError, match="padding.*rows of equal length"):
+            model(tokens, attention_mask=pad)
+        with pytest.raises(ConfigError, match="additive attention mask"):
+            model(tokens, attn_mask=torch.zeros(20, 20))
+        model(tokens, attention_mask=torch.ones(2, 20, dtype=torch.bool))  # no padding: no refusal
+
+
+def test_a_model_that_attends_both_ways_is_refused() -> None:
+    with pytest.raises(ConfigError, match="causal language models.*'encoder'"):
+        apply_lm_infinite(build("encoder"))

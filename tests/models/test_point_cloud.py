@@ -421,3 +421,14 @@ def test_run_config_saves_and_loads_points(tmp_path) -> None:
     cfg = task_config(tmp_path, "--model.options.widths=[8,12]")
     save_yaml(cfg, tmp_path / "c.yaml")
     assert load_yaml(RunConfig, tmp_path / "c.yaml").model.arch_options == cfg.model.arch_options
+
+
+def test_a_cloud_of_the_wrong_shape_is_named_and_the_batch_hint_given_only_for_one_cloud() -> None:
+    from anyformer.models.point_groups import check_points
+
+    with pytest.raises(ValueError, match=r"got \(10, 3\); for one cloud add a batch dimension"):
+        check_points(torch.zeros(10, 3), 4, "the test")
+    for shape in [(10, 4), (2, 10, 2), (3,)]:
+        with pytest.raises(ValueError, match="must have shape") as err:
+            check_points(torch.zeros(shape), 4, "the test")
+        assert "batch dimension" not in str(err.value), shape

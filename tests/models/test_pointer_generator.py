@@ -93,6 +93,7 @@ def test_label_scores_are_the_full_distribution_at_the_labels() -> None:
     labels = torch.randint(1, 97, (3, 6))
     labels[:, :3] = src[:, 4:7]  # labels that the copy distribution also holds
     labels[1, 4:] = -100
+    labels[2, 5] = 0  # the first id of the vocabulary is a label like any other
     full = model(src, tgt, keep)
     got = model(src, tgt, keep, labels=labels)
     counted = labels != -100
@@ -188,3 +189,33 @@ def test_match_and_follow_terms_alone_copy_the_memory_that_follows_the_start_tok
 def test_separate_embeddings_are_refused() -> None:
     with pytest.raises(ConfigError, match="share_embeddings=true"):
         build("pointer_generator", share_embeddings=False)
+
+
+def test_the_copy_attentions_flops_are_what_the_counter_adds_to_the_encoder_decoders() -> None:
+    """The summary's forward FLOPs of a pointer-generator less those of the same-shaped
+    encoder-decoder (the copy attention's projections, scores and gate) equal what torch's FLOP
+    counter measures between the two forwards, on a long source through narrow layers where the
+    copy scores are most of that difference (the shared causal self-attention, which the counter
+    and the summary count differently, cancels)."""
+    import dataclasses
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anyformer import build_model
+    from anyformer.models.summary import summarize
+
+    from tests.helpers import tiny_config
+
+    n = 256
+    measured, stated = {}, {}
+    for arch in ("pointer_generator", "encoder_decoder"):
+        cfg = tiny_config("pointer_generator", dim=16, max_seq_len=n, attention__kernel="eager")  # the counter sees eager attention
+        cfg = dataclasses.replace(cfg, arch=arch, options={} if arch == "encoder_decoder" else cfg.options)
+        model = build_model(cfg).eval()
+        x = model.example_inputs(1, torch.Generator().manual_seed(0), n)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*x)
+        measured[arch], stated[arch] = counter.get_total_flops() / n, summarize(model, seq_len=n).flops_per_token_forward
+    want = measured["pointer_generator"] - measured["encoder_decoder"]
+    assert want > 2 * n * 16  # the scores over the source are in it
+    assert abs((stated["pointer_generator"] - stated["encoder_decoder"]) - want) <= 0.03 * want, (stated, measured)

@@ -164,7 +164,8 @@ class RecurrentMemory(nn.Module):
         """Forward FLOPs per text token (model summary) for an input of `seq_len` tokens: each
         of its ceil(seq_len / s) segments runs the wrapped model's blocks over s + 2m positions
         (the memory at both ends; a short last segment is padded to s), with attention over that
-        segment however long the input, and the head over the text tokens only."""
+        segment however long the input, and the head over each segment's s text positions
+        (padding of a short last segment included)."""
         from ..builders import count_parameters
         from ..summary import _embedding_params, flops_per_token
 
@@ -174,7 +175,7 @@ class RecurrentMemory(nn.Module):
         weights = count_parameters(self.inner) - _embedding_params(self.inner)
         head = flops_per_token(self.config, 0, 0)  # the head alone: no weights and no context
         per_position = flops_per_token(self.config, weights, positions) - head
-        return (segments * positions * per_position + seq_len * head) / max(1, seq_len)
+        return (segments * positions * per_position + segments * s * head) / max(1, seq_len)
 
     # --- the model protocol (anyformer.protocol), decoders only ---
 

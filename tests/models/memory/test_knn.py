@@ -305,3 +305,28 @@ def test_bad_settings_are_named() -> None:
     model = build(memory__kind="knn", memory__options={"segment_len": 8, "memory_size": 16, "top_k": 4})
     with pytest.raises(ValueError, match="without padding"):
         model(torch.ones(2, 10, dtype=torch.long), attention_mask=torch.tensor([[True] * 10, [False] + [True] * 9]))
+
+
+def test_reordering_the_cache_swaps_rows_memory_and_documents_as_beam_search_needs() -> None:
+    """Decode 3 rows past two segments (memory filled, a boundary in one row), reorder the
+    cache's rows to (2, 0, 0) as a beam step does and go on: every logit after the reorder
+    equals the full forward of the rows in that order."""
+    model = knn(boundary_token=3)
+    tokens = torch.randint(4, 97, (3, 30), generator=torch.Generator().manual_seed(0))
+    tokens[0, 10] = 3
+    order = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        cache = model.make_cache(3)
+        for s, e in ((0, 7), (7, 19)):
+            chunk = tokens[:, s:e]
+            model.decode_step(chunk, cache, cache.next_positions(torch.ones_like(chunk, dtype=torch.bool)))
+        cache.reorder(order)
+        rest = tokens[order, 19:]
+        got = model.decode_step(rest, cache, cache.next_positions(torch.ones_like(rest, dtype=torch.bool)))
+        want = model(tokens[order])[:, 19:]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_segment_of_one_token_is_allowed_and_decodes() -> None:
+    model = knn(segment_len=1, memory_size=6, top_k=2)
+    assert_decoding_in_chunks_equals_forward(model, torch.randint(0, 97, (2, 9)), (1, 3, 5))

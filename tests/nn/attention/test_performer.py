@@ -85,3 +85,20 @@ def test_features_are_redrawn_every_interval_in_training_only():
 def test_projection_is_saved_with_the_model():
     model = build("decoder", attention__kind="performer")
     assert any(k.endswith("features.projection") for k in model.state_dict())
+
+
+def test_padded_keys_change_nothing_for_the_real_tokens():
+    """An encoder with Performer attention over a right-padded row gives its real tokens the
+    outputs of the unpadded row: padded keys get zero feature weight, whatever their tokens."""
+    from tests.helpers import build
+
+    model = build("encoder", attention__kind="performer")
+    tokens = torch.randint(1, 50, (1, 10), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([tokens, torch.randint(1, 50, (1, 4), generator=torch.Generator().manual_seed(1))], 1)
+    keep = torch.ones(1, 14, dtype=torch.bool)
+    keep[:, 10:] = False
+    with torch.no_grad():
+        want = model(tokens)
+        got = model(padded, attention_mask=keep)[:, :10]
+        assert not torch.allclose(model(padded)[:, :10], want, atol=1e-4)  # the extra keys matter when not masked
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

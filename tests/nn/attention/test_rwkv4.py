@@ -5,6 +5,7 @@ its checkpoint layout read and written back, and decoding with the state against
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -185,3 +186,20 @@ def test_trains_and_refuses_what_it_cannot_do() -> None:
     bad = torch.tensor([[4, 5, 0]])
     with pytest.raises(ValueError, match="left padding only"):
         model(bad, attention_mask=bad != 0)
+
+
+def test_the_initialisation_is_transformers_rwkv_initialisation() -> None:
+    """A freshly built model's decays and token-shift mixes, per layer and channel, equal what
+    transformers' `RwkvForCausalLM` initialises them to (its depth-graded formulas). The bonus
+    `time_first` is left out: transformers sets it to ones (`ones_like` of the intended
+    log(0.3) + zigzag), while this follows the RWKV-4 reference."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(model_config(), num_layers=3))
+    hf_cfg, ours = rwkv4_to_hf(model)
+    cfg = transformers.RwkvConfig(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type")})
+    theirs = transformers.RwkvForCausalLM(cfg).state_dict()
+    names = [k for k in theirs if k.split(".")[-1] in ("time_decay", "time_mix_key", "time_mix_value", "time_mix_receptance")]
+    assert len(names) == 3 * (4 + 2)  # per layer: four in the time mixing, two in the channel mixing
+    for name in names:
+        torch.testing.assert_close(ours[name].reshape(-1), theirs[name].reshape(-1), msg=name)

@@ -261,3 +261,28 @@ def test_from_pretrained_reads_an_official_checkpoint(tmp_path) -> None:  # type
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not an RWKV-7 checkpoint"):
         from_pretrained(tmp_path / "other.pth")
+
+
+def test_lora_widths_are_the_published_checkpoints_widths() -> None:
+    """The default LoRA widths (multiples of 32 of 1.8 sqrt(C), 1.3 sqrt(C), 0.6 C^0.8) are
+    those of the published RWKV-7 checkpoints: C = 768 (0.1B) has w/a/v/g LoRAs of 64/64/32/128,
+    C = 2048 (1.5B) 96/96/64/256; narrow models get at least 32."""
+    from anyformer.nn.attention.rwkv7 import default_ranks
+
+    order = ("decay_rank", "rate_rank", "value_rank", "gate_rank")
+    assert [default_ranks(768)[k] for k in order] == [64, 64, 32, 128]
+    assert [default_ranks(2048)[k] for k in order] == [96, 96, 64, 256]
+    assert [default_ranks(64)[k] for k in order] == [32, 32, 32, 32]
+
+
+def test_the_receptance_shift_mix_starts_at_its_known_values() -> None:
+    """x_r = 1 - (c / C) ** (0.2 (1 - i / L)) for channel c of layer i (the reference's training
+    code), at C = 64, L = 2, worked out by hand: layer 0 (power 0.2) and layer 1 (power 0.1)."""
+    torch.manual_seed(0)
+    model = build_model(model_config())
+    mixes = [p.reshape(-1) for name, p in model.named_parameters() if name.endswith("x_r")]
+    assert len(mixes) == 2
+    want = {0: [1.0, 0.242142, 0.129449, 0.055912], 1: [1.0, 0.129449, 0.066967, 0.028358]}
+    for layer, values in want.items():
+        got = [float(mixes[layer][c]) for c in (0, 16, 32, 48)]
+        assert got == pytest.approx(values, abs=2e-6), (layer, got)

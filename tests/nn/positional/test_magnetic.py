@@ -142,3 +142,16 @@ def test_missing_graph_and_bad_options_are_named() -> None:
         with pytest.raises(ConfigError, match=f"model.positional.options.{name}"):
             build_model(ModelConfig(arch="encoder", dim=32, positional={"kind": "magnetic", "options": options}))
     assert math.isclose(0.25, model.positional.options.q)
+
+
+def test_a_graph_smaller_than_k_is_padded_with_zeros() -> None:
+    """A 3-node directed path asked for k = 5: the first three eigenpairs are the graph's own
+    (the eigenvectors unit-norm and orthogonal), the two slots beyond it are exactly zero."""
+    adj = torch.zeros(1, 3, 3)
+    adj[0, 0, 1] = adj[0, 1, 2] = 1.0
+    vals, vecs = magnetic_eigenvectors(adj, 0.1, 5)
+    assert vals.shape == (1, 5) and vecs.shape == (1, 3, 5)
+    assert torch.equal(vals[0, 3:], torch.zeros(2)) and torch.equal(vecs[0, :, 3:], torch.zeros(3, 2, dtype=vecs.dtype))
+    gram = vecs[0, :, :3].conj().T @ vecs[0, :, :3]
+    torch.testing.assert_close(gram, torch.eye(3, dtype=gram.dtype), atol=1e-5, rtol=0)
+    torch.testing.assert_close(vals[0, :3], torch.linalg.eigvalsh(magnetic_laplacian(adj, 0.1))[0], atol=1e-5, rtol=0)

@@ -1,0 +1,64 @@
+"""The caches of anyformer/nn/kv_cache.py against their rules written as plain Python lists: a
+rolling cache holds the first `sinks` tokens and the last `window` once full, whatever the
+chunk sizes; slot positions count the real tokens kept; the position a cache promises for new
+tokens is the one it then assigns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anyformer.nn.kv_cache import KVCache, ModelCache, RollingKVCache, RollingModelCache
+
+CHUNKS = [3, 1, 4, 1, 5, 2, 6, 1, 1, 3]
+
+
+@pytest.mark.parametrize("sinks, window", [(0, 6), (2, 6), (3, 1)])
+def test_a_rolling_cache_keeps_the_sinks_and_the_last_window(sinks: int, window: int) -> None:
+    cache = RollingKVCache(2, 3, 4, sinks=sinks, window=window, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    seen_k: list[torch.Tensor] = []
+    seen_v: list[torch.Tensor] = []
+    for n in (min(c, window) for c in CHUNKS):
+        k, v = torch.randn(2, 3, n, 4, generator=gen), torch.randn(2, 3, n, 4, generator=gen)
+        seen_k += list(k.unbind(2))
+        seen_v += list(v.unbind(2))
+        got_k, got_v = cache.update(k, v)
+        total = len(seen_k)
+        kept = list(range(total)) if total <= sinks + window else [*range(sinks), *range(total - window, total)]
+        torch.testing.assert_close(got_k, torch.stack([seen_k[i] for i in kept], 2), rtol=0, atol=0)
+        torch.testing.assert_close(got_v, torch.stack([seen_v[i] for i in kept], 2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"at most {window} tokens per call"):
+        cache.update(torch.zeros(2, 3, window + 1, 4), torch.zeros(2, 3, window + 1, 4))
+
+
+@pytest.mark.parametrize("rolling", [False, True])
+def test_positions_count_the_real_tokens_and_are_the_ones_promised(rolling: bool) -> None:
+    """Row 1 is left-padded by two tokens: its positions start at 0 at its first real token.
+    Each chunk's `next_positions` equals the positions `append_positions` then gives those
+    tokens, and every slot's position is the number of real tokens kept before it."""
+    sinks, window = 2, 5
+    if rolling:
+        cache = RollingModelCache([RollingKVCache(2, 1, 4, sinks=sinks, window=window, dtype=torch.float32)], sinks=sinks, window=window)
+    else:
+        cache = ModelCache([KVCache(2, 1, 64, 4, dtype=torch.float32)])
+    kept_flags: list[list[bool]] = [[], []]
+    first = True
+    chunks = [min(c, window) for c in CHUNKS]
+    for n in chunks:
+        keep = torch.ones(2, n, dtype=torch.bool)
+        if first:
+            keep[1, :2] = False
+            first = False
+        promised = cache.next_positions(keep)
+        positions, slots_keep = cache.append_positions(promised, keep)
+        torch.testing.assert_close(positions[:, -n:], promised)
+        for row in range(2):
+            kept_flags[row] += keep[row].tolist()
+            flags = kept_flags[row]
+            if rolling and len(flags) > sinks + window:
+                flags = flags[:sinks] + flags[len(flags) - window :]
+            assert slots_keep[row].tolist() == flags
+            want = [max(0, sum(flags[: i + 1]) - 1) for i in range(len(flags))]  # real tokens kept up to each slot, less one
+            assert positions[row].tolist() == want, (row, positions[row].tolist(), want)
+    assert cache.length == (sinks + window if rolling else sum(chunks))
