@@ -267,3 +267,26 @@ def test_padded_or_masked_input_past_the_window_is_refused_and_within_it_is_plai
 def test_a_model_that_attends_both_ways_is_refused() -> None:
     with pytest.raises(ConfigError, match="causal language models.*'encoder'"):
         apply_lm_infinite(build("encoder"))
+
+
+def test_inference_on_cpu_runs_the_fused_kernel(monkeypatch) -> None:
+    """The fast path is the default: without gradients on CPU every local span goes through
+    PyTorch's fused flash kernel (which returns the log-sum-exp the merge needs)."""
+    if lm_infinite_module._FLASH is None:
+        pytest.skip("this torch has no CPU flash-attention op")
+    calls = []
+    real = lm_infinite_module._FLASH
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_infinite_module, "_FLASH", counted)
+    monkeypatch.setattr(lm_infinite_module, "CHUNK", 16)
+    rope = _rope()
+    q_raw, k_raw, v = (torch.randn(1, c, 40, 8, generator=torch.Generator().manual_seed(c)) for c in (4, 2, 2))
+    pos = torch.arange(40)[None]
+    q, k = rope.rotate(q_raw, k_raw, pos, pos)
+    got = lm_infinite_attention(q, k, v, pos, pos, rope, LMInfiniteOptions(8, 3, 8))
+    assert len(calls) == 3  # one per chunk of 16 queries
+    torch.testing.assert_close(got, reference(q_raw, k_raw, v, rope, 8, 3, 8), atol=1e-5, rtol=1e-4)
