@@ -158,6 +158,23 @@ def apply(source: str, m: Mutant) -> str:
     return (data[:start] + f"({m.replacement})".encode() + data[end:]).decode()
 
 
+def relocate(m: Mutant) -> Mutant | None:
+    """`m` where its file now holds it: unchanged if its span still reads `m.original`, else the
+    same mutation (same original text, same replacement) nearest to its old line, or None when
+    the file no longer has it (an earlier report, edits since)."""
+    source = (ROOT / m.file).read_text()
+    data = source.encode()
+    starts = [0]
+    for line in data.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    if m.end_line < len(starts):
+        span = data[starts[m.line - 1] + m.col : starts[m.end_line - 1] + m.end_col]
+        if span == m.original.encode():
+            return m
+    same = [c for c in mutants_of(ROOT / m.file) if c.original == m.original and c.replacement == m.replacement]
+    return min(same, key=lambda c: abs(c.line - m.line)) if same else None
+
+
 def tests_for(rel: str) -> list[str]:
     """The test files that cover source file `rel` (see the module docstring)."""
     p = Path(rel)
@@ -225,8 +242,15 @@ def main() -> int:
         chosen += picked
     if args.survivors_of:
         old = json.loads(Path(args.survivors_of).read_text())["mutants"]
-        chosen = [Mutant(**{**m, "status": "pending", "seconds": 0.0}) for m in old if m["status"] == "survived"]
-        print(f"testing again the {len(chosen)} survivors of {args.survivors_of}", flush=True)
+        again = [Mutant(**{**m, "status": "pending", "seconds": 0.0}) for m in old if m["status"] == "survived"]
+        found = [relocate(m) for m in again]
+        for m, where in zip(again, found):
+            if where is None:
+                print(f"  gone: {m.file}:{m.line} {m.original!r} (the code has changed there; not tested)", flush=True)
+            elif where.line != m.line:
+                print(f"  moved: {m.file}:{m.line} -> {where.line} {m.original!r}", flush=True)
+        chosen = [where for where in found if where is not None]
+        print(f"testing again the {len(chosen)} survivors of {args.survivors_of} still in the code", flush=True)
     tests = {m.file: tests_for(m.file) for m in chosen}
     with tempfile.TemporaryDirectory(prefix="anyformer-mutation-") as tmp:
         works = [Path(tmp) / f"w{i}" for i in range(args.workers)]

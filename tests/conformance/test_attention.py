@@ -67,6 +67,26 @@ def test_cached_greedy_decoding_equals_recompute(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_reordering_the_cache_as_a_beam_step_does_continues_the_reordered_rows(kind: str) -> None:
+    """Three rows decoded through the cache, the cache's rows reordered to (2, 0, 0) as beam
+    search does, then the rest: the logits equal the full forward of the rows in that order
+    (every layer's cache or state, and the model's, follows the rows)."""
+    model = built(kind).eval()
+    tokens = torch.randint(0, 24, (3, 20), generator=torch.Generator().manual_seed(0))
+    order = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        cache = model.make_cache(3)
+        for s, e in ((0, 5), (5, 11)):
+            chunk = tokens[:, s:e]
+            model.decode_step(chunk, cache, cache.next_positions(torch.ones_like(chunk, dtype=torch.bool)))
+        cache.reorder(order)
+        rest = tokens[order, 11:]
+        got = model.decode_step(rest, cache, cache.next_positions(torch.ones_like(rest, dtype=torch.bool)))
+        want = model(tokens[order])[:, 11:]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_weights_round_trip_through_a_checkpoint(kind: str, tmp_path) -> None:
     model = built(kind).eval()
     folder = save_checkpoint(tmp_path, 1, model, None, {}, {"step": 1})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anyformer.nn.kv_cache import KVCache, ModelCache, RollingKVCache, RollingModelCache
+from anyformer.nn.kv_cache import KVCache, LambdaKVCache, LambdaModelCache, ModelCache, RollingKVCache, RollingModelCache
 
 CHUNKS = [3, 1, 4, 1, 5, 2, 6, 1, 1, 3]
 
@@ -62,3 +62,25 @@ def test_positions_count_the_real_tokens_and_are_the_ones_promised(rolling: bool
             want = [max(0, sum(flags[: i + 1]) - 1) for i in range(len(flags))]  # real tokens kept up to each slot, less one
             assert positions[row].tolist() == want, (row, positions[row].tolist(), want)
     assert cache.length == (sinks + window if rolling else sum(chunks))
+
+
+def test_a_lambda_cache_keeps_the_sinks_and_what_the_next_queries_may_see() -> None:
+    """Before each call of up to `window` tokens (exactly `window` allowed), the Λ cache keeps
+    the first `sinks` tokens and the `window` - 1 most recent ones; positions are true
+    positions, evicted tokens counted."""
+    sinks, window = 2, 4
+    layer = LambdaKVCache(1, 1, 2, sinks=sinks, window=window, dtype=torch.float32)
+    cache = LambdaModelCache([layer], sinks=sinks, window=window)
+    seen = 0
+    for n in [4, 1, 3, 4, 2, 4]:
+        before = list(range(seen)) if seen <= sinks + window - 1 else [*range(sinks), *range(seen - window + 1, seen)]
+        kept = before + list(range(seen, seen + n))
+        k = torch.arange(seen, seen + n, dtype=torch.float32).reshape(1, 1, n, 1).expand(1, 1, n, 2)
+        got_k, _ = layer.update(k, k)
+        keep = torch.ones(1, n, dtype=torch.bool)
+        positions, _ = cache.append_positions(cache.next_positions(keep), keep)
+        assert got_k[0, 0, :, 0].tolist() == [float(i) for i in kept]
+        assert positions[0].tolist() == kept
+        seen += n
+    with pytest.raises(ValueError, match=f"at most {window} tokens per call"):
+        layer.update(torch.zeros(1, 1, window + 1, 2), torch.zeros(1, 1, window + 1, 2))

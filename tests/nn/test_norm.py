@@ -72,3 +72,24 @@ def test_run_folders_written_with_an_ignored_rmsnorm_bias_still_load(learned_run
     x = torch.randint(0, r.cfg.model.vocab_size, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(r.model(x), load_run(learned_run.dir).model(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_of_low_precision_input_with_fp32_weights_matches_torch(bias: bool) -> None:
+    """bf16 activations through fp32 weights (mixed precision): fp32 statistics and affine,
+    the bias included, rounded once, as torch.nn.LayerNorm computes on the fp32 input."""
+    from anyformer.nn.norm import LayerNorm
+
+    gen = torch.Generator().manual_seed(0)
+    ours = LayerNorm(16, bias=bias)
+    ref = torch.nn.LayerNorm(16, bias=bias)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(16, generator=gen))
+        ref.weight.copy_(ours.weight)
+        if bias:
+            ours.bias.copy_(torch.randn(16, generator=gen))
+            ref.bias.copy_(ours.bias)
+    x = (torch.randn(3, 5, 16, generator=gen) * 3 + 1).bfloat16()
+    got = ours(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref(x.float()).bfloat16(), rtol=0, atol=0)

@@ -311,3 +311,18 @@ def test_the_branch_gains_are_learned_by_default_as_in_the_paper() -> None:
     model = build(block__kind="simplified")
     names = {n for n, _ in model.named_parameters()}
     assert {"stack.blocks.0.attn_gain", "stack.blocks.0.ffn_gain"} <= names, sorted(names)[:8]
+
+
+def test_the_block_built_by_hand_has_the_papers_gains_by_default() -> None:
+    """He & Hofmann's block has no skip connection (weight 0 on x). Built directly, without
+    options, the block has no skip and the same branch gains as the registered options'
+    defaults, so the two ways of making it agree."""
+    import inspect
+
+    from anyformer.models.blocks.simplified import SimplifiedBlock, SimplifiedOptions
+
+    defaults = {k: p.default for k, p in inspect.signature(SimplifiedBlock.__init__).parameters.items()
+                if k in ("skip_gain", "attn_gain", "ffn_gain")}
+    opts = SimplifiedOptions()
+    assert defaults["skip_gain"] == opts.skip_gain == 0.0
+    assert (defaults["attn_gain"], defaults["ffn_gain"]) == (opts.attn_gain, opts.ffn_gain)

@@ -138,3 +138,14 @@ def test_the_memory_update_contracts_the_old_signal_against_a_separate_fit(old_f
     assert np.abs(read_old - a_).max() < 0.15 and np.abs(read_new - b_).max() < 0.15  # the ridge smooths the step
     assert (np.linalg.norm(read_old - a_, axis=1) < 0.1 * np.linalg.norm(read_old - b_, axis=1)).all()
     assert (np.linalg.norm(read_new - b_, axis=1) < 0.1 * np.linalg.norm(read_new - a_, axis=1)).all()
+
+
+def test_each_row_of_a_batch_places_its_sticky_memory_by_its_own_densities() -> None:
+    """Sticky memories sample their grid by the row's own attention densities: a row in a batch
+    of three different rows gets the outputs it gets alone."""
+    model = former(sticky=True, samples=12)
+    tokens = torch.randint(0, 97, (3, 29), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        batch = model(tokens)
+        for row in range(3):
+            torch.testing.assert_close(batch[row : row + 1], model(tokens[row : row + 1]), atol=1e-5, rtol=1e-5)

@@ -49,7 +49,7 @@ def test_memory_carries_segment_k_forward_and_never_back() -> None:
     assert float((a0 - b0)[0, 16:].abs().max()) == 0.0  # without memory nothing crosses a boundary
 
 
-@pytest.mark.parametrize("depth", [0, 1, 2, None])
+@pytest.mark.parametrize("depth", [0, 1, 2, 3, None])
 def test_gradients_reach_back_only_within_the_depth(depth) -> None:
     model = rmt(num_memory=2, segment_len=4, bptt_depth=depth).train()
     inputs: list[torch.Tensor] = []
@@ -64,6 +64,8 @@ def test_gradients_reach_back_only_within_the_depth(depth) -> None:
     reached = [x.grad is not None and float(x.grad.abs().max()) > 0 for x in inputs]
     expected = [k >= 4 - (4 if depth is None else depth) for k in range(5)]
     assert reached == expected
+    learned = model.memory.grad is not None and float(model.memory.grad.abs().max()) > 0  # the initial memory enters segment 0
+    assert learned == expected[0]
 
 
 def test_cached_decoding_equals_the_full_forward_across_segments() -> None:

@@ -286,3 +286,10 @@ def test_the_receptance_shift_mix_starts_at_its_known_values() -> None:
     for layer, values in want.items():
         got = [float(mixes[layer][c]) for c in (0, 16, 32, 48)]
         assert got == pytest.approx(values, abs=2e-6), (layer, got)
+
+
+def test_lora_widths_of_one_are_allowed_and_zero_refused() -> None:
+    model = build_model(model_config(decay_rank=1, rate_rank=1, value_rank=1, gate_rank=1)).eval()
+    assert model(torch.randint(0, V, (1, 5))).shape == (1, 5, V)
+    with pytest.raises(ConfigError, match="gate_rank must be >= 1, got 0"):
+        build_model(model_config(gate_rank=0))
