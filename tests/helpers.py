@@ -103,6 +103,25 @@ def assert_decoding_in_chunks_equals_forward(model: torch.nn.Module, tokens: tor
     assert generate(model, [prompt], max_new_tokens=20)[0].tolist() == greedy_by_recompute(model, prompt, 20)
 
 
+def assert_reordered_cache_continues(model: torch.nn.Module, tokens: torch.Tensor, order: torch.Tensor, cuts: tuple[int, ...]) -> None:
+    """decode_step over `tokens` (b, n) in chunks ending at `cuts`, the cache's rows reordered to
+    `order` (b,) as a beam step does, then the rest in one call: its logits equal the full
+    forward of the rows in that order (every layer's cache or state, and the model's, follows
+    the rows)."""
+    with torch.no_grad():
+        cache = model.make_cache(tokens.shape[0])
+        start = 0
+        for end in cuts:
+            chunk = tokens[:, start:end]
+            model.decode_step(chunk, cache, cache.next_positions(torch.ones_like(chunk, dtype=torch.bool)))
+            start = end
+        cache.reorder(order)
+        rest = tokens[order, start:]
+        got = model.decode_step(rest, cache, cache.next_positions(torch.ones_like(rest, dtype=torch.bool)))
+        want = model(tokens[order])[:, start:]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def greedy_by_recompute(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy decoding without any cache: the argmax of a full forward over the whole sequence
     at every step (the reference cached generation must equal)."""

@@ -17,7 +17,7 @@ from anyformer.models.summary import summarize
 from anyformer.nn.attention import ATTENTIONS
 from anyformer.training.checkpoint import load_weights, save_checkpoint
 
-from ..helpers import assert_storing_weights_changes_nothing, fit_losses, greedy_by_recompute, orders_itself
+from ..helpers import assert_reordered_cache_continues, assert_storing_weights_changes_nothing, fit_losses, greedy_by_recompute, orders_itself
 
 # the package's own kinds (tests register others into the same registry)
 KINDS = [name for name in ATTENTIONS.names() if ATTENTIONS.get(name).__module__.startswith("anyformer.")]
@@ -71,19 +71,8 @@ def test_reordering_the_cache_as_a_beam_step_does_continues_the_reordered_rows(k
     """Three rows decoded through the cache, the cache's rows reordered to (2, 0, 0) as beam
     search does, then the rest: the logits equal the full forward of the rows in that order
     (every layer's cache or state, and the model's, follows the rows)."""
-    model = built(kind).eval()
     tokens = torch.randint(0, 24, (3, 20), generator=torch.Generator().manual_seed(0))
-    order = torch.tensor([2, 0, 0])
-    with torch.no_grad():
-        cache = model.make_cache(3)
-        for s, e in ((0, 5), (5, 11)):
-            chunk = tokens[:, s:e]
-            model.decode_step(chunk, cache, cache.next_positions(torch.ones_like(chunk, dtype=torch.bool)))
-        cache.reorder(order)
-        rest = tokens[order, 11:]
-        got = model.decode_step(rest, cache, cache.next_positions(torch.ones_like(rest, dtype=torch.bool)))
-        want = model(tokens[order])[:, 11:]
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_reordered_cache_continues(built(kind).eval(), tokens, torch.tensor([2, 0, 0]), (5, 11))
 
 
 @pytest.mark.parametrize("kind", KINDS)

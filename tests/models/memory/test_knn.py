@@ -17,7 +17,7 @@ from anyformer.models.memory.knn import KNNMemoryOptions, Memory, Search, retrie
 from anyformer.nn.attention.mha import MultiHeadAttention
 from anyformer.training import Trainer
 
-from tests.helpers import assert_decoding_in_chunks_equals_forward, build
+from tests.helpers import assert_decoding_in_chunks_equals_forward, assert_reordered_cache_continues, build
 from tests.training_helpers import interrupted_copy, tiny_config
 
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss-cpu is not installed")
@@ -311,20 +311,9 @@ def test_reordering_the_cache_swaps_rows_memory_and_documents_as_beam_search_nee
     """Decode 3 rows past two segments (memory filled, a boundary in one row), reorder the
     cache's rows to (2, 0, 0) as a beam step does and go on: every logit after the reorder
     equals the full forward of the rows in that order."""
-    model = knn(boundary_token=3)
     tokens = torch.randint(4, 97, (3, 30), generator=torch.Generator().manual_seed(0))
     tokens[0, 10] = 3
-    order = torch.tensor([2, 0, 0])
-    with torch.no_grad():
-        cache = model.make_cache(3)
-        for s, e in ((0, 7), (7, 19)):
-            chunk = tokens[:, s:e]
-            model.decode_step(chunk, cache, cache.next_positions(torch.ones_like(chunk, dtype=torch.bool)))
-        cache.reorder(order)
-        rest = tokens[order, 19:]
-        got = model.decode_step(rest, cache, cache.next_positions(torch.ones_like(rest, dtype=torch.bool)))
-        want = model(tokens[order])[:, 19:]
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_reordered_cache_continues(knn(boundary_token=3), tokens, torch.tensor([2, 0, 0]), (7, 19))
 
 
 def test_a_segment_of_one_token_is_allowed_and_decodes() -> None:
