@@ -154,7 +154,7 @@ def decoding_flops(model: nn.Module, seq_len: int) -> float | None:
     step = decoding_mixing(model, seq_len)
     if step is None:
         return None
-    weights = count_parameters(model) - _embedding_params(model) + _reused_blocks(model)[0] - _costed_positional_params(model)
+    weights = _applied_weights(model)
     for stack in model.modules():
         if isinstance(stack, Stack) and len(stack.blocks):
             mixers = [c for block in stack.blocks for mod in block.modules() if (c := getattr(mod, "build_context", None)) is not None]
@@ -195,10 +195,15 @@ def stack_flops_per_token(model: nn.Module, seq_len: int, cfg: ModelConfig | Non
     application, what its mixers declare, the head of `cfg`'s architecture; default the model's
     own config): what `summarize` states for a model that declares no `flops_per_token`, and
     the base an architecture that does declare it adds its own work to."""
-    reused, extra_layers = _reused_blocks(model)
-    weights = count_parameters(model) - _embedding_params(model) + reused - _costed_positional_params(model)
-    return flops_per_token(cfg or model.config, weights, seq_len, extra_layers=extra_layers,  # type: ignore[arg-type]
+    return flops_per_token(cfg or model.config, _applied_weights(model), seq_len, extra_layers=_reused_blocks(model)[1],  # type: ignore[arg-type]
                            mixing=mixing_per_token(model, seq_len))
+
+
+def _applied_weights(model: nn.Module) -> int:
+    """The weights a forward multiplies with, each once per application: every non-embedding
+    parameter, blocks a depth wiring reuses counted again, less the positional parameters whose
+    cost the encoding declares itself."""
+    return count_parameters(model) - _embedding_params(model) + _reused_blocks(model)[0] - _costed_positional_params(model)
 
 
 def summarize(model_or_cfg: nn.Module | ModelConfig, batch: int = 1, seq_len: int | None = None) -> ModelSummary:
