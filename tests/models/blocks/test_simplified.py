@@ -313,7 +313,7 @@ def test_the_branch_gains_are_learned_by_default_as_in_the_paper() -> None:
     assert {"stack.blocks.0.attn_gain", "stack.blocks.0.ffn_gain"} <= names, sorted(names)[:8]
 
 
-def test_the_block_built_by_hand_has_the_papers_gains_by_default() -> None:
+def test_the_block_built_by_hand_has_no_skip_and_the_options_branch_gains() -> None:
     """He & Hofmann's block has no skip connection (weight 0 on x). Built directly, without
     options, the block has no skip and the same branch gains as the registered options'
     defaults, so the two ways of making it agree."""
