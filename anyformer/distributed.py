@@ -75,8 +75,13 @@ def _attempt_store(rank: int, world: int) -> dist.Store | None:
 
 
 def teardown() -> None:
-    """Leave the process group if one was joined."""
+    """Leave the process group if one was joined. Unreachable objects that hold the group (a
+    DDP wrapper's reducer and its pending work) are collected first, while the group is alive:
+    left to the interpreter's exit, their destruction can abort the process."""
     if dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 

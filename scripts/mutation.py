@@ -12,8 +12,8 @@ an integer constant n -> n + 1, a float constant x -> 2x (0 -> 1). Strings, docs
 annotations, error messages and `raise` statements are left alone: the point is the numbers.
 
 Tests for a file: its mirror under tests/ (anyformer/a/b.py -> tests/a/test_b.py), the tests of
-its package folder when the mirror is missing, every test file that imports the module (else the
-test files named for it anywhere under tests/), and the
+its package folder when the mirror is missing, every test file that imports the module or names
+its path (else the test files named for it anywhere under tests/), and the
 conformance file of its family (attention, positional, architectures, blocks and depths,
 parts). They run with -x in a copy of the repository (one per worker), so a killed mutant
 costs only the time to its first failure; a run past --timeout counts as killed (an infinite
@@ -33,6 +33,7 @@ import copy
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -181,10 +182,11 @@ def tests_for(rel: str) -> list[str]:
     parts = p.with_suffix("").parts[1:]  # anyformer/a/b -> (a, b)
     mirror = ROOT / "tests" / Path(*parts[:-1]) / f"test_{parts[-1]}.py"
     found = {mirror} if mirror.is_file() else set((ROOT / "tests" / Path(*parts[:-1])).glob("test_*.py"))
-    module = ".".join(p.with_suffix("").parts)
+    module = re.escape(".".join(p.with_suffix("").parts))
+    imports = re.compile(rf"(from {module} import|import {module}(?![\w.]))")
     for t in (ROOT / "tests").rglob("test_*.py"):
         text = t.read_text(errors="ignore")
-        if f"from {module} import" in text or f"import {module}" in text:
+        if imports.search(text) or rel in text:  # importers, and tests that name the file
             found.add(t)
     if not found:  # tests named for the file elsewhere (anyformer/longcontext/lm_infinite.py -> tests/generation/test_lm_infinite.py)
         found = set((ROOT / "tests").rglob(f"test_{parts[-1]}.py"))

@@ -40,3 +40,12 @@ def test_a_mutant_replaces_its_span_and_is_found_again_after_edits(mutation, tmp
     assert namespace["area"](3, 4) == 11
     f.write_text("def area(w, h):\n    return w * (h + 1)\n")  # the expression is gone
     assert mutation.relocate(sub) is None
+
+
+def test_the_tests_of_a_file_are_its_mirror_its_importers_and_those_naming_it(mutation, tmp_path) -> None:
+    for rel, text in {"anyformer/pkg/mod.py": "x = 1\n", "tests/pkg/test_mod.py": "", "tests/test_uses.py": "from anyformer.pkg.mod import x\n",
+                      "tests/other/test_names.py": '"""Checks anyformer/pkg/mod.py against a reference."""\n',
+                      "tests/other/test_unrelated.py": "import anyformer.pkg.modern\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert mutation.tests_for("anyformer/pkg/mod.py") == ["tests/other/test_names.py", "tests/pkg/test_mod.py", "tests/test_uses.py"]

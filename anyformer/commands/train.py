@@ -65,12 +65,15 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_run_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else None
     cfg.plugins = list(dict.fromkeys([*cfg.plugins, *imported()]))  # recorded: later commands on the run import them
+    trainer = None
     try:
         trainer = Trainer(cfg, run_dir=run_dir, resume=bool(args.resume), start_time=start, verbose=not args.quiet)
         result = trainer.fit()
+        is_main = trainer.env.is_main
     finally:
+        trainer = None  # the model (and a DDP wrapper's hold on the process group) goes before the group
         teardown()
-    if trainer.env.is_main and not args.quiet:
+    if is_main and not args.quiet:
         for i, text in enumerate(result.samples):
             print(f"\n--- sample {i + 1} ---\n{text}")
         d = result.run_dir

@@ -168,15 +168,16 @@ class PointCloudTransformer(EncoderClassifier):
         """Forward FLOPs per token (model summary) for `seq_len` tokens, the class token and
         seq_len - 1 groups: each group runs the shared PointNet once per point of the group and
         the centre MLP once; every token runs the stack's weights (per block application) and
-        attention over all tokens (Kaplan et al.); the head runs once per cloud. Finding the
+        the mixing its attention kind declares over all tokens; the head runs once per cloud. Finding the
         groups (distances of every point to the centres) multiplies no weights and is left out."""
         from .builders import count_parameters as count
+        from .summary import mixing_per_token
 
-        cfg, stack = self.config, self.stack
+        stack = self.stack
         groups = max(0, seq_len - 1)
         embed = groups * (2 * self.embed.group_size * count(self.embed.pointnet) + 2 * count(self.embed.position))
         calls = stack.block_calls()
-        blocks = 2 * count(stack) * calls / max(1, len(stack.blocks)) + 2 * 2 * calls * seq_len * cfg.attention.num_heads * cfg.head_dim
+        blocks = 2 * count(stack) * calls / max(1, len(stack.blocks)) + (mixing_per_token(self, seq_len) or 0.0)
         return (embed + 2 * count(self.head)) / seq_len + blocks
 
 

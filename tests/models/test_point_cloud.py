@@ -148,6 +148,23 @@ def test_the_summary_counts_flops_per_token_like_a_flop_counter() -> None:
     assert flops_per_token(cfg, sum(p.numel() for p in model.parameters()), 17) < 0.2 * measured
 
 
+def test_the_summary_counts_the_attention_where_it_dominates() -> None:
+    """384 groups of one point through layers of width 8: the scores over all 385 tokens are
+    most of the work, and the summary's count is within 2% of torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anyformer.models.summary import summarize
+
+    cfg = tiny_model_config(num_points=512, num_groups=384, group_size=1, widths=[4], position_hidden=4)
+    cfg.dim, cfg.ffn.hidden_dim, cfg.attention.kernel = 8, 8, "eager"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 512, 3, generator=torch.Generator().manual_seed(0)))
+    measured = counter.get_total_flops() / 385
+    assert abs(summarize(model, seq_len=385).flops_per_token_forward - measured) <= 0.02 * measured
+
+
 def test_points_config_round_trips_and_overrides() -> None:
     cfg = tiny_model_config(widths=[8, 24, 40])
     again = from_dict(ModelConfig, to_dict(cfg))
@@ -432,3 +449,13 @@ def test_a_cloud_of_the_wrong_shape_is_named_and_the_batch_hint_given_only_for_o
         with pytest.raises(ValueError, match="must have shape") as err:
             check_points(torch.zeros(shape), 4, "the test")
         assert "batch dimension" not in str(err.value), shape
+
+
+def test_the_default_centre_mlp_is_point_maes() -> None:
+    """The centre's position MLP by default: 3 -> 128 -> GELU -> dim, the positional embedding
+    of Point-BERT and Point-MAE (Yu et al. 2022; Pang et al. 2022)."""
+    cfg = ModelConfig(arch="point_cloud", dim=32, num_layers=1, attention=dict(num_heads=2), positional=dict(kind="none"),
+                      head=dict(kind="sequence_classification", num_labels=5))
+    position = build_model(cfg).embed.position
+    assert [type(m).__name__ for m in position] == ["Linear", "GELU", "Linear"]
+    assert (position[0].in_features, position[0].out_features, position[2].out_features) == (3, 128, 32)

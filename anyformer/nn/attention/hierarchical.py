@@ -344,6 +344,9 @@ def _keep_of(mask: Tensor | None, b: int, m: int) -> Tensor | None:
     return mask[:, 0, 0, :].expand(b, m)
 
 
+DECODING_ROWS = 4  # up to this many new queries after a cache are computed row by row, more as the whole sequence
+
+
 class HierarchicalKernel:
     """A kernel with the exact kernels' signature (q (b, h, n, d), k/v (b, g, m, d) -> out)
     that computes hierarchical attention: the whole sequence at once, or, with a cache, the
@@ -358,10 +361,15 @@ class HierarchicalKernel:
         """The mean number of (coarse or fine) keys a query is scored against, padding and the
         causal mask's hidden half of the diagonal blocks included, as computed."""
         r = self.block
-        if n < m:  # decoding: the own block up to the query, r per level where it is a right child
-            T = num_levels(m, r)
-            top = T if self.levels is None else min(T, self.levels)
-            return r / 2 + r * top / 2
+        if n < m and n > DECODING_ROWS:  # a long chunk after a cache: the whole sequence's rows are computed
+            return self.keys_per_query(m, m, causal) * m / n
+        if n < m:  # decoding rows: each query's own block up to itself, r pooled keys per level where it is a right child
+            total = 0
+            for i in range(m - n, m):
+                blocks = i // r
+                top = blocks.bit_length() if self.levels is None else min(blocks.bit_length(), self.levels)
+                total += i % r + 1 + r * bin(blocks & ((1 << top) - 1)).count("1")
+            return total / n
         T = num_levels(n, r)
         if T == 0:
             return float(n)
@@ -393,7 +401,7 @@ class HierarchicalKernel:
             return hierarchical_attention(q, k, v, dropout=dropout, **opts)  # type: ignore[arg-type]
         if n == m:
             return causal_hierarchical_attention(q, k, v, dropout=dropout, **opts)  # type: ignore[arg-type]
-        if n <= 4:  # decoding steps: one pooled block per level and query
+        if n <= DECODING_ROWS:  # decoding steps: one pooled block per level and query
             return causal_hierarchical_rows(q, k, v, **opts)  # type: ignore[arg-type]
         # a long chunk after a cache: the whole sequence's rows (queries only change their own rows)
         front = q.new_zeros(b, h, m - n, q.shape[3])

@@ -70,6 +70,10 @@ def causal_linear_attention(
         ksum0 = qd.new_zeros(b, h, kd.shape[-1])
     else:
         kv0, ksum0 = state
+    if n == 1:  # a decoding step: the token's key joins the state, then its query reads the state
+        kv = kv0 + kn.transpose(-1, -2) @ v  # (b, h, f, e)
+        ksum = ksum0 + kd[:, :, 0]  # (b, h, r)
+        return (qn @ kv) / (qd @ ksum[..., None] + eps), (kv, ksum)
     # pad to whole chunks (zero keys add nothing; padded query rows are cut off at the end)
     C = max(1, min(chunk_size, n))
     pad = (-n) % C
@@ -308,8 +312,12 @@ class KernelizedAttention(nn.Module):
         return self.num_heads * (4.0 * f * self.head_dim + 4.0 * r + feature_maps)
 
     def step_flops(self, cached: int) -> float:
-        """One decoding step: the same constant work, whatever the number of cached tokens."""
-        return self.mixing_flops(1, cached + 1, causal=True)
+        """One decoding step, the same whatever the number of cached tokens: the feature maps
+        of its query and key, the key's outer product into the state and the query's read of
+        it (f x e each), the query's read of the normaliser (r)."""
+        f, r = self.features.num_features(self.head_dim)
+        feature_maps = getattr(self.features, "flops", lambda d: 0.0)(self.head_dim)
+        return self.num_heads * (4.0 * f * self.head_dim + 2.0 * r + feature_maps)
 
     def make_cache(self, spec: CacheSpec) -> LinearAttentionCache:
         """A constant-size recurrent state for decoding (kept in fp32; the spec's dtype is not used)."""

@@ -309,8 +309,8 @@ def default_ranks(dim: int) -> dict[str, int]:
             "value_rank": mult32(1.3 * dim**0.5), "gate_rank": mult32(0.6 * dim**0.8)}
 
 
-def check_rwkv_config(cfg: AttentionConfig, ctx: BuildContext, kind: str) -> int:
-    """The head size of an RWKV layer; settings it cannot honour raise a ConfigError."""
+def check_rwkv_config(cfg: AttentionConfig, ctx: BuildContext, kind: str) -> None:
+    """Refuse, with a ConfigError, the settings an RWKV layer cannot honour."""
     if ctx.cross or not ctx.causal:
         where = "cross-attention" if ctx.cross else f"the '{ctx.stack}' stack, which is not causal"
         raise ConfigError(f"attention kind '{kind}' is a causal recurrence (decoder self-attention only); it cannot be "
@@ -333,7 +333,6 @@ def check_rwkv_config(cfg: AttentionConfig, ctx: BuildContext, kind: str) -> int
     if unsupported:
         raise ConfigError(f"attention kind '{kind}' has no {', '.join(unsupported)}; leave model.attention."
                           f"{{{','.join(unsupported)}}} at their defaults")
-    return head
 
 
 @ATTENTIONS.register("rwkv7")

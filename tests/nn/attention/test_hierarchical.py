@@ -235,6 +235,24 @@ def test_declared_keys_match_the_flop_counter(causal: bool) -> None:
         assert abs(kernel.keys_per_query(n, n, causal) - measured) <= 0.01 * measured, (n, measured)
 
 
+@pytest.mark.parametrize("levels", [None, 2])
+def test_declared_keys_of_decoding_rows_match_the_flop_counter(levels: int | None) -> None:
+    """After a cache the kernel computes rows: each new query scores its own block up to itself
+    and r pooled keys per level where it is a right child. The declared count, exact for
+    every cache length (1 to 3 new queries), and for a longer chunk (computed as the whole
+    sequence)."""
+    kernel = HierarchicalKernel(4, levels)
+    for m in [*range(2, 70), 200]:
+        for n in (1, 3, 6):
+            if n >= m:
+                continue
+            q, k, v = torch.randn(1, 2, n, 8), torch.randn(1, 2, m, 8), torch.randn(1, 2, m, 8)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                kernel(q, k, v, causal=True)
+            measured = counter.get_total_flops() / (4 * 2 * 8 * n)
+            assert kernel.keys_per_query(n, m, True) == pytest.approx(measured, rel=1e-9), (m, n, measured)
+
+
 def test_memory_of_the_scores_grows_linearly() -> None:
     """What autograd keeps for the non-causal form: about 4 r fp32 numbers per query and head
     (the scores of the diagonal, sibling and coarse blocks, their exponentials): at 8x the

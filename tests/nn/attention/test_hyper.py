@@ -186,3 +186,14 @@ def test_bfloat16_inputs_follow_float32():
     half = kernel(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
     assert half.dtype == torch.bfloat16
     assert rel_error(half.float(), ref) < 0.03
+
+
+def test_the_default_lsh_block_and_sample_sizes_are_the_authors():
+    """By default 7 hyperplanes (128 buckets), blocks of 256 keys and 256 sampled columns: the
+    defaults of the authors' HyperAttention module (Han et al. 2024). The exact threshold is
+    this package's own (1024 keys, where the approximation starts to pay on CPU)."""
+    model = build_model(tiny_config(attention=dict(kind="hyper", num_heads=4)))
+    kernels = [m.kernel for m in model.modules() if isinstance(getattr(m, "kernel", None), HyperAttentionKernel)]
+    assert len(kernels) == 2
+    kernel = kernels[0]
+    assert (kernel.lsh.num_buckets, kernel.block_size, kernel.sample_size, kernel.min_seq_len) == (128, 256, 256, 1024)

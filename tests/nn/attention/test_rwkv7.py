@@ -288,6 +288,22 @@ def test_the_receptance_shift_mix_starts_at_its_known_values() -> None:
         assert got == pytest.approx(values, abs=2e-6), (layer, got)
 
 
+def test_the_decay_base_and_output_norm_start_at_their_known_values() -> None:
+    """w0 = -7 + 5 (c / (C - 1)) ** (0.85 + sqrt(i / (L - 1))) + 0.5 for channel c of layer i and
+    the output group norm's gain ((1 + i) / L) ** 0.7 (the reference's training code), at C = 64,
+    L = 2, worked out by hand: layer 0 (power 0.85, gain 0.5 ** 0.7) and layer 1 (power 1.85, gain 1)."""
+    torch.manual_seed(0)
+    model = build_model(model_config())
+    params = dict(model.named_parameters())
+    want = {0: [-6.5, -4.534754, -2.957642, -1.5], 1: [-6.5, -5.844918, -4.138428, -1.5]}
+    gains = {0: 0.615572, 1: 1.0}
+    for layer, values in want.items():
+        (w0,) = [p.reshape(-1) for name, p in params.items() if name.endswith(f"{layer}.attn.sublayer.w0")]
+        assert [float(w0[c]) for c in (0, 21, 42, 63)] == pytest.approx(values, abs=2e-6), layer
+        (gain,) = [p for name, p in params.items() if name.endswith(f"{layer}.attn.sublayer.ln_x.weight")]
+        assert torch.allclose(gain, torch.full_like(gain, gains[layer]), atol=2e-6), layer
+
+
 def test_lora_widths_of_one_are_allowed_and_zero_refused() -> None:
     model = build_model(model_config(decay_rank=1, rate_rank=1, value_rank=1, gate_rank=1)).eval()
     assert model(torch.randint(0, V, (1, 5))).shape == (1, 5, V)

@@ -231,6 +231,27 @@ def test_pruned_cache_holds_fewer_keys_and_still_equals_full_recompute(positiona
     assert generate(model, rows, max_new_tokens=6, pad_token_id=0)[1, -6:].tolist() == generate(model, rows[1], max_new_tokens=6)[0, -6:].tolist()
 
 
+def test_a_beam_reorder_after_pruning_moves_the_compacted_rows() -> None:
+    """Rows that pruned different keys, reordered (one duplicated) as a beam step does: each
+    continues like its source row alone, uncached (its slots, positions and padding moved)."""
+    torch.manual_seed(0)
+    model = sharpened(build_model(model_config(options={"prune_threshold": 0.3, "head": 3})).eval())
+    rows = [[5] * 6 + list(range(1, 31)), [7, 8, 9] + list(range(10, 28))]
+    tokens = torch.tensor([[0] * (36 - len(r)) + r for r in rows])
+    keep = tokens != 0
+    order = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        cache = model.make_cache(2, 48)
+        for i in range(0, 30, 6):
+            model(tokens[:, i : i + 6], cache, cache.next_positions(keep[:, i : i + 6]), attention_mask=keep[:, i : i + 6])
+        assert all(c.dropped > 0 for c in cache.layers)
+        cache.reorder(order)
+        rest, rest_keep = tokens[order, 30:], keep[order, 30:]
+        got = model(rest, cache, cache.next_positions(rest_keep), attention_mask=rest_keep)
+        for j, src in enumerate(order.tolist()):
+            torch.testing.assert_close(got[j], model(torch.tensor([rows[src]]))[0, -6:], atol=1e-5, rtol=1e-5)
+
+
 def test_selective_cache_grows_on_demand_and_refuses_past_max_len() -> None:
     cache = SelectiveKVCache(1, 2, 600, 4, dtype=torch.float32)
     assert cache.capacity == SelectiveKVCache.initial_capacity and cache.max_len == 600
