@@ -84,3 +84,17 @@ def test_a_lambda_cache_keeps_the_sinks_and_what_the_next_queries_may_see() -> N
         seen += n
     with pytest.raises(ValueError, match=f"at most {window} tokens per call"):
         layer.update(torch.zeros(1, 1, window + 1, 2), torch.zeros(1, 1, window + 1, 2))
+
+
+@pytest.mark.parametrize("cls", [KVCache, RollingKVCache])
+def test_a_reorder_moves_whole_rows_of_keys_and_values(cls) -> None:  # type: ignore[no-untyped-def]
+    """Beam search's reorder (2, 0, 0) of a batch of 3: each row's keys and values, every head
+    and position, come from the row named (batch, heads and length kept apart by using 3 rows,
+    2 heads and 6 positions)."""
+    cache = KVCache(3, 2, 6, 4, dtype=torch.float32) if cls is KVCache else RollingKVCache(3, 2, 4, dtype=torch.float32, sinks=1, window=4)
+    for _ in range(2):  # 6 tokens: the rolling cache has already dropped one
+        cache.update(torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4))
+    keys, values = cache.k.clone(), cache.v.clone()
+    order = torch.tensor([2, 0, 0])
+    cache.reorder(order)
+    assert torch.equal(cache.k, keys[order]) and torch.equal(cache.v, values[order])

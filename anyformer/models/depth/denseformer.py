@@ -55,7 +55,7 @@ class DenseFormerStack(Stack):
         blocks, final_norm: as `Stack`; dilation, period: see the module doc.
     """
 
-    def __init__(self, blocks: list[nn.Module], final_norm: nn.Module | None, *, dilation: int = 1, period: int = 1) -> None:
+    def __init__(self, blocks: list[nn.Module], final_norm: nn.Module | None, *, dilation: int, period: int) -> None:
         super().__init__(blocks, final_norm)
         self.dilation, self.period = dilation, period
         self.averaged = averaged_blocks(len(blocks), period)

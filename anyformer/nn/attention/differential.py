@@ -50,10 +50,10 @@ class DifferentialAttention(MultiHeadAttention):
     Args (beyond MultiHeadAttention's):
         lambda_init: the initial and offset value of lambda (`lambda_init_schedule(layer)`).
         lambda_std: std of the normal initialisation of the four lambda vectors.
-        norm_eps: epsilon of the per-head RMSNorm (no learned scale).
+        norm_eps: epsilon of the per-head RMSNorm (no learned scale). Defaults: `DifferentialOptions`.
     """
 
-    def __init__(self, *, lambda_init: float, lambda_std: float = 0.1, norm_eps: float = 1e-5, **kwargs: object) -> None:
+    def __init__(self, *, lambda_init: float, lambda_std: float, norm_eps: float, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if self.num_heads % 2 or self.num_kv_heads % 2:
             raise ConfigError(

@@ -285,8 +285,8 @@ class KernelizedAttention(nn.Module):
         head_dim: int,
         features: nn.Module,
         num_kv_heads: int | None = None,
-        chunk_size: int = 64,
-        eps: float = 1e-6,
+        chunk_size: int,
+        eps: float,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
     ) -> None:

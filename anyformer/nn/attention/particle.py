@@ -58,7 +58,7 @@ class ParticleAttention(MultiHeadAttention):
     output scaled by value * step (the SA dynamics). The paper's model has one head of the full
     width; with h heads each reads its own d/h coordinates."""
 
-    def __init__(self, dim: int, *, num_heads: int = 1, beta: float, coefficient: float, kernel: object) -> None:
+    def __init__(self, dim: int, *, num_heads: int, beta: float, coefficient: float, kernel: object) -> None:
         ident = nn.Identity
         super().__init__(q_proj=ident(), k_proj=ident(), v_proj=ident(), o_proj=ident(), num_heads=num_heads,
                          head_dim=dim // num_heads, kernel=kernel, scale=beta / (dim // num_heads))  # type: ignore[arg-type]

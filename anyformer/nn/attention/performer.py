@@ -74,7 +74,7 @@ class FavorFeatures(nn.Module):
 
     approximates_softmax = True  # benchmarks print its error against exact attention
 
-    def __init__(self, head_dim: int, num_features: int, *, orthogonal: bool = True, redraw_interval: int = 0, scale: float | None = None) -> None:
+    def __init__(self, head_dim: int, num_features: int, *, orthogonal: bool, redraw_interval: int, scale: float | None) -> None:
         super().__init__()
         self.head_dim, self.m, self.orthogonal = head_dim, num_features, orthogonal
         self.redraw_interval = redraw_interval

@@ -67,7 +67,7 @@ def wkv4_recurrent(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: tuple[Tens
 
 
 def wkv4_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: tuple[Tensor, Tensor, Tensor] | None = None, *,
-                 chunk_size: int = 32) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+                 chunk_size: int) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """The same recurrence in chunks of `chunk_size` tokens; same arguments as `wkv4_recurrent`.
     Tokens are padded to whole chunks with keys of an empty exponent, which add nothing."""
     bsz, n, d = k.shape
@@ -157,7 +157,7 @@ class RWKV4TimeMix(nn.Module):
 
     bench_mode = "module"
 
-    def __init__(self, dim: int, *, layer_index: int = 0, num_layers: int = 1, chunk_size: int = 32) -> None:
+    def __init__(self, dim: int, *, layer_index: int, num_layers: int, chunk_size: int) -> None:
         super().__init__()
         self.dim, self.layer_index, self.num_layers, self.chunk_size = dim, layer_index, num_layers, chunk_size
         self.time_decay = nn.Parameter(torch.zeros(dim))

@@ -73,7 +73,7 @@ def rwkv7_recurrent(
 
 
 def rwkv7_chunked(
-    r: Tensor, u: Tensor, k: Tensor, v: Tensor, a: Tensor, bb: Tensor, state: Tensor | None = None, *, chunk_size: int = 32
+    r: Tensor, u: Tensor, k: Tensor, v: Tensor, a: Tensor, bb: Tensor, state: Tensor | None = None, *, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
     """The same recurrence in chunks of `chunk_size` (<= 64) tokens; same shapes as
     `rwkv7_recurrent`. Tokens are padded to whole chunks with inputs that change nothing."""
@@ -156,8 +156,8 @@ class RWKV7TimeMix(nn.Module):
     bench_mode = "module"
 
     def __init__(
-        self, dim: int, num_heads: int, *, layer_index: int = 0, num_layers: int = 1, decay_rank: int = 64,
-        rate_rank: int = 64, value_rank: int = 32, gate_rank: int = 128, chunk_size: int = 32,
+        self, dim: int, num_heads: int, *, layer_index: int, num_layers: int, decay_rank: int, rate_rank: int, value_rank: int,
+        gate_rank: int, chunk_size: int,
     ) -> None:
         super().__init__()
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads

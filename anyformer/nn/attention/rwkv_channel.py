@@ -135,7 +135,7 @@ class _ChannelMix(FeedForward):
 
     kind = "rwkv_channel"
 
-    def __init__(self, dim: int, hidden: int, *, ratio: float = 1.0) -> None:
+    def __init__(self, dim: int, hidden: int, *, ratio: float) -> None:
         nn.Module.__init__(self)
         self.dim, self.ratio = dim, ratio
         self.key = nn.Linear(dim, hidden, bias=False)
@@ -171,7 +171,7 @@ class RWKV7ChannelMix(_ChannelMix):
 
     Parameters (the official names): x_k (d,), key (f <- d), value (d <- f)."""
 
-    def __init__(self, dim: int, hidden: int, *, ratio: float = 1.0) -> None:
+    def __init__(self, dim: int, hidden: int, *, ratio: float) -> None:
         super().__init__(dim, hidden, ratio=ratio)
         self.x_k = nn.Parameter(torch.zeros(dim))
 
@@ -201,7 +201,7 @@ class RWKV4ChannelMix(_ChannelMix):
 
     kind = "rwkv4_channel"
 
-    def __init__(self, dim: int, hidden: int, *, ratio: float = 1.0) -> None:
+    def __init__(self, dim: int, hidden: int, *, ratio: float) -> None:
         super().__init__(dim, hidden, ratio=ratio)
         self.receptance = nn.Linear(dim, dim, bias=False)
         self.time_mix_key = nn.Parameter(torch.ones(dim))

@@ -192,7 +192,7 @@ class SelectiveAttention(MultiHeadAttention):
         prune_threshold: mask keys whose F passes it (context pruning); None keeps every key.
     """
 
-    def __init__(self, *, head: int = 0, prune_threshold: float | None = None, **kwargs: object) -> None:
+    def __init__(self, *, head: int, prune_threshold: float | None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if not 0 <= head < self.num_heads:
             raise ConfigError(f"selective attention: head {head} is not one of the {self.num_heads} heads (0 .. {self.num_heads - 1})")

@@ -83,7 +83,7 @@ class ShapedAttention(MultiHeadAttention):
     """
 
     def __init__(
-        self, *, alpha_init: float = 1.0, beta_init: float = 1.0, gamma_init: float = 1.0, zero_init_query: bool = True, **kwargs: object
+        self, *, alpha_init: float, beta_init: float, gamma_init: float, zero_init_query: bool, **kwargs: object
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.alpha_init, self.beta_init, self.gamma_init = alpha_init, beta_init, gamma_init

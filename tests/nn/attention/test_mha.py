@@ -292,3 +292,14 @@ def test_native_chunked_forward_equals_float64_softmax(n, m, g, blocks, causal, 
     assert (lse.double() - want_lse)[seen].abs().max() <= TOL
     with pytest.raises(RuntimeError, match="contiguous float32"):
         native.chunked_forward(q.double(), k, v, 0.3, causal, *blocks, slopes, m - n)
+
+
+@pytest.mark.parametrize("bias, out_bias, want", [
+    (False, None, [False] * 4), (True, None, [True] * 4), (True, False, [True, True, True, False]), (False, True, [False, False, False, True]),
+])
+def test_the_output_projection_bias_follows_bias_unless_out_bias_is_set(bias: bool, out_bias: bool | None, want: list[bool]) -> None:
+    """model.attention.out_bias unset follows model.attention.bias (GPT-2: all four biased);
+    set, it decides the output projection's alone (Llama-style models with biased q/k/v)."""
+    model = build("decoder", attention__bias=bias, attention__out_bias=out_bias)
+    attn = model.stack.blocks[0].attn.sublayer
+    assert [getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj", "o_proj")] == want

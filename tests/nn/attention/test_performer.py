@@ -82,6 +82,15 @@ def test_features_are_redrawn_every_interval_in_training_only():
     assert changed == [False, False, False, True, False, False, True]
 
 
+def test_an_interval_of_zero_never_redraws():
+    model = build("decoder", attention__kind="performer", attention__options={"redraw_interval": 0}).train()
+    features = model.stack.blocks[0].attn.sublayer.features
+    first = features.projection.clone()
+    for _ in range(4):
+        model(torch.randint(0, 97, (1, 5)))
+    assert torch.equal(features.projection, first)
+
+
 def test_projection_is_saved_with_the_model():
     model = build("decoder", attention__kind="performer")
     assert any(k.endswith("features.projection") for k in model.state_dict())

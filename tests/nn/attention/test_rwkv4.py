@@ -188,6 +188,22 @@ def test_trains_and_refuses_what_it_cannot_do() -> None:
         model(bad, attention_mask=bad != 0)
 
 
+def test_the_chunk_size_bounds_are_inclusive() -> None:
+    """Chunks of 1 and of 256 tokens are allowed and compute the same model as chunks of 8;
+    0 and 257 are refused."""
+    model = random_model()
+    tokens = torch.randint(0, V, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(tokens)
+        for chunk in (1, 256):
+            other = build_model(model_config(chunk_size=chunk)).eval()
+            other.load_state_dict(model.state_dict())
+            torch.testing.assert_close(other(tokens), want, atol=1e-5, rtol=1e-5)
+    for chunk in (0, 257):
+        with pytest.raises(ConfigError, match="chunk_size must be 1-256"):
+            build_model(model_config(chunk_size=chunk))
+
+
 def test_the_initialisation_is_transformers_rwkv_initialisation() -> None:
     """A freshly built model's decays and token-shift mixes, per layer and channel, equal what
     transformers' `RwkvForCausalLM` initialises them to (its depth-graded formulas). The bonus

@@ -77,6 +77,18 @@ def test_rope_scores_depend_on_the_distance_as_cos_of_distance_times_frequency()
     assert abs(float(score) - math.cos(4.0)) < 1e-6  # frequency 1 for the first pair: cos((7 - 3) * 1)
 
 
+def test_the_fixed_sinusoidal_encoding_adds_the_papers_table_in_numpy() -> None:
+    """PE(p, 2i) = sin(p / base^(2i/d)), PE(p, 2i + 1) = cos(p / base^(2i/d)) (Vaswani et al. 2017)
+    added to the embeddings, at base 50, width 6, positions 0-8."""
+    kind = POSITIONALS.get("sinusoidal")
+    enc = kind(ctx(6), kind.Options(base=50.0))
+    table = np.array([[math.sin(p / 50.0 ** (2 * (c // 2) / 6)) if c % 2 == 0 else math.cos(p / 50.0 ** (2 * (c // 2) / 6))
+                       for c in range(6)] for p in range(9)])
+    x = torch.randn(1, 9, 6)
+    got = enc.embed(x, torch.arange(9)[None])
+    np.testing.assert_allclose((got - x)[0].double().numpy(), table, atol=1e-6)
+
+
 def test_learnable_sinusoidal_is_its_feed_forward_of_the_sinusoids_in_numpy() -> None:
     torch.manual_seed(0)
     kind = POSITIONALS.get("learnable_sinusoidal")
