@@ -62,7 +62,7 @@ class SpectrogramPatches(nn.Module):
     """Spectrograms (b, T, F) -> tokens (b, tokens, d): overlapping patches, then the class and
     distillation tokens in front, learned positions added."""
 
-    def __init__(self, options: AstOptions, dim: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, options: AstOptions, dim: int, *, dropout: float) -> None:
         super().__init__()
         self.options = options
         p = options.patch_size

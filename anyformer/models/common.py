@@ -120,10 +120,10 @@ class Embeddings(nn.Module):
         vocab_size: int,
         dim: int,
         *,
-        scale: float = 1.0,
-        num_token_types: int = 0,
-        norm: nn.Module | None = None,
-        dropout: float = 0.0,
+        scale: float,
+        num_token_types: int,
+        norm: nn.Module | None,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -191,7 +191,7 @@ class LMHead(nn.Module):
         scale: multiplies the hidden state first (d ** -0.5 for T5's tied head).
     """
 
-    def __init__(self, dim: int, vocab_size: int, *, tied: nn.Embedding | None = None, scale: float = 1.0) -> None:
+    def __init__(self, dim: int, vocab_size: int, *, tied: nn.Embedding | None, scale: float) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, vocab_size, bias=False)
         if tied is not None:

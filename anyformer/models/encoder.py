@@ -62,7 +62,7 @@ class Pooler(nn.Module):
 class SequenceClassificationHead(nn.Module):
     """Pooled vector -> dropout -> linear; logits (b, c)."""
 
-    def __init__(self, pooler: Pooler, dim: int, num_labels: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, pooler: Pooler, dim: int, num_labels: int, *, dropout: float) -> None:
         super().__init__()
         self.pooler, self.dropout, self.classifier = pooler, nn.Dropout(dropout), nn.Linear(dim, num_labels)
 
@@ -73,7 +73,7 @@ class SequenceClassificationHead(nn.Module):
 class TokenClassificationHead(nn.Module):
     """A label per token; logits (b, n, c)."""
 
-    def __init__(self, dim: int, num_labels: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, num_labels: int, *, dropout: float) -> None:
         super().__init__()
         self.dropout, self.classifier = nn.Dropout(dropout), nn.Linear(dim, num_labels)
 

@@ -111,7 +111,7 @@ class PointGroupEmbedding(nn.Module):
     """Tokens of a cloud: group it (`group_points`), embed each group with the PointNet, add an
     MLP of the centre coordinates, prepend a learned class token."""
 
-    def __init__(self, points: PointCloudOptions, dim: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, points: PointCloudOptions, dim: int, *, dropout: float) -> None:
         super().__init__()
         self.num_groups, self.group_size = points.num_groups, points.group_size
         self.pointnet = PointNet(points.widths, dim)

@@ -50,7 +50,7 @@ moved_section("vit", "vision")
 class PatchEmbedding(nn.Module):
     """Cut images into p x p patches, project each to width d, prepend a learned class token."""
 
-    def __init__(self, channels: int, patch_size: int, dim: int, image_size: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, channels: int, patch_size: int, dim: int, image_size: int, *, dropout: float) -> None:
         super().__init__()
         self.image_size, self.channels = image_size, channels
         self.proj = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)

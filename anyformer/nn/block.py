@@ -24,7 +24,7 @@ def maybe_dropout(dropout: nn.Dropout, x: Tensor) -> Tensor:
 class PreNorm(nn.Module):
     """x + f(norm(x)) (GPT-2, Llama)."""
 
-    def __init__(self, sublayer: nn.Module, norm: nn.Module, *, out_norm: nn.Module | None = None, dropout: float = 0.0) -> None:
+    def __init__(self, sublayer: nn.Module, norm: nn.Module, *, out_norm: nn.Module | None, dropout: float) -> None:
         super().__init__()
         self.sublayer, self.norm, self.dropout = sublayer, norm, nn.Dropout(dropout)
 
@@ -36,7 +36,7 @@ class PreNorm(nn.Module):
 class PostNorm(nn.Module):
     """norm(x + f(x)) (the original Transformer, BERT)."""
 
-    def __init__(self, sublayer: nn.Module, norm: nn.Module, *, out_norm: nn.Module | None = None, dropout: float = 0.0) -> None:
+    def __init__(self, sublayer: nn.Module, norm: nn.Module, *, out_norm: nn.Module | None, dropout: float) -> None:
         super().__init__()
         self.sublayer, self.norm, self.dropout = sublayer, norm, nn.Dropout(dropout)
 
@@ -48,7 +48,7 @@ class PostNorm(nn.Module):
 class SandwichNorm(nn.Module):
     """x + norm_out(f(norm(x))) (CogView, Gemma 2)."""
 
-    def __init__(self, sublayer: nn.Module, norm: nn.Module, *, out_norm: nn.Module | None = None, dropout: float = 0.0) -> None:
+    def __init__(self, sublayer: nn.Module, norm: nn.Module, *, out_norm: nn.Module | None, dropout: float) -> None:
         super().__init__()
         if out_norm is None:
             raise ValueError("sandwich placement needs an out_norm")

@@ -83,7 +83,7 @@ def test_patches_reassemble_to_the_image() -> None:
     from anyformer.nn.positional.base import PositionalEncoding
 
     p, c, size = 4, 2, 12
-    emb = PatchEmbedding(c, p, c * p * p, size)
+    emb = PatchEmbedding(c, p, c * p * p, size, dropout=0.0)
     with torch.no_grad():
         emb.proj.weight.copy_(torch.eye(c * p * p).view(c * p * p, c, p, p))
         emb.proj.bias.zero_()

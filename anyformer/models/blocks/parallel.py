@@ -36,7 +36,7 @@ class ParallelBlock(nn.Module):
         dropout: on each sublayer's output in training.
     """
 
-    def __init__(self, attn: nn.Module, ffn: nn.Module, attn_norm: nn.Module, ffn_norm: nn.Module | None = None, *, dropout: float = 0.0) -> None:
+    def __init__(self, attn: nn.Module, ffn: nn.Module, attn_norm: nn.Module, ffn_norm: nn.Module | None, *, dropout: float) -> None:
         super().__init__()
         self.attn, self.ffn, self.attn_norm = attn, ffn, attn_norm
         self.ffn_norm = ffn_norm
