@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anyformer.nn.kv_cache import KVCache, LambdaKVCache, LambdaModelCache, ModelCache, RollingKVCache, RollingModelCache
+from anyformer.nn.kv_cache import KVCache, LambdaKVCache, LambdaModelCache, ModelCache, RollingKVCache, RollingModelCache, match_cache_dtype
 
 CHUNKS = [3, 1, 4, 1, 5, 2, 6, 1, 1, 3]
 
@@ -98,3 +98,15 @@ def test_a_reorder_moves_whole_rows_of_keys_and_values(cls) -> None:  # type: ig
     order = torch.tensor([2, 0, 0])
     cache.reorder(order)
     assert torch.equal(cache.k, keys[order]) and torch.equal(cache.v, values[order])
+
+
+def test_a_wider_cache_meets_the_queries_in_one_dtype() -> None:
+    """A bf16 model with an fp32 cache: one decoding query is widened to the cache's fp32 (the
+    cached keys stay exact), a multi-token call narrows the keys and values to bf16; equal
+    dtypes pass through untouched."""
+    k = v = torch.randn(1, 2, 6, 4)
+    one, many = torch.randn(1, 2, 1, 4, dtype=torch.bfloat16), torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
+    assert [t.dtype for t in match_cache_dtype(one, k, v)] == [torch.float32] * 3
+    assert [t.dtype for t in match_cache_dtype(many, k, v)] == [torch.bfloat16] * 3
+    q = torch.randn(1, 2, 3, 4)
+    assert all(a is b for a, b in zip(match_cache_dtype(q, k, v), (q, k, v)))

@@ -184,6 +184,23 @@ def test_attention_store_returns_normalised_weights():
     torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)), atol=1e-4, rtol=0)
 
 
+def test_quadratic_form_with_a_logit_bias_equals_the_formula_as_loops():
+    """A logit bias b_ij multiplies the kernel by exp(b_ij), in the numerator and the
+    normaliser alike: out_i = sum_j phi(q_i).phi(k_j) e^b_ij v_j / (sum_j phi'(q_i).phi'(k_j) e^b_ij + eps)."""
+    g = torch.Generator().manual_seed(0)
+    qn, kn, qd, kd = (torch.rand(1, 2, 5, 3, generator=g) for _ in range(4))
+    v, bias = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 5, generator=g)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    got, _ = quadratic_linear_attention(qn, kn, v, qd, kd, mask=causal, bias=bias)
+    want = torch.zeros(1, 2, 5, 4)
+    for h in range(2):
+        for i in range(5):
+            num = sum((qn[0, h, i] @ kn[0, h, j]) * bias[0, h, i, j].exp() * v[0, h, j] for j in range(i + 1))
+            den = sum((qd[0, h, i] @ kd[0, h, j]) * bias[0, h, i, j].exp() for j in range(i + 1))
+            want[0, h, i] = num / (den + 1e-6)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_bias_positional_cannot_use_the_recurrent_state():
     model = build("decoder", attention__kind="linear", positional__kind="alibi")
     with pytest.raises(ValueError, match="constant-size state"):
