@@ -20,6 +20,7 @@ def add_lm_infinite_arguments(p: argparse.ArgumentParser) -> None:
 def apply_lm_infinite_option(args: argparse.Namespace, model: Any) -> Any:
     """Switch `model` to LM-Infinite when --lm-infinite is given; refuse its settings without it."""
     from ..longcontext import apply_lm_infinite
+    from ..longcontext.lm_infinite import LMInfiniteOptions
 
     if not args.lm_infinite:
         given = [flag for flag, value in (("--lm-infinite-window", args.lm_infinite_window),
@@ -31,7 +32,7 @@ def apply_lm_infinite_option(args: argparse.Namespace, model: Any) -> Any:
         raise ValueError(f"--lm-infinite-window must be at least 1, got {args.lm_infinite_window}")
     if args.lm_infinite_global is not None and args.lm_infinite_global < 0:
         raise ValueError(f"--lm-infinite-global must be at least 0, got {args.lm_infinite_global}")
-    num_global = 10 if args.lm_infinite_global is None else args.lm_infinite_global
+    num_global = LMInfiniteOptions.num_global if args.lm_infinite_global is None else args.lm_infinite_global
     apply_lm_infinite(model, window=args.lm_infinite_window, num_global=num_global)
     lc = model.decoding_info().long_context
     print(f"[LM-Infinite: the first {lc.sinks} tokens and the last {lc.window}, rotary distances capped at "

@@ -152,7 +152,7 @@ def _attend(layer: MultiHeadAttention, opts: LMInfiniteOptions):  # type: ignore
     return attend
 
 
-def apply_lm_infinite(model: nn.Module, window: int | None = None, num_global: int = 10, ceiling: int | None = None) -> nn.Module:
+def apply_lm_infinite(model: nn.Module, window: int | None = None, num_global: int = LMInfiniteOptions.num_global, ceiling: int | None = None) -> nn.Module:
     """Switch the causal self-attention layers of a RoPE model to LM-Infinite (in place; returns
     the model). window and ceiling default to the model's trained context
     (`model.config.max_seq_len`). Raises ConfigError for a model without RoPE or one that is not

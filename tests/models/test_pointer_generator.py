@@ -157,6 +157,21 @@ def test_cached_greedy_decoding_equals_recomputation() -> None:
     assert beams.shape[0] == 2 and bool((beams[:, 0] == 1).all())
 
 
+def test_a_prefill_asked_for_its_last_position_only_gives_the_full_forwards_last() -> None:
+    """decode_step over a 5-token prefill with `last_only`: the (b, 1, V) log-probabilities of
+    the full forward's last position (gate, copy attention and mixture all cut to that row)."""
+    model = _model(seed=4).eval()
+    src, tgt = torch.randint(1, 8, (2, 9), generator=torch.Generator().manual_seed(5)), torch.randint(1, 8, (2, 5))
+    keep = torch.ones_like(src, dtype=torch.bool)
+    with torch.no_grad():
+        source = model.encode_source(src, keep)
+        cache = model.make_cache(2)
+        got = model.decode_step(tgt, cache, torch.arange(5).expand(2, 5), source=source, last_only=True)
+        want = model(src, tgt, keep)[:, -1:]
+    assert got.shape == (2, 1, want.shape[-1])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("memory", [[40, 41, 42, 41, 43, 44], [40, 41, 42, 43, 44, 50, 41, 42, 43, 45, 46]])
 def test_match_and_follow_terms_alone_copy_the_memory_that_follows_the_start_token(memory) -> None:
     """With the gate closed, the learned copy scores zeroed and large match and follow weights,

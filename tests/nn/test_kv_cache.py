@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anyformer.nn.kv_cache import KVCache, LambdaKVCache, LambdaModelCache, ModelCache, RollingKVCache, RollingModelCache, match_cache_dtype
+from anyformer.nn.kv_cache import CrossKVCache, KVCache, LambdaKVCache, LambdaModelCache, ModelCache, RollingKVCache, RollingModelCache, match_cache_dtype
 
 CHUNKS = [3, 1, 4, 1, 5, 2, 6, 1, 1, 3]
 
@@ -110,3 +110,12 @@ def test_a_wider_cache_meets_the_queries_in_one_dtype() -> None:
     assert [t.dtype for t in match_cache_dtype(many, k, v)] == [torch.bfloat16] * 3
     q = torch.randn(1, 2, 3, 4)
     assert all(a is b for a, b in zip(match_cache_dtype(q, k, v), (q, k, v)))
+
+
+def test_a_model_cache_keeps_its_cross_attention_caches() -> None:
+    """An encoder-decoder's cache: one self-attention cache and one cross-attention cache per
+    decoder layer, both held by the model's cache."""
+    layers = [KVCache(2, 1, 4, 2, dtype=torch.float32) for _ in range(2)]
+    cross = [CrossKVCache() for _ in range(2)]
+    cache = ModelCache(layers, cross)
+    assert list(cache.cross) == cross and list(cache.layers) == layers

@@ -96,8 +96,11 @@ def test_bad_settings_are_named() -> None:
         build(memory__kind="infinite_former", memory__options={"old_fraction": 1.0})
     with pytest.raises(ConfigError, match="wraps a decoder"):
         build("encoder", memory__kind="infinite_former")
-    # a segment as long as the context is the largest allowed (the bound is inclusive)
+    # a segment as long as the context is the largest allowed, one sample the fewest (the bounds are inclusive)
     build(memory__kind="infinite_former", memory__options={"segment_len": 64, "num_basis": 16})
+    one = build(memory__kind="infinite_former", memory__options={"segment_len": 8, "num_basis": 4, "samples": 1})
+    with torch.no_grad():
+        assert torch.isfinite(one(torch.randint(0, 97, (1, 20)))).all()
     with pytest.raises(ConfigError, match="segment_len=65 exceeds model.max_seq_len=64"):
         build(memory__kind="infinite_former", memory__options={"segment_len": 65})
 

@@ -109,6 +109,26 @@ def test_an_encoder_with_memory_gives_every_token_an_output() -> None:
         generate(model, [[1, 2]], max_new_tokens=2)
 
 
+def test_a_pooled_head_reads_the_last_segment_which_has_read_everything() -> None:
+    """A sequence classifier over 3 segments: its logits are the last segment's pooled output.
+    Changing only the first segment changes them (through the memory); changing only the last
+    changes them; and they equal running the three segments with the memory by hand."""
+    model = rmt(num_memory=2, segment_len=8, arch="encoder", head__kind="sequence_classification", head__num_labels=3)
+    tokens = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens)
+        assert logits.shape == (1, 3)
+        for cut in (slice(0, 8), slice(16, 24)):
+            other = tokens.clone()
+            other[:, cut] = (other[:, cut] + 1) % 97
+            assert not torch.allclose(model(other), logits, atol=1e-5), cut
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        memory, out = model.memory[None], None
+        for k in range(3):
+            out, memory = model._segment(tokens[:, 8 * k : 8 * (k + 1)], keep[:, 8 * k : 8 * (k + 1)], memory)
+    torch.testing.assert_close(logits, out)
+
+
 def test_trains_from_a_config_on_windows_longer_than_the_context_and_resumes(tmp_path) -> None:
     cfg = tiny_config(tmp_path, "--model.memory.kind=rmt", "--model.memory.options.num_memory=4",
                       "--model.memory.options.segment_len=16", "--model.memory.options.bptt_depth=2", "--train.seq_len=64")

@@ -154,3 +154,18 @@ def test_keys_per_query_of_one_query_is_the_keys_it_sees() -> None:
     assert Pattern().keys_per_query(1, 10, causal=False) == 10.0  # one query sees all 10 keys
     assert Pattern().keys_per_query(4, 10, causal=True) == (7 + 8 + 9 + 10) / 4
     assert Window(3).keys_per_query(1, 10, causal=True) == 3.0
+
+
+@pytest.mark.parametrize("kind", SPARSE_KINDS)
+def test_stored_weights_are_the_softmax_under_the_pattern(kind):
+    """The weights `inspect attention` shows for a sparse kind: softmax(q k^T / sqrt(d)) over the
+    keys the pattern (and causality) leave, for 5 queries after a cache of 8 keys (n, m and the
+    head width all differ)."""
+    from anyformer.nn.attention.chunked import ChunkedKernel
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 13, 4, generator=g)
+    visible = reference_mask(kind, 5, 13) & torch.ones(5, 13, dtype=torch.bool).tril(8)
+    logits = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~visible, float("-inf"))
+    got = ChunkedKernel(PATTERNS[kind]).weights(q, k, causal=True)
+    torch.testing.assert_close(got, logits.softmax(-1), atol=1e-6, rtol=1e-5)

@@ -77,6 +77,20 @@ def test_rope_scores_depend_on_the_distance_as_cos_of_distance_times_frequency()
     assert abs(float(score) - math.cos(4.0)) < 1e-6  # frequency 1 for the first pair: cos((7 - 3) * 1)
 
 
+def test_t5_bias_reads_the_bucket_of_the_key_minus_the_query() -> None:
+    """The bias of query i for key j is the learned table's entry of bucket(j - i): a query at
+    position 20 and keys at 0-40 read the buckets of the offsets -20..20 (the worked-out list
+    above: -20 -> 10, -7 -> 7, 1 -> 17, 20 -> 26)."""
+    kind = POSITIONALS.get("t5")
+    enc = kind(ctx(8, heads=2), kind.Options(num_buckets=32, max_distance=128))
+    with torch.no_grad():
+        enc.table.weight.copy_(torch.arange(64, dtype=torch.float32).view(32, 2))
+        bias = enc.bias(torch.tensor([[20]]), torch.arange(41)[None])  # (b, h, n, m)
+    assert bias.shape == (1, 2, 1, 41)
+    for offset, bucket in [(-20, 10), (-7, 7), (0, 0), (1, 17), (20, 26)]:
+        assert bias[0, :, 0, 20 + offset].tolist() == enc.table.weight[bucket].tolist(), (offset, bucket)
+
+
 def test_the_fixed_sinusoidal_encoding_adds_the_papers_table_in_numpy() -> None:
     """PE(p, 2i) = sin(p / base^(2i/d)), PE(p, 2i + 1) = cos(p / base^(2i/d)) (Vaswani et al. 2017)
     added to the embeddings, at base 50, width 6, positions 0-8."""
