@@ -79,6 +79,7 @@ def test_each_memory_kind_wraps_a_decoder_that_trains_and_reloads(name: str, tmp
     cfg = decoder(memory={"kind": name, "options": options})
     torch.manual_seed(0)
     model = build_model(cfg)
+    assert getattr(model, "causal", None) is True  # still a decoder to what reads the flag (LM-Infinite, memories' checks)
     losses = fit_losses(model)
     assert losses[-1] < losses[0] - 0.1, losses
     model.eval()

@@ -143,6 +143,42 @@ def test_the_memory_update_contracts_the_old_signal_against_a_separate_fit(old_f
     assert (np.linalg.norm(read_new - b_, axis=1) < 0.1 * np.linalg.norm(read_new - a_, axis=1)).all()
 
 
+def test_sticky_memories_sample_the_quantiles_of_the_attention_density() -> None:
+    """Sticky memories (Martins et al. 2022) sample the old signal at the quantiles (i + 0.5) / M
+    of the segment's mean attention density plus a uniform floor of 1: here one narrow density
+    at 0.7, the quantiles worked out in numpy by inverting the CDF (within the implementation's
+    grid step). The update then fits the old signal at those points moved into [0, f] and the
+    new states over [f, 1], as a ridge regression in numpy."""
+    import numpy as np
+
+    from anyformer.models.memory.infinite_former import GRID
+
+    f, m, s, n_basis = 0.4, 12, 8, 16
+    model = former(sticky=True, samples=m, old_fraction=f, num_basis=n_basis, ridge=1e-3)
+    mu, var = torch.full((1, 1, 1), 0.7), torch.full((1, 1, 1), 0.01)
+    points = model._sample_points([(mu, var)], 1, torch.device("cpu"))[0].numpy()
+    t = np.linspace(0, 1, 100_001)
+    mass = np.exp(-0.5 * (t - 0.7) ** 2 / 0.01) / np.sqrt(2 * np.pi * 0.01) + 1.0
+    cdf = np.concatenate([[0.0], np.cumsum((mass[1:] + mass[:-1]) / 2 * np.diff(t))])
+    quantiles = np.interp((np.arange(m) + 0.5) / m, cdf / cdf[-1], t)
+    np.testing.assert_allclose(points, quantiles, atol=1.5 / GRID)
+    assert (np.abs(points - 0.7) < 0.25).sum() > m / 2  # most samples where the attention looked
+
+    first = model._update(None, torch.randn(1, s, 3, generator=torch.Generator().manual_seed(0)), [])
+    states = torch.randn(1, s, 3, generator=torch.Generator().manual_seed(1))
+    second = model._update(first, states, [(mu, var)])
+
+    def psi(x: np.ndarray) -> np.ndarray:  # (N, L)
+        centres, width = np.linspace(0, 1, n_basis), 1 / n_basis
+        return np.exp(-0.5 * ((x[None] - centres[:, None]) / width) ** 2) / (width * np.sqrt(2 * np.pi))
+
+    old = psi(points).T @ first[0].double().numpy()
+    where = np.concatenate([f * points, f + (1 - f) * (np.arange(s) + 0.5) / s])
+    design = psi(where)
+    want = np.linalg.solve(design @ design.T + 1e-3 * np.eye(n_basis), design @ np.concatenate([old, states[0].double().numpy()]))
+    np.testing.assert_allclose(second[0].double().numpy(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_each_row_of_a_batch_places_its_sticky_memory_by_its_own_densities() -> None:
     """Sticky memories sample their grid by the row's own attention densities: a row in a batch
     of three different rows gets the outputs it gets alone."""
