@@ -117,6 +117,8 @@ def decoded(model: torch.nn.Module, x: tuple[torch.Tensor, ...], start: int) -> 
 @pytest.mark.parametrize("name", NAMES)
 def test_cached_decoding_gives_the_full_forwards_logits(name: str) -> None:
     model = built(name).eval()
+    # what wrappers read to tell a generative model (LM-Infinite, the memories' checks): causal exactly when it decodes
+    assert bool(getattr(model, "causal", False)) == hasattr(model, "decoding_info"), name
     if not hasattr(model, "decoding_info"):
         pytest.skip(f"{name} does not decode")
     x = inputs(model, batch=2)

@@ -71,3 +71,12 @@ def test_strides_and_patches_of_one_are_allowed() -> None:
     cfg = ModelConfig(arch="ast", dim=16, max_seq_len=4096, attention={"num_heads": 2},
                       options={"mel_bins": 4, "frames": 6, "patch_size": 1, "frequency_stride": 1, "time_stride": 1})
     AstOptions(mel_bins=4, frames=6, patch_size=1, frequency_stride=1, time_stride=1).validate(cfg)
+
+
+def test_the_default_patching_is_the_papers_1212_patches() -> None:
+    """By default a 1024-frame, 128-bin spectrogram is cut into 16 x 16 patches every 10 bins and
+    10 frames: 12 x 101 = 1212 patches (Gong et al. 2021, AST's ImageNet-pretrained setting), plus
+    the class and distillation tokens."""
+    from anyformer.models.audio_spectrogram import AstOptions
+
+    assert AstOptions().grid == (12, 101) and AstOptions().num_tokens == 1214

@@ -125,6 +125,16 @@ def test_the_memory_evicts_its_oldest_entries_and_clears_earlier_documents() -> 
     assert sorted(mem.keys.flatten().tolist()) == [22.0, 23.0, 24.0, 25.0, 26.0]
 
 
+def test_a_memory_holds_what_was_written_and_its_empty_slots_belong_to_no_document() -> None:
+    """3 of 5 slots written, with document id 1 (an id an empty slot must not carry): the memory
+    holds 3 entries and its 2 empty slots belong to no document."""
+    mem = Memory(5)
+    assert mem.size() == 0
+    keys = torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 3, 1)
+    mem.add(keys, keys, torch.ones(1, 3, dtype=torch.long))
+    assert mem.size() == 3 and int((mem.docs[0] == 1).sum()) == 3 and int((mem.docs[0] < 0).sum()) == 2
+
+
 @needs_faiss
 def test_each_search_builds_its_own_faiss_index() -> None:
     import faiss

@@ -197,3 +197,12 @@ def test_the_default_lsh_block_and_sample_sizes_are_the_authors():
     assert len(kernels) == 2
     kernel = kernels[0]
     assert (kernel.lsh.num_buckets, kernel.block_size, kernel.sample_size, kernel.min_seq_len) == (128, 256, 256, 1024)
+
+
+def test_the_smallest_settings_are_allowed():
+    """Blocks of one key, exact attention only at one key, one hyperplane, no samples (and the
+    most hyperplanes, 20): the bounds are inclusive, and such a layer runs above its threshold."""
+    for options in ({"block_size": 1, "min_seq_len": 1, "num_bits": 1, "sample_size": 0}, {"num_bits": 20, "min_seq_len": 4}):
+        model = build_model(tiny_config(attention=dict(kind="hyper", num_heads=4, options=options))).eval()
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.randint(0, 97, (1, 12)))).all()
