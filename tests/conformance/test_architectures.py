@@ -125,6 +125,7 @@ def test_cached_decoding_gives_the_full_forwards_logits(name: str) -> None:
     with torch.no_grad():
         full = model(*x)
         tokens, source, cache = decoded(model, x, 5)
+        assert cache.next_positions(torch.ones(2, 3, dtype=torch.bool)).tolist() == [[5, 6, 7]] * 2  # the protocol's next positions
         steps = [model.decode_step(tokens[:, i : i + 1], cache, torch.full((2, 1), i), source=source) for i in range(5, LENGTH)]
     assert torch.allclose(torch.cat(steps, 1), full[:, 5:], atol=1e-4)
 

@@ -459,3 +459,12 @@ def test_the_default_centre_mlp_is_point_maes() -> None:
     position = build_model(cfg).embed.position
     assert [type(m).__name__ for m in position] == ["Linear", "GELU", "Linear"]
     assert (position[0].in_features, position[0].out_features, position[2].out_features) == (3, 128, 32)
+
+
+def test_example_clouds_lie_in_the_unit_ball() -> None:
+    """The protocol's example inputs: clouds of the configured size, every point within the unit
+    ball and not all on its surface."""
+    model = build_model(tiny_model_config())
+    (points,) = model.example_inputs(3, torch.Generator().manual_seed(0))
+    radii = points.norm(dim=-1)
+    assert points.shape == (3, 64, 3) and float(radii.max()) <= 1.0 and float(radii.median()) < 0.95

@@ -234,3 +234,25 @@ def test_the_copy_attentions_flops_are_what_the_counter_adds_to_the_encoder_deco
     want = measured["pointer_generator"] - measured["encoder_decoder"]
     assert want > 2 * n * 16  # the scores over the source are in it
     assert abs((stated["pointer_generator"] - stated["encoder_decoder"]) - want) <= 0.03 * want, (stated, measured)
+
+
+def test_a_decoding_steps_copy_scores_are_what_the_counter_adds_to_the_encoder_decoders() -> None:
+    """The same difference for one decoding step over a 256-token source: the copy query, gate
+    and scores against the source's copy keys (computed once per source, not per step), within 1%."""
+    import dataclasses
+
+    from anyformer import build_model
+
+    from tests.helpers import flops_against_counter, tiny_config
+
+    n = 256
+    measured, stated = {}, {}
+    for arch in ("pointer_generator", "encoder_decoder"):
+        cfg = tiny_config("pointer_generator", dim=16, max_seq_len=n, attention__kernel="eager")
+        cfg = dataclasses.replace(cfg, arch=arch, options={} if arch == "encoder_decoder" else cfg.options)
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        stated[arch], measured[arch] = flops_against_counter(model, model.example_inputs(1, torch.Generator().manual_seed(0), n), n, steps=4)
+    want = measured["pointer_generator"] - measured["encoder_decoder"]
+    assert want > 2 * n * 16  # the scores over the source are in it
+    assert abs((stated["pointer_generator"] - stated["encoder_decoder"]) - want) <= 0.01 * want, (stated, measured)

@@ -119,3 +119,16 @@ def test_a_model_cache_keeps_its_cross_attention_caches() -> None:
     cross = [CrossKVCache() for _ in range(2)]
     cache = ModelCache(layers, cross)
     assert list(cache.cross) == cross and list(cache.layers) == layers
+
+
+@pytest.mark.parametrize("rolling", [False, True])
+def test_tokens_appended_without_a_mask_are_all_kept(rolling: bool) -> None:
+    """A decoding call with no padding passes no mask (attention_mask=None): its tokens are kept
+    and numbered on from the cached ones, in the rolling cache after its eviction too."""
+    if rolling:
+        cache = RollingModelCache([RollingKVCache(2, 1, 4, sinks=1, window=3, dtype=torch.float32)], sinks=1, window=3)
+    else:
+        cache = ModelCache([KVCache(2, 1, 8, 4, dtype=torch.float32)])
+    for _ in range(2):
+        positions, keep = cache.append_positions(cache.next_positions(torch.ones(2, 3, dtype=torch.bool)), None)
+    assert bool(keep.all()) and positions.tolist() == ([[0, 1, 2, 3]] * 2 if rolling else [[0, 1, 2, 3, 4, 5]] * 2)

@@ -98,9 +98,10 @@ def test_bad_settings_are_named() -> None:
         build("encoder", memory__kind="infinite_former")
     # a segment as long as the context is the largest allowed, one sample the fewest (the bounds are inclusive)
     build(memory__kind="infinite_former", memory__options={"segment_len": 64, "num_basis": 16})
-    one = build(memory__kind="infinite_former", memory__options={"segment_len": 8, "num_basis": 4, "samples": 1})
-    with torch.no_grad():
-        assert torch.isfinite(one(torch.randint(0, 97, (1, 20)))).all()
+    for options in ({"samples": 1, "num_basis": 4}, {"num_basis": 1}):  # one sample, one basis function
+        one = build(memory__kind="infinite_former", memory__options={"segment_len": 8, **options})
+        with torch.no_grad():
+            assert torch.isfinite(one(torch.randint(0, 97, (1, 20)))).all()
     with pytest.raises(ConfigError, match="segment_len=65 exceeds model.max_seq_len=64"):
         build(memory__kind="infinite_former", memory__options={"segment_len": 65})
 

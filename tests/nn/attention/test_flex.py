@@ -100,6 +100,19 @@ def test_flex_with_cached_keys_masks_and_dense_bias() -> None:
     assert torch.equal(none_visible, torch.zeros_like(none_visible))
 
 
+def test_flex_with_positions_that_are_not_consecutive_reads_the_whole_bias() -> None:
+    """Positions with a gap (a row that skipped two positions): no distance table applies, and
+    FlexAttention adds the positional bias computed for every (query, key) pair."""
+    b, h, g, n = 1, 4, 2, 24
+    q, k, v = _inputs(b, h, g, n, n, seed=2)
+    pos = torch.cat([torch.arange(10), torch.arange(12, 26)])[None]
+    block_bias = PositionalBlockBias(_positional("alibi"), pos, pos)
+    got = flex_attention_call(q, k, v, causal=True, block_bias=block_bias, block_size=16)
+    want = eager_attention(q, k, v, bias=block_bias(0, n, 0, n), causal=True)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, flex_attention_call(q, k, v, causal=True, block_size=16), atol=1e-3)
+
+
 def test_a_block_layout_pattern_uses_its_dense_mask() -> None:
     layout = torch.tensor([[True, False, False], [True, True, False], [False, True, True]])
     pattern = BlockLayout(layout, 8)

@@ -1,6 +1,8 @@
 """Positional encodings and the sandwich placement against references that share no code with
 the library: the papers' formulas written as loops, and Hugging Face's implementations
-(BLOOM's ALiBi, DistilBERT's sinusoidal table, GPT-J's interleaved rotary embedding)."""
+(BLOOM's ALiBi, DistilBERT's sinusoidal table, GPT-J's interleaved rotary embedding): tests of
+anyformer/nn/positional/bias.py, anyformer/nn/positional/absolute.py and
+anyformer/nn/positional/rope.py."""
 
 from __future__ import annotations
 
