@@ -206,27 +206,35 @@ def test_separate_embeddings_are_refused() -> None:
         build("pointer_generator", share_embeddings=False)
 
 
+def _with_and_without_copying(n: int):  # type: ignore[no-untyped-def]
+    """A narrow pointer-generator over `n` tokens and the same-shaped encoder-decoder, eager
+    attention (the one torch's FLOP counter sees), as (arch, model) pairs."""
+    import dataclasses
+
+    from anyformer import build_model
+
+    from tests.helpers import tiny_config
+
+    for arch in ("pointer_generator", "encoder_decoder"):
+        cfg = tiny_config("pointer_generator", dim=16, max_seq_len=n, attention__kernel="eager")
+        cfg = dataclasses.replace(cfg, arch=arch, options={} if arch == "encoder_decoder" else cfg.options)
+        torch.manual_seed(0)
+        yield arch, build_model(cfg).eval()
+
+
 def test_the_copy_attentions_flops_are_what_the_counter_adds_to_the_encoder_decoders() -> None:
     """The summary's forward FLOPs of a pointer-generator less those of the same-shaped
     encoder-decoder (the copy attention's projections, scores and gate) equal what torch's FLOP
     counter measures between the two forwards, on a long source through narrow layers where the
     copy scores are most of that difference (the shared causal self-attention, which the counter
     and the summary count differently, cancels)."""
-    import dataclasses
-
     from torch.utils.flop_counter import FlopCounterMode
 
-    from anyformer import build_model
     from anyformer.models.summary import summarize
-
-    from tests.helpers import tiny_config
 
     n = 256
     measured, stated = {}, {}
-    for arch in ("pointer_generator", "encoder_decoder"):
-        cfg = tiny_config("pointer_generator", dim=16, max_seq_len=n, attention__kernel="eager")  # the counter sees eager attention
-        cfg = dataclasses.replace(cfg, arch=arch, options={} if arch == "encoder_decoder" else cfg.options)
-        model = build_model(cfg).eval()
+    for arch, model in _with_and_without_copying(n):
         x = model.example_inputs(1, torch.Generator().manual_seed(0), n)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(*x)
@@ -239,19 +247,11 @@ def test_the_copy_attentions_flops_are_what_the_counter_adds_to_the_encoder_deco
 def test_a_decoding_steps_copy_scores_are_what_the_counter_adds_to_the_encoder_decoders() -> None:
     """The same difference for one decoding step over a 256-token source: the copy query, gate
     and scores against the source's copy keys (computed once per source, not per step), within 1%."""
-    import dataclasses
-
-    from anyformer import build_model
-
-    from tests.helpers import flops_against_counter, tiny_config
+    from tests.helpers import flops_against_counter
 
     n = 256
     measured, stated = {}, {}
-    for arch in ("pointer_generator", "encoder_decoder"):
-        cfg = tiny_config("pointer_generator", dim=16, max_seq_len=n, attention__kernel="eager")
-        cfg = dataclasses.replace(cfg, arch=arch, options={} if arch == "encoder_decoder" else cfg.options)
-        torch.manual_seed(0)
-        model = build_model(cfg).eval()
+    for arch, model in _with_and_without_copying(n):
         stated[arch], measured[arch] = flops_against_counter(model, model.example_inputs(1, torch.Generator().manual_seed(0), n), n, steps=4)
     want = measured["pointer_generator"] - measured["encoder_decoder"]
     assert want > 2 * n * 16  # the scores over the source are in it

@@ -106,6 +106,22 @@ def test_bad_settings_are_named() -> None:
         build(memory__kind="infinite_former", memory__options={"segment_len": 65})
 
 
+def paper_basis(t, n_basis: int):  # type: ignore[no-untyped-def]
+    """(N, L): N Gaussian densities centred evenly on [0, 1] with width 1 / N (the paper's basis), at positions t (L,), in numpy."""
+    import numpy as np
+
+    centres, width = np.linspace(0, 1, n_basis), 1 / n_basis
+    return np.exp(-0.5 * ((t[None] - centres[:, None]) / width) ** 2) / (width * np.sqrt(2 * np.pi))
+
+
+def ridge_fit(t, x, n_basis: int, ridge: float):  # type: ignore[no-untyped-def]
+    """B = (F F^T + lambda I)^-1 F X with F the basis at positions t: the ridge regression of X (L, d), in numpy."""
+    import numpy as np
+
+    f = paper_basis(t, n_basis)
+    return np.linalg.solve(f @ f.T + ridge * np.eye(n_basis), f @ x)
+
+
 @pytest.mark.parametrize("old_fraction", [0.5, 0.3])
 def test_the_memory_update_contracts_the_old_signal_against_a_separate_fit(old_fraction: float) -> None:
     """Two segments of distinct constant states: the update equals a ridge regression written
@@ -120,24 +136,16 @@ def test_the_memory_update_contracts_the_old_signal_against_a_separate_fit(old_f
     first = model._update(None, a.expand(1, s, 3).clone(), [])
     second = model._update(first, b.expand(1, s, 3).clone(), [])
 
-    def psi(t: np.ndarray) -> np.ndarray:  # (N, L), the basis as the paper defines it
-        centres, width = np.linspace(0, 1, n_basis), 1 / n_basis
-        return np.exp(-0.5 * ((t[None] - centres[:, None]) / width) ** 2) / (width * np.sqrt(2 * np.pi))
-
-    def ridge(t: np.ndarray, x: np.ndarray) -> np.ndarray:  # B = (F F^T + lambda I)^-1 F X
-        f = psi(t)
-        return np.linalg.solve(f @ f.T + 1e-3 * np.eye(n_basis), f @ x)
-
     new_t = (np.arange(s) + 0.5) / s
-    b1 = ridge(new_t, np.tile(a.numpy(), (s, 1)))
+    b1 = ridge_fit(new_t, np.tile(a.numpy(), (s, 1)), n_basis, 1e-3)
     old_t = (np.arange(n_basis) + 0.5) / n_basis  # samples = num_basis, evenly
-    old = psi(old_t).T @ b1  # the first memory's signal at those points
+    old = paper_basis(old_t, n_basis).T @ b1  # the first memory's signal at those points
     t = np.concatenate([old_fraction * old_t, old_fraction + (1 - old_fraction) * new_t])
-    b2 = ridge(t, np.concatenate([old, np.tile(b.numpy(), (s, 1))]))
+    b2 = ridge_fit(t, np.concatenate([old, np.tile(b.numpy(), (s, 1))]), n_basis, 1e-3)
     np.testing.assert_allclose(first[0].double().numpy(), b1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(second[0].double().numpy(), b2, rtol=1e-5, atol=1e-5)
     inside_old, inside_new = t[2 : n_basis - 2], t[n_basis + 2 : -1]  # away from the step between the two and the ends
-    read_old, read_new = psi(inside_old).T @ b2, psi(inside_new).T @ b2  # the memory at the points it was fitted to
+    read_old, read_new = paper_basis(inside_old, n_basis).T @ b2, paper_basis(inside_new, n_basis).T @ b2  # where it was fitted
     a_, b_ = a.numpy(), b.numpy()
     assert np.abs(read_old - a_).max() < 0.15 and np.abs(read_new - b_).max() < 0.15  # the ridge smooths the step
     assert (np.linalg.norm(read_old - a_, axis=1) < 0.1 * np.linalg.norm(read_old - b_, axis=1)).all()
@@ -169,14 +177,9 @@ def test_sticky_memories_sample_the_quantiles_of_the_attention_density() -> None
     states = torch.randn(1, s, 3, generator=torch.Generator().manual_seed(1))
     second = model._update(first, states, [(mu, var)])
 
-    def psi(x: np.ndarray) -> np.ndarray:  # (N, L)
-        centres, width = np.linspace(0, 1, n_basis), 1 / n_basis
-        return np.exp(-0.5 * ((x[None] - centres[:, None]) / width) ** 2) / (width * np.sqrt(2 * np.pi))
-
-    old = psi(points).T @ first[0].double().numpy()
+    old = paper_basis(points, n_basis).T @ first[0].double().numpy()
     where = np.concatenate([f * points, f + (1 - f) * (np.arange(s) + 0.5) / s])
-    design = psi(where)
-    want = np.linalg.solve(design @ design.T + 1e-3 * np.eye(n_basis), design @ np.concatenate([old, states[0].double().numpy()]))
+    want = ridge_fit(where, np.concatenate([old, states[0].double().numpy()]), n_basis, 1e-3)
     np.testing.assert_allclose(second[0].double().numpy(), want, rtol=1e-4, atol=1e-4)
 
 
